@@ -1,0 +1,24 @@
+//! Compiles the .proto files with protox (pure Rust), so building needs no system `protoc`.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed=proto");
+
+    let agent_fds = protox::compile(["tailbox/agent/v1/agent.proto"], ["proto"])?;
+    let agent_descriptor_path = out_dir.join("tailbox_agent_v1_descriptor.bin");
+    std::fs::write(&agent_descriptor_path, prost::Message::encode_to_vec(&agent_fds))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // pbjson supplies the canonical proto3 JSON mapping for the WKTs used in reports.
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(agent_fds)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&agent_descriptor_path)?)?
+        .preserve_proto_field_names()
+        .build(&[".tailbox.agent.v1"])?;
+    Ok(())
+}

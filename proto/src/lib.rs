@@ -1,0 +1,21 @@
+#![doc = include_str!("../README.md")]
+
+/// Contract revision implemented by this crate; bumped whenever fields are added to `tailbox.agent.v1`.
+pub const PROTO_VERSION: u32 = 1;
+
+/// Layout version of the JSON report (`Report.schema_version`).
+pub const REPORT_SCHEMA_VERSION: u32 = 1;
+
+/// `tailbox.agent.v1`: the controller ↔ agent contract.
+pub mod agent {
+    /// Generated types, client and server for `tailbox.agent.v1`, with serde (proto3 JSON) impls.
+    pub mod v1 {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/tailbox.agent.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/tailbox.agent.v1.serde.rs"));
+    }
+}
+
+/// The encoded `FileDescriptorSet` of `tailbox.agent.v1`, for reflection and compatibility checks.
+pub const AGENT_V1_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tailbox_agent_v1_descriptor.bin"));
