@@ -1,1 +1,446 @@
-//! Filled in by the lab work.
+//! A real tailnet on loopback, one per test.
+//!
+//! [`Lab::start`] brings up, in a fresh temp dir and on ports the kernel picks:
+//!
+//! - Tailscale's own test control server with DERP and STUN (`tailbox-lab control`), requiring
+//!   an auth key;
+//! - the dev host (`tailbox-lab devhost`): an HTTP server (`/health`, `/status/<code>`,
+//!   `/slow?ms=N`, `/large?bytes=N`) and the real `git http-backend` serving a bare repo with
+//!   known refs;
+//! - the dev-host peer: a real `tailscaled --tun=userspace-networking` logged in with the real
+//!   `tailscale up`. Tailnet TCP to the peer's port P reaches 127.0.0.1:P, so the dev host's
+//!   servers are reachable from other nodes at `http://<peer tailnet IPv4>:<port>`.
+//!
+//! Everything runs in its own process group and is killed and reaped when the [`Lab`] drops,
+//! panics included; the lab programs also exit when the test process dies (stdin EOF,
+//! `TS_PARENT_DEATH_FD`). Nothing talks to the internet: nodes get [`Lab::tailscaled_env`],
+//! the knobs Tailscale's own integration tests use, and an HTTP proxy that refuses and counts
+//! every request ([`Lab::trap_hits`]).
+//!
+//! Binaries come from `lab/build.sh` (see [`Binaries::locate`]); a missing lab is an error,
+//! never a skip.
+
+mod bins;
+mod node;
+mod process;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Deserialize;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use bins::{BIN_DIR_ENV, Binaries, build_script};
+pub use node::{Node, Status};
+use process::{LabProcess, Spawn, Stream};
+
+/// How long each lab program may take to print its listening line.
+const ANNOUNCE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the peer may take to log in and reach Running.
+const LOGIN_DEADLINE: Duration = Duration::from_secs(60);
+/// Hostname of the dev-host peer on the tailnet.
+pub const PEER_HOSTNAME: &str = "devhost";
+
+/// Options for [`Lab::start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct LabConfig {
+    auth_key: Option<String>,
+}
+
+impl LabConfig {
+    /// Makes the control server require exactly this key (default: a fresh random one). Two
+    /// labs with different keys let a test hand one lab's key to the other's control.
+    pub fn auth_key(mut self, key: impl Into<String>) -> Self {
+        self.auth_key = Some(key.into());
+        self
+    }
+}
+
+/// What `tailbox-lab control` prints.
+#[derive(Deserialize, Debug, Clone)]
+struct ControlInfo {
+    control_url: String,
+    trap_url: String,
+}
+
+/// What `tailbox-lab devhost` prints.
+#[derive(Deserialize, Debug, Clone)]
+struct DevhostInfo {
+    http_port: u16,
+    git_port: u16,
+    git_path: String,
+    repo_dir: PathBuf,
+}
+
+/// A running lab. See the module docs.
+pub struct Lab {
+    // Teardown order is explicit in Drop; the temp dir field goes last.
+    peer: Node,
+    devhost: LabProcess,
+    control: Option<LabProcess>,
+    bins: Binaries,
+    auth_key: String,
+    auth_key_file: PathBuf,
+    control_info: ControlInfo,
+    devhost_info: DevhostInfo,
+    peer_ipv4: Ipv4Addr,
+    peer_ipv6: Ipv6Addr,
+    git_refs: BTreeMap<String, String>,
+    dir: TempDir,
+}
+
+impl Lab {
+    /// Starts a lab whose control requires a fresh random auth key ([`Lab::auth_key`]).
+    pub async fn start() -> Result<Self> {
+        Self::start_with(LabConfig::default()).await
+    }
+
+    /// Starts a lab with options.
+    pub async fn start_with(config: LabConfig) -> Result<Self> {
+        let bins = Binaries::locate().await?;
+        let dir = tempfile::Builder::new()
+            .prefix("tailbox-lab-")
+            .tempdir()
+            .context("creating the lab temp dir")?;
+        let root = dir.path();
+        let logs = root.join("logs");
+        std::fs::create_dir_all(&logs).context("creating the lab log dir")?;
+
+        let auth_key = match config.auth_key {
+            Some(k) => k,
+            None => random_auth_key()?,
+        };
+        let auth_key_file = root.join("authkey");
+        node::write_secret(&auth_key_file, &auth_key)?;
+
+        // Control and dev host start side by side; each announces itself with a JSON line.
+        let mut control_cmd = std::process::Command::new(bins.lab());
+        control_cmd
+            .arg("control")
+            .arg(format!("--auth-key-file={}", auth_key_file.display()))
+            .current_dir(root);
+        let (watch, control_seen) = process::watch(Stream::Stdout, "{");
+        let mut control = LabProcess::spawn(Spawn {
+            name: "control".into(),
+            command: control_cmd,
+            log_path: logs.join("control.log"),
+            watches: vec![watch],
+            hold_stdin: true,
+            parent_death_fd: false,
+        })?;
+
+        let mut devhost_cmd = std::process::Command::new(bins.lab());
+        devhost_cmd
+            .arg("devhost")
+            .arg(format!("--dir={}", root.join("devhost").display()))
+            .current_dir(root);
+        let (watch, devhost_seen) = process::watch(Stream::Stdout, "{");
+        let mut devhost = LabProcess::spawn(Spawn {
+            name: "devhost".into(),
+            command: devhost_cmd,
+            log_path: logs.join("devhost.log"),
+            watches: vec![watch],
+            hold_stdin: true,
+            parent_death_fd: false,
+        })?;
+
+        let (control_line, devhost_line) = tokio::join!(
+            control.wait_for(control_seen, ANNOUNCE_DEADLINE),
+            devhost.wait_for(devhost_seen, ANNOUNCE_DEADLINE),
+        );
+        let control_info: ControlInfo = serde_json::from_str(&control_line?)
+            .context("parsing tailbox-lab control's announcement")?;
+        let devhost_info: DevhostInfo = serde_json::from_str(&devhost_line?)
+            .context("parsing tailbox-lab devhost's announcement")?;
+        let git_refs = read_git_refs(&devhost_info.repo_dir).await?;
+
+        let env = hermetic_env(&control_info);
+        let peer = Node::start_in(&bins, PEER_HOSTNAME, &env, root.join("peer")).await?;
+        peer.up_with_key_file(&control_info.control_url, &auth_key_file, LOGIN_DEADLINE)
+            .await
+            .map_err(|e| anyhow!("{e:#}\n{}\n{}", peer.log_tail(), control.log_tail()))
+            .context("logging the dev-host peer in to the lab control")?;
+        let status = peer.status().await?;
+        let peer_ipv4 = status
+            .tailscale_ips
+            .iter()
+            .find_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some(*v4),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .context("the peer is Running but has no tailnet IPv4")?;
+        let peer_ipv6 = status
+            .tailscale_ips
+            .iter()
+            .find_map(|ip| match ip {
+                std::net::IpAddr::V6(v6) => Some(*v6),
+                std::net::IpAddr::V4(_) => None,
+            })
+            .context("the peer is Running but has no tailnet IPv6")?;
+
+        Ok(Self {
+            peer,
+            devhost,
+            control: Some(control),
+            bins,
+            auth_key,
+            auth_key_file,
+            control_info,
+            devhost_info,
+            peer_ipv4,
+            peer_ipv6,
+            git_refs,
+            dir,
+        })
+    }
+
+    /// The control server, e.g. `http://127.0.0.1:41234` (pass as `--login-server`).
+    pub fn control_url(&self) -> &str {
+        &self.control_info.control_url
+    }
+
+    /// The auth key this lab's control accepts. Throwaway: it only works against this lab.
+    pub fn auth_key(&self) -> &str {
+        &self.auth_key
+    }
+
+    /// A 0600 file holding [`Lab::auth_key`], for `tailscale up --auth-key=file:<path>`.
+    pub fn auth_key_file(&self) -> &Path {
+        &self.auth_key_file
+    }
+
+    /// The dev-host peer's tailnet IPv4 (ping this; build URLs from it).
+    pub fn peer_ipv4(&self) -> Ipv4Addr {
+        self.peer_ipv4
+    }
+
+    /// The dev-host peer's tailnet IPv6.
+    pub fn peer_ipv6(&self) -> Ipv6Addr {
+        self.peer_ipv6
+    }
+
+    /// `http://<peer IPv4>:<port>`: the dev host's HTTP server as tailnet nodes see it.
+    pub fn http_base_url(&self) -> String {
+        format!("http://{}:{}", self.peer_ipv4, self.devhost_info.http_port)
+    }
+
+    /// `<http_base_url>/health`, which answers 200 `ok`.
+    pub fn health_url(&self) -> String {
+        format!("{}/health", self.http_base_url())
+    }
+
+    /// The lab repository over git smart HTTP, as tailnet nodes see it.
+    pub fn git_url(&self) -> String {
+        format!(
+            "http://{}:{}{}",
+            self.peer_ipv4, self.devhost_info.git_port, self.devhost_info.git_path
+        )
+    }
+
+    /// Every ref of the lab repository with its sha, as `git rev-parse` reports it in the bare
+    /// repo: `HEAD`, `refs/heads/main`, `refs/heads/feature`, `refs/tags/v0.1.0` (the tag
+    /// object; ls-remote shows the commit as `refs/tags/v0.1.0^{}`).
+    pub fn git_refs(&self) -> &BTreeMap<String, String> {
+        &self.git_refs
+    }
+
+    /// The sha of one ref (full name, or `HEAD`).
+    pub fn git_ref(&self, name: &str) -> Option<&str> {
+        self.git_refs.get(name).map(String::as_str)
+    }
+
+    /// The bare repository on disk.
+    pub fn git_repo_dir(&self) -> &Path {
+        &self.devhost_info.repo_dir
+    }
+
+    /// The dev host's HTTP port (on 127.0.0.1 locally, on the peer's tailnet IP remotely).
+    pub fn http_port(&self) -> u16 {
+        self.devhost_info.http_port
+    }
+
+    /// The dev host's git port.
+    pub fn git_port(&self) -> u16 {
+        self.devhost_info.git_port
+    }
+
+    /// The dev-host peer's SOCKS5 proxy (loopback, no auth).
+    pub fn peer_socks5_addr(&self) -> SocketAddr {
+        self.peer.socks5_addr()
+    }
+
+    /// The dev-host peer itself, e.g. to run the CLI against it.
+    pub fn peer(&self) -> &Node {
+        &self.peer
+    }
+
+    /// The environment any other tailscaled joining this lab must get, on top of its own
+    /// flags (`--tun=userspace-networking --statedir=… --socket=…`, and ideally
+    /// `--no-logs-no-support`) and a per-node `TS_LOGS_DIR`. It keeps the daemon off the
+    /// internet: netcheck's captive-portal probe goes to this lab's control, the port mapper is
+    /// off, log upload is off, hitting Tailscale's real control panics, and HTTP(S)_PROXY points
+    /// at a trap that refuses everything.
+    pub fn tailscaled_env(&self) -> BTreeMap<String, String> {
+        hermetic_env(&self.control_info)
+    }
+
+    /// Starts another node with [`Lab::tailscaled_env`], not logged in.
+    pub async fn start_node(&self, hostname: &str) -> Result<Node> {
+        Node::start(&self.bins, hostname, &self.tailscaled_env()).await
+    }
+
+    /// The binaries this lab runs.
+    pub fn bins(&self) -> &Binaries {
+        &self.bins
+    }
+
+    /// The lab's temp dir (logs under `logs/`, the peer under `peer/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Pids of every long-lived process the lab started (control, dev host, peer tailscaled).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.devhost.pid(), self.peer.pid()];
+        pids.extend(self.control.as_ref().map(LabProcess::pid));
+        pids
+    }
+
+    /// Stops the control server (and its DERP and STUN) now; the control URL then refuses
+    /// connections. For "control went away" tests. Idempotent.
+    pub fn stop_control(&mut self) {
+        if let Some(mut control) = self.control.take() {
+            control.kill();
+        }
+    }
+
+    /// How many requests the egress trap has refused: anything above 0 means a lab process
+    /// tried to reach the internet over HTTP(S).
+    pub async fn trap_hits(&self) -> Result<u64> {
+        let addr = self
+            .control_info
+            .trap_url
+            .strip_prefix("http://")
+            .context("trap URL is not http")?;
+        let mut conn = tokio::net::TcpStream::connect(addr)
+            .await
+            .context("connecting to the egress trap")?;
+        conn.write_all(b"GET /hits HTTP/1.0\r\nHost: trap\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.trim())
+            .context("malformed trap response")?;
+        body.parse()
+            .with_context(|| format!("trap answered {body:?}"))
+    }
+
+    /// Everything the lab logged so far (control, dev host, peer), for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = vec![self.peer.log_tail(), self.devhost.log_tail()];
+        if let Some(c) = &self.control {
+            out.push(c.log_tail());
+        }
+        out.join("\n")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // The peer first, so it never watches its control vanish and starts retrying.
+        self.peer.kill();
+        self.devhost.kill();
+        self.stop_control();
+    }
+}
+
+/// A fresh key in the shape Tailscale uses. Good as a "wrong key" for any lab but the one
+/// configured with it.
+pub fn random_auth_key() -> Result<String> {
+    Ok(format!("tskey-auth-lab{}", process::random_hex(16)?))
+}
+
+fn hermetic_env(control: &ControlInfo) -> BTreeMap<String, String> {
+    let url = control.control_url.trim_end_matches('/');
+    [
+        // Netcheck's captive-portal probe, normally a Tailscale host.
+        (
+            "TS_NETCHECK_GENERATE_204_URL",
+            format!("{url}/generate_204"),
+        ),
+        // Don't pause the control client because the machine looks offline.
+        ("TS_ASSUME_NETWORK_UP_FOR_TEST", "1".into()),
+        // A node that tries Tailscale's real control server dies loudly instead.
+        ("TS_PANIC_IF_HIT_MAIN_CONTROL", "1".into()),
+        // No UPnP/NAT-PMP/PCP probing of the LAN.
+        ("TS_DISABLE_PORTMAPPER", "1".into()),
+        // The lab's control speaks plain HTTP.
+        ("TS_DEBUG_PERMIT_HTTP_C2N", "1".into()),
+        // No log upload to log.tailscale.com.
+        ("TS_NO_LOGS_NO_SUPPORT", "true".into()),
+        // Any other HTTP(S) egress lands in the trap; loopback (control, DERP) bypasses it.
+        ("HTTP_PROXY", control.trap_url.clone()),
+        ("HTTPS_PROXY", control.trap_url.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Reads every ref of the bare repo with `git rev-parse`.
+async fn read_git_refs(repo: &Path) -> Result<BTreeMap<String, String>> {
+    let git = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new("git");
+        cmd.arg("-C")
+            .arg(repo)
+            .args(args)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .kill_on_drop(true);
+        cmd
+    };
+    let listed = git(&["for-each-ref", "--format=%(refname)"])
+        .output()
+        .await
+        .context("running git for-each-ref")?;
+    if !listed.status.success() {
+        bail!(
+            "git for-each-ref in {} failed: {}",
+            repo.display(),
+            String::from_utf8_lossy(&listed.stderr)
+        );
+    }
+    let mut names: Vec<String> = String::from_utf8(listed.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    names.insert(0, "HEAD".into());
+    let mut args = vec!["rev-parse"];
+    args.extend(names.iter().map(String::as_str));
+    let parsed = git(&args).output().await.context("running git rev-parse")?;
+    if !parsed.status.success() {
+        bail!(
+            "git rev-parse in {} failed: {}",
+            repo.display(),
+            String::from_utf8_lossy(&parsed.stderr)
+        );
+    }
+    let shas: Vec<String> = String::from_utf8(parsed.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    if shas.len() != names.len() {
+        bail!(
+            "git rev-parse printed {} shas for {} refs",
+            shas.len(),
+            names.len()
+        );
+    }
+    Ok(names.into_iter().zip(shas).collect())
+}
