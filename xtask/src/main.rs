@@ -1,0 +1,162 @@
+//! Repository tooling, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! - `cargo xtask lab up`: start the local tailnet lab in the foreground and print what to
+//!   export to point tailbox (or the spike) at it; Ctrl-C tears it down. See `lab/README.md`.
+//! - `cargo xtask lab build`: build or find the lab binaries and print their directory.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tailbox_testkit::lab::{BIN_DIR_ENV, Binaries, Lab};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "tailbox developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The local tailnet lab: real tailscaled + Tailscale's test control on loopback
+    Lab {
+        #[command(subcommand)]
+        command: LabCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Start a lab in the foreground, print the variables to export, tear down on Ctrl-C
+    Up {
+        /// Also write the `export` lines to this file, for `source` in another shell
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+    },
+    /// Build (or reuse cached) lab binaries and print their directory
+    Build,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Lab {
+            command: LabCommand::Build,
+        } => {
+            let bins = Binaries::locate().await?;
+            println!("{}", bins.dir().display());
+            Ok(())
+        }
+        Command::Lab {
+            command: LabCommand::Up { env_file },
+        } => lab_up(env_file).await,
+    }
+}
+
+async fn lab_up(env_file: Option<PathBuf>) -> Result<()> {
+    eprintln!("starting the tailnet lab (the first run builds tailscale, which takes minutes)...");
+    let lab = Lab::start().await?;
+
+    let tailscaled_env: BTreeMap<String, String> = lab.tailscaled_env();
+    let exports = [
+        // The lab's own throwaway key: it is only good against this loopback control.
+        ("TS_AUTHKEY", lab.auth_key().to_owned()),
+        ("TS_CONTROL_URL", lab.control_url().to_owned()),
+        ("COOK_TAIL_IP", lab.peer_ipv4().to_string()),
+        ("COOK_HTTP_URL", lab.health_url()),
+        ("COOK_GIT_URL", lab.git_url()),
+        (
+            "TAILBOX_TAILSCALED_ENV",
+            serde_json::to_string(&tailscaled_env).context("encoding the tailscaled env")?,
+        ),
+        (BIN_DIR_ENV, lab.bins().dir().display().to_string()),
+    ];
+    let mut script = String::new();
+    for (name, value) in &exports {
+        script.push_str(&format!("export {name}={}\n", shell_quote(value)));
+    }
+
+    println!("# tailbox lab is up; paste these into another shell (Ctrl-C here tears it down)");
+    print!("{script}");
+    if let Some(path) = &env_file {
+        std::fs::write(path, &script).with_context(|| format!("writing {}", path.display()))?;
+        println!("# also written to {}", path.display());
+    }
+    println!("#");
+    println!("# dev-host peer {} / {}", lab.peer_ipv4(), lab.peer_ipv6());
+    println!(
+        "#   try: curl --socks5-hostname {} $COOK_HTTP_URL",
+        lab.peer_socks5_addr()
+    );
+    println!(
+        "#   try: ALL_PROXY=socks5h://{} git ls-remote $COOK_GIT_URL",
+        lab.peer_socks5_addr()
+    );
+    for (name, sha) in lab.git_refs() {
+        println!("#   ref {sha} {name}");
+    }
+    let env_words: Vec<String> = tailscaled_env
+        .iter()
+        .map(|(k, v)| format!("{k}={}", shell_quote(v)))
+        .collect();
+    println!("#   tailscaled env: {}", env_words.join(" "));
+    println!("#   logs: {}", lab.dir().join("logs").display());
+    println!(
+        "#   peer CLI: {} --socket={} status",
+        lab.bins().tailscale().display(),
+        lab.peer().socket().display()
+    );
+
+    wait_for_shutdown().await?;
+    eprintln!("tearing the lab down");
+    drop(lab);
+    if let Some(path) = env_file {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+async fn wait_for_shutdown() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C"),
+        _ = term.recv() => Ok(()),
+    }
+}
+
+/// Single-quotes a value for sh.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn quotes_for_sh() {
+        assert_eq!(shell_quote("http://x:1/a"), "'http://x:1/a'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
