@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let agent_fds = protox::compile(["tailbox/agent/v1/agent.proto"], ["proto"])?;
     let agent_descriptor_path = out_dir.join("tailbox_agent_v1_descriptor.bin");
-    std::fs::write(&agent_descriptor_path, prost::Message::encode_to_vec(&agent_fds))?;
+    std::fs::write(
+        &agent_descriptor_path,
+        prost::Message::encode_to_vec(&agent_fds),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
@@ -19,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pbjson_build::Builder::new()
         .register_descriptors(&std::fs::read(&agent_descriptor_path)?)?
         .preserve_proto_field_names()
+        // Tools get every key, even when it holds the default (uid 0, ok=false, …).
+        .emit_fields()
         .build(&[".tailbox.agent.v1"])?;
     Ok(())
 }

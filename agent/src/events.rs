@@ -1,0 +1,225 @@
+//! The ordered event stream of one run, and the record its final report is built from.
+//!
+//! Every event gets the next sequence number and is sent while a lock is held, so sequence order
+//! equals wire order even when checks run concurrently. If the controller goes away the run keeps
+//! going (it still has to log out and stop tailscaled); events are then only recorded.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tailbox_proto::agent::v1::{
+    CheckResult, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase, PhaseFinished,
+    PhaseStarted, PhaseTiming, Warning, event,
+};
+use tokio::sync::{Mutex, mpsc};
+use tonic::Status;
+
+/// Item type of the Run stream.
+pub type EventItem = Result<Event, Status>;
+
+/// Cloneable handle to the run's event stream.
+#[derive(Clone)]
+pub struct EventSink {
+    inner: Arc<Mutex<Inner>>,
+}
+
+struct Inner {
+    tx: Option<mpsc::Sender<EventItem>>,
+    next_seq: u64,
+    record: RunRecord,
+}
+
+/// Everything the final report needs, gathered as events are emitted.
+#[derive(Debug, Default, Clone)]
+pub struct RunRecord {
+    /// Checks in the order they finished.
+    pub checks: Vec<CheckResult>,
+    /// Phase timings in the order phases finished.
+    pub phases: Vec<PhaseTiming>,
+    /// Warnings in emission order.
+    pub warnings: Vec<Warning>,
+    /// Number of daemon restarts reported.
+    pub daemon_restarts: u32,
+}
+
+impl EventSink {
+    /// A sink that sends to `tx`.
+    pub fn new(tx: mpsc::Sender<EventItem>) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                tx: Some(tx),
+                next_seq: 1,
+                record: RunRecord::default(),
+            })),
+        }
+    }
+
+    /// Emits one event with the next sequence number.
+    pub async fn emit(&self, kind: event::Kind) {
+        let mut inner = self.inner.lock().await;
+        match &kind {
+            event::Kind::Check(check) => inner.record.checks.push(check.clone()),
+            event::Kind::Warning(warning) => inner.record.warnings.push(warning.clone()),
+            event::Kind::PhaseFinished(finished) => inner.record.phases.push(PhaseTiming {
+                phase: finished.phase,
+                status: finished.status,
+                duration: finished.duration,
+            }),
+            event::Kind::DaemonRestart(_) => inner.record.daemon_restarts += 1,
+            _ => {}
+        }
+        let event = Event {
+            seq: inner.next_seq,
+            time: Some(timestamp(SystemTime::now())),
+            kind: Some(kind),
+        };
+        inner.next_seq += 1;
+        if let Some(tx) = &inner.tx
+            && tx.send(Ok(event)).await.is_err()
+        {
+            tracing::warn!("the controller stopped reading events; continuing the run without it");
+            inner.tx = None;
+        }
+    }
+
+    /// Announces the start of a phase.
+    pub async fn phase_started(&self, phase: Phase) {
+        self.emit(event::Kind::PhaseStarted(PhaseStarted {
+            phase: phase as i32,
+        }))
+        .await;
+    }
+
+    /// Announces the end of a phase.
+    pub async fn phase_finished(&self, phase: Phase, status: CheckStatus, duration: Duration) {
+        self.emit(event::Kind::PhaseFinished(PhaseFinished {
+            phase: phase as i32,
+            status: status as i32,
+            duration: Some(self::duration(duration)),
+        }))
+        .await;
+    }
+
+    /// Reports one finished check.
+    pub async fn check(&self, result: CheckResult) {
+        self.emit(event::Kind::Check(result)).await;
+    }
+
+    /// Reports a warning.
+    pub async fn warning(&self, warning: Warning) {
+        self.emit(event::Kind::Warning(warning)).await;
+    }
+
+    /// Reports a daemon restart.
+    pub async fn daemon_restart(&self, restart: DaemonRestart) {
+        self.emit(event::Kind::DaemonRestart(restart)).await;
+    }
+
+    /// Forwards one log line; it is also written to our own stderr for the sandbox's logs.
+    pub async fn log(&self, source: LogSource, line: impl Into<String>) {
+        let line = line.into();
+        match source {
+            LogSource::Tailscaled => tracing::debug!(target: "tailscaled", "{line}"),
+            _ => tracing::info!("{line}"),
+        }
+        self.emit(event::Kind::Log(LogLine {
+            source: source as i32,
+            line,
+        }))
+        .await;
+    }
+
+    /// A copy of what has been recorded so far.
+    pub async fn record(&self) -> RunRecord {
+        self.inner.lock().await.record.clone()
+    }
+
+    /// Sends a stream-level error (a protocol failure, not a check failure) and closes the stream.
+    pub async fn fail_stream(&self, status: Status) {
+        let mut inner = self.inner.lock().await;
+        if let Some(tx) = inner.tx.take() {
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+}
+
+/// Converts a std duration to the protobuf type.
+pub fn duration(d: Duration) -> pbjson_types::Duration {
+    pbjson_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Converts a protobuf duration to std, treating unset, zero and negative as `None`.
+pub fn to_std_duration(d: Option<&pbjson_types::Duration>) -> Option<Duration> {
+    let d = d?;
+    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(d.seconds).ok()?,
+        u32::try_from(d.nanos).ok()?,
+    ))
+}
+
+/// Converts a system time to the protobuf type.
+pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sequence_numbers_are_dense_and_ordered_across_tasks() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let sink = EventSink::new(tx);
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let sink = sink.clone();
+            tasks.push(tokio::spawn(async move {
+                for j in 0..50 {
+                    sink.log(LogSource::Agent, format!("task {i} line {j}"))
+                        .await;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        drop(sink);
+        let mut expected = 1;
+        while let Some(item) = rx.recv().await {
+            assert_eq!(item.unwrap().seq, expected);
+            expected += 1;
+        }
+        assert_eq!(expected, 401);
+    }
+
+    #[tokio::test]
+    async fn a_gone_reader_does_not_stop_recording() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let sink = EventSink::new(tx);
+        sink.check(CheckResult {
+            name: "preflight".into(),
+            ..Default::default()
+        })
+        .await;
+        assert_eq!(sink.record().await.checks.len(), 1);
+    }
+
+    #[test]
+    fn durations_round_trip_and_zero_means_unset() {
+        let d = Duration::from_millis(1500);
+        assert_eq!(to_std_duration(Some(&duration(d))), Some(d));
+        assert_eq!(to_std_duration(Some(&duration(Duration::ZERO))), None);
+        assert_eq!(to_std_duration(None), None);
+    }
+}

@@ -1,0 +1,26 @@
+//! The in-sandbox half of tailbox, as a library so tests can run the real service in memory.
+//!
+//! Module map:
+//! - [`stdio`]: takes fds 0/1 for the gRPC wire and points them at /dev/null and stderr.
+//! - [`server`]: serves the tonic service over one duplex byte stream (HTTP/2 via hyper).
+//! - [`service`]: the `tailbox.agent.v1.Agent` implementation (handshake and `Run`).
+//! - [`run`]: one job from request to report: phases, checks, verdict.
+//! - [`events`]: the ordered event stream and the record the final report is built from.
+//! - [`preflight`]: facts about the sandbox.
+//! - [`logging`]: tracing to stderr and the panic hook.
+#![deny(clippy::print_stdout, clippy::disallowed_methods)]
+
+pub mod events;
+pub mod logging;
+pub mod preflight;
+pub mod run;
+pub mod server;
+pub mod service;
+pub mod stdio;
+pub mod verdict;
+
+/// Version of this agent, from Cargo.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Capabilities announced in the handshake.
+pub const FEATURES: &[&str] = &["preflight"];

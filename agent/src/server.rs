@@ -1,0 +1,110 @@
+//! Serving the gRPC service over one byte stream.
+//!
+//! tonic's `Server::serve_with_incoming` stops as soon as its incoming stream ends, which for a
+//! single connection is at once, so the connection is served with hyper's HTTP/2 builder directly:
+//! its future ends exactly when the connection does (the controller closed stdin).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tailbox_proto::agent::v1::agent_server::AgentServer;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::preflight::Host;
+use crate::run::RunContext;
+use crate::service::{AgentService, own_sha256};
+use crate::stdio::{self, Wire};
+
+/// Knobs for `serve --stdio`.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Test hook: write noise to fd 1 while serving.
+    pub test_stdout_noise: bool,
+}
+
+/// Serves on the taken stdin/stdout until the controller closes its end.
+pub async fn serve_stdio(wire: Wire, options: ServeOptions) -> anyhow::Result<()> {
+    let (reader, writer) =
+        stdio::into_async(wire).context("cannot use stdin/stdout as the wire")?;
+    let context = RunContext {
+        agent_sha256: own_sha256(),
+        host: Host::default(),
+        ssl_cert_file: std::env::var("SSL_CERT_FILE").ok(),
+    };
+    if options.test_stdout_noise {
+        tokio::spawn(stdout_noise());
+    }
+    tracing::info!(
+        version = crate::AGENT_VERSION,
+        "serving tailbox.agent.v1 on stdio"
+    );
+    serve_connection(tokio::io::join(reader, writer), AgentService::new(context)).await?;
+    tracing::info!("controller closed the connection; exiting");
+    Ok(())
+}
+
+/// Serves the agent service on any duplex byte stream (stdio in production, memory in tests).
+pub async fn serve_connection<IO>(io: IO, service: AgentService) -> anyhow::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let routes = tonic::service::Routes::new(AgentServer::new(service)).prepare();
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        // Notice a controller that vanished without closing the pipe.
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(routes));
+    // Driving the connection on a worker rather than inside block_on keeps latency low.
+    match tokio::spawn(connection)
+        .await
+        .context("the connection task panicked")?
+    {
+        Ok(()) => Ok(()),
+        // The controller going away, even abruptly, is how a session ends: not an error.
+        Err(err) if is_peer_gone(&err) => {
+            tracing::info!("the controller went away: {err}");
+            Ok(())
+        }
+        Err(err) => Err(anyhow::anyhow!("HTTP/2 connection error: {err}")),
+    }
+}
+
+fn is_peer_gone(err: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+            );
+        }
+        source = cause.source();
+    }
+    err.is_incomplete_message()
+}
+
+/// Test hook: writes to fd 1 directly and from a child, and logs heavily, until the process ends.
+async fn stdout_noise() {
+    use std::io::Write as _;
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        #[allow(clippy::disallowed_methods)] // Deliberate: proves fd 1 is no longer the wire.
+        let _ = writeln!(std::io::stdout(), "stray stdout noise {round}");
+        for i in 0..20 {
+            tracing::info!(round, i, "noise: heavy logging while serving");
+        }
+        let _ = tokio::process::Command::new("sh")
+            .args(["-c", "echo child stdout noise; echo child stderr noise >&2"])
+            .status()
+            .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,0 +1,95 @@
+//! The `tailbox.agent.v1.Agent` service.
+
+use std::sync::Arc;
+
+use tailbox_proto::PROTO_VERSION;
+use tailbox_proto::agent::v1::agent_server::Agent;
+use tailbox_proto::agent::v1::{HelloRequest, HelloResponse, RunRequest};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::events::{EventItem, EventSink};
+use crate::run::{self, RunContext};
+
+/// Buffer between the run and the wire; small, so a slow reader applies backpressure.
+const EVENT_BUFFER: usize = 64;
+
+/// The service state shared by all calls on one connection.
+#[derive(Clone)]
+pub struct AgentService {
+    context: RunContext,
+    /// One run at a time: two runs would fight over tailscaled's socket and ports.
+    run_slot: Arc<Semaphore>,
+}
+
+impl AgentService {
+    /// A service whose runs use `context`.
+    pub fn new(context: RunContext) -> Self {
+        Self {
+            context,
+            run_slot: Arc::new(Semaphore::new(1)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn hello(
+        &self,
+        request: Request<HelloRequest>,
+    ) -> Result<Response<HelloResponse>, Status> {
+        let hello = request.into_inner();
+        tracing::info!(
+            controller_version = %hello.controller_version,
+            controller_proto = hello.proto_version,
+            "handshake"
+        );
+        Ok(Response::new(HelloResponse {
+            agent_version: crate::AGENT_VERSION.into(),
+            agent_sha256: self.context.agent_sha256.clone(),
+            proto_version: PROTO_VERSION,
+            features: crate::FEATURES.iter().map(|f| (*f).to_owned()).collect(),
+            arch: std::env::consts::ARCH.into(),
+            pid: std::process::id(),
+        }))
+    }
+
+    type RunStream = ReceiverStream<EventItem>;
+
+    async fn run(&self, request: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+        let permit = self.run_slot.clone().try_acquire_owned().map_err(|_| {
+            Status::failed_precondition("a run is already in progress on this agent")
+        })?;
+        let request = request.into_inner();
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let sink = EventSink::new(tx);
+        let context = self.context.clone();
+        tokio::spawn(async move {
+            run::execute(request, sink, context).await;
+            drop(permit);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Lower-case hex sha256 of the running executable, or a note explaining why it is unknown.
+pub fn own_sha256() -> String {
+    use sha2::{Digest, Sha256};
+    match std::fs::File::open("/proc/self/exe") {
+        Ok(mut file) => {
+            let mut hasher = Sha256::new();
+            match std::io::copy(&mut file, &mut hasher) {
+                Ok(_) => hex::encode(hasher.finalize()),
+                Err(err) => {
+                    tracing::warn!("cannot hash /proc/self/exe: {err}");
+                    String::new()
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!("cannot open /proc/self/exe: {err}");
+            String::new()
+        }
+    }
+}

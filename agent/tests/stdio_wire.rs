@@ -1,0 +1,216 @@
+//! The agent binary's stdout is the gRPC wire and nothing else.
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::pin::Pin;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tailbox_proto::agent::v1::agent_client::AgentClient;
+use tailbox_proto::agent::v1::{HelloRequest, RunRequest, event};
+use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
+use tokio::process::Command;
+
+/// Wraps a reader and keeps a copy of every byte read through it.
+struct Recorder<R> {
+    inner: R,
+    copy: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Recorder<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let new = buf.filled()[before..].to_vec();
+        self.copy.lock().unwrap().extend_from_slice(&new);
+        poll
+    }
+}
+
+/// Splits `bytes` into HTTP/2 frames; fails if anything is not a well-formed frame of a known type.
+fn parse_http2_frames(bytes: &[u8]) -> Result<Vec<(u8, u32)>, String> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let header = bytes
+            .get(at..at + 9)
+            .ok_or_else(|| format!("truncated frame header at byte {at}"))?;
+        let length = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let kind = header[3];
+        if kind > 9 {
+            return Err(format!(
+                "unknown frame type {kind} at byte {at}: {:?}",
+                String::from_utf8_lossy(&bytes[at..(at + 40).min(bytes.len())])
+            ));
+        }
+        if length > 16_384 * 64 {
+            return Err(format!("implausible frame length {length} at byte {at}"));
+        }
+        let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+        at += 9 + length;
+        if at > bytes.len() {
+            return Err("truncated frame payload".into());
+        }
+        frames.push((kind, stream));
+    }
+    Ok(frames)
+}
+
+async fn connect(
+    child: &mut tokio::process::Child,
+    copy: Arc<Mutex<Vec<u8>>>,
+) -> AgentClient<tonic::transport::Channel> {
+    let stdout = Recorder {
+        inner: child.stdout.take().unwrap(),
+        copy,
+    };
+    let stdin = child.stdin.take().unwrap();
+    let io = Arc::new(Mutex::new(Some(tokio::io::join(stdout, stdin))));
+    let channel = tonic::transport::Endpoint::from_static("http://agent")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let io = io.lock().unwrap().take();
+            async move {
+                io.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("used"))
+            }
+        }))
+        .await
+        .unwrap();
+    AgentClient::new(channel)
+}
+
+#[tokio::test]
+async fn only_grpc_reaches_stdout_while_the_agent_logs_heavily() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tailbox-agent"))
+            .args(["serve", "--stdio", "--log", "debug", "--test-stdout-noise"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr_task = tokio::spawn(async move {
+            let mut text = String::new();
+            stderr.read_to_string(&mut text).await.unwrap();
+            text
+        });
+        let copy = Arc::new(Mutex::new(Vec::new()));
+        let mut client = connect(&mut child, copy.clone()).await;
+
+        // Keep the connection busy while the noise runs: many calls over about a second.
+        let mut reports = 0;
+        for _ in 0..10 {
+            client.hello(HelloRequest::default()).await.unwrap();
+            let mut stream = client
+                .run(RunRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            while let Some(event) = stream.message().await.unwrap() {
+                if matches!(event.kind, Some(event::Kind::Report(_))) {
+                    reports += 1;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(reports, 10);
+        drop(client);
+
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the agent exits after stdin closes")
+            .unwrap();
+        let stderr = stderr_task.await.unwrap();
+        assert!(
+            status.success(),
+            "{status}: {}",
+            &stderr[stderr.len().saturating_sub(3000)..]
+        );
+
+        // The noise really happened, and it went to stderr...
+        assert!(
+            stderr.contains("stray stdout noise"),
+            "stderr lacks the direct noise"
+        );
+        assert!(
+            stderr.contains("child stdout noise"),
+            "stderr lacks the child's noise"
+        );
+        assert!(
+            stderr.contains("noise: heavy logging"),
+            "stderr lacks the log noise"
+        );
+        // ...while stdout carried nothing but well-formed HTTP/2 frames.
+        let bytes = copy.lock().unwrap().clone();
+        assert!(!bytes.is_empty());
+        let frames =
+            parse_http2_frames(&bytes).unwrap_or_else(|e| panic!("stdout is not pure HTTP/2: {e}"));
+        assert_eq!(
+            frames.first().map(|f| f.0),
+            Some(4),
+            "the server speaks first with SETTINGS"
+        );
+        assert!(
+            frames.iter().any(|&(kind, _)| kind == 0),
+            "DATA frames carried the events"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn the_agent_exits_cleanly_when_stdin_closes() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tailbox-agent"))
+            .args(["serve", "--stdio"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        drop(child.stdin.take());
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("exits promptly")
+            .unwrap();
+        assert!(status.success(), "{status}");
+        let mut out = Vec::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_end(&mut out)
+            .await
+            .unwrap();
+        // An HTTP/2 server may have sent its SETTINGS; nothing else.
+        parse_http2_frames(&out).unwrap();
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[test]
+fn a_terminal_or_file_on_stdin_is_refused_with_an_explanation() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tailbox-agent"))
+        .args(["serve", "--stdio"])
+        .stdin(std::fs::File::open(file.path()).unwrap())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("expects pipes from the tailbox controller"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty());
+}

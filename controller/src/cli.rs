@@ -1,0 +1,164 @@
+//! Command-line flags. Raw flags become a validated [`crate::plan::CheckPlan`] in one place.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Put a sandbox on your tailnet and prove, with structured evidence, that it can reach your dev
+/// host.
+#[derive(Debug, Parser)]
+#[command(name = "tailbox", version, about, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Exit codes, shown at the end of `--help`.
+pub const EXIT_CODES_HELP: &str = "Exit codes:
+  0    every check passed (warnings and skips allowed)
+  1    at least one check failed
+  2    usage or configuration error
+  3    sandbox or infrastructure error (the sandbox, the agent or the link to it failed)
+  130  interrupted; cleanup still ran";
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a sandbox, join it to the tailnet and check it can reach the dev host.
+    Check(CheckArgs),
+    /// Manage sandboxes tailbox created.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+}
+
+/// `tailbox sandbox …`
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Terminate every sandbox tailbox left running (found by tag).
+    Sweep(SweepArgs),
+}
+
+/// Flags of `tailbox sandbox sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Only list what would be terminated.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Where the agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SandboxKind {
+    /// Modal if credentials are configured, local otherwise.
+    Auto,
+    /// The agent runs as a child process on this machine.
+    Local,
+    /// The agent runs in a Modal sandbox.
+    Modal,
+}
+
+/// Flags of `tailbox check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Where to run the agent.
+    #[arg(long, value_enum, default_value_t = SandboxKind::Auto)]
+    pub sandbox: SandboxKind,
+
+    /// Write one JSON object per event to stdout, the final report last.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the final report, as JSON, to this file.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+
+    /// Tailnet IP of the dev host to ping [env: COOK_TAIL_IP]. Repeatable.
+    #[arg(long = "ping", value_name = "IP")]
+    pub ping: Vec<String>,
+
+    /// URL to fetch over the tailnet, e.g. http://100.64.0.1:7420/health [env: COOK_HTTP_URL].
+    /// Repeatable.
+    #[arg(long = "http", value_name = "URL")]
+    pub http: Vec<String>,
+
+    /// git remote to list over the tailnet [env: COOK_GIT_URL]. Repeatable.
+    #[arg(long = "git", value_name = "URL")]
+    pub git: Vec<String>,
+
+    /// Ref the git remotes must advertise with this sha, as NAME=SHA (NAME may be a branch name,
+    /// a full ref such as refs/tags/v1, or HEAD). Repeatable.
+    #[arg(long = "expect-ref", value_name = "NAME=SHA")]
+    pub expect_ref: Vec<String>,
+
+    /// Read the Tailscale auth key from this file instead of TS_AUTHKEY (there is deliberately no
+    /// flag that takes the key itself: argv is visible to every process).
+    #[arg(long, value_name = "PATH")]
+    pub auth_key_file: Option<PathBuf>,
+
+    /// Tailnet hostname of the sandbox [env: TS_HOSTNAME; default: modal-<sandbox id>].
+    #[arg(long)]
+    pub hostname: Option<String>,
+
+    /// Control server URL, e.g. a headscale server [env: TS_CONTROL_URL].
+    #[arg(long, value_name = "URL")]
+    pub control_url: Option<String>,
+
+    /// Path of tailscaled inside the sandbox, tried before PATH.
+    #[arg(long, value_name = "PATH")]
+    pub tailscaled: Option<String>,
+
+    /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
+
+    /// Attach to this existing Modal sandbox instead of creating one.
+    #[arg(long, value_name = "ID")]
+    pub sandbox_id: Option<String>,
+
+    /// Leave the sandbox running at the end [env: KEEP_SANDBOX=1].
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Budget for the whole run.
+    #[arg(long, value_parser = parse_duration, default_value = "15m")]
+    pub timeout: Duration,
+
+    /// Budget for logging in to the tailnet [default: 120s].
+    #[arg(long, value_parser = parse_duration)]
+    pub login_timeout: Option<Duration>,
+
+    /// Budget for the target to appear online in the netmap [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    pub netmap_timeout: Option<Duration>,
+
+    /// Budget for each ping check [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    pub ping_timeout: Option<Duration>,
+
+    /// Budget for each HTTP check [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub http_timeout: Option<Duration>,
+
+    /// Budget for each git check [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    pub git_timeout: Option<Duration>,
+
+    /// Show the agent's own log lines (prefixed `agent:`) and tailscaled's.
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// Print only the results table (no live progress).
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 90s, 2m, 1h30m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}

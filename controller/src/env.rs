@@ -1,0 +1,79 @@
+//! Every environment variable tailbox reads, in one place, and a seam to fake them in tests.
+
+use std::collections::HashMap;
+
+/// Tailscale auth key (secret). Never accepted as a flag, so it never lands in argv.
+pub const TS_AUTHKEY: &str = "TS_AUTHKEY";
+/// Tailnet hostname for the sandbox node.
+pub const TS_HOSTNAME: &str = "TS_HOSTNAME";
+/// Control server URL (headscale, or a test control server).
+pub const TS_CONTROL_URL: &str = "TS_CONTROL_URL";
+/// Extra environment for the sandbox's tailscaled, as `K=V` pairs separated by spaces (lab use).
+pub const TAILBOX_TAILSCALED_ENV: &str = "TAILBOX_TAILSCALED_ENV";
+/// Tailnet IP of the dev host to ping.
+pub const COOK_TAIL_IP: &str = "COOK_TAIL_IP";
+/// URL to fetch over the tailnet.
+pub const COOK_HTTP_URL: &str = "COOK_HTTP_URL";
+/// git remote to list over the tailnet.
+pub const COOK_GIT_URL: &str = "COOK_GIT_URL";
+/// Leave the sandbox running at the end (`1`).
+pub const KEEP_SANDBOX: &str = "KEEP_SANDBOX";
+/// Path of the tailbox-agent binary to run or upload.
+pub const TAILBOX_AGENT: &str = "TAILBOX_AGENT";
+/// Disable colour.
+pub const NO_COLOR: &str = "NO_COLOR";
+
+/// Read access to environment variables.
+pub trait Env: Send + Sync {
+    /// The value of `name`, if set and valid UTF-8.
+    fn var(&self, name: &str) -> Option<String>;
+
+    /// The value of `name`, treating an empty value as unset.
+    fn non_empty(&self, name: &str) -> Option<String> {
+        self.var(name).filter(|v| !v.trim().is_empty())
+    }
+
+    /// Whether `name` is set to a truthy value (`1`, `true`, `yes`).
+    fn flag(&self, name: &str) -> bool {
+        matches!(
+            self.var(name)
+                .as_deref()
+                .map(str::trim)
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("1" | "true" | "yes" | "on")
+        )
+    }
+}
+
+/// The real process environment.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// A fixed environment for tests.
+#[derive(Debug, Default, Clone)]
+pub struct MapEnv(pub HashMap<String, String>);
+
+impl MapEnv {
+    /// An environment holding exactly `pairs`.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+}
+
+impl Env for MapEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}

@@ -1,0 +1,508 @@
+//! Flags and environment, validated once into a plan. Everything after this trusts the plan.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tailbox_proto::agent::v1::{
+    DaemonConfig, Deadlines, ExpectedRef, GitTarget, HttpTarget, PingTarget, RunRequest,
+    TailnetConfig,
+};
+
+use crate::cli::{CheckArgs, SandboxKind};
+use crate::env::{self, Env};
+use crate::error::{CliError, CliResult};
+use crate::secret::{Secret, redact_urls};
+
+/// How results are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Live progress on stderr, a table on stdout.
+    Human {
+        /// Relay agent and tailscaled log lines.
+        verbose: bool,
+        /// No live progress.
+        quiet: bool,
+    },
+    /// JSON lines on stdout.
+    Json,
+}
+
+/// Which backend runs the agent, and why it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChoice {
+    /// The backend.
+    pub kind: SandboxKind,
+    /// Why, for the "using … because …" line.
+    pub reason: String,
+}
+
+/// A validated `tailbox check`.
+#[derive(Debug, Clone)]
+pub struct CheckPlan {
+    /// Where the agent runs.
+    pub backend: BackendChoice,
+    /// How to show results.
+    pub output: OutputMode,
+    /// Also write the report here.
+    pub report_path: Option<PathBuf>,
+    /// Tailscale auth key, if any.
+    pub auth_key: Option<Secret>,
+    /// Tailnet hostname override.
+    pub hostname: Option<String>,
+    /// Control server URL override.
+    pub control_url: Option<String>,
+    /// Explicit tailscaled path inside the sandbox.
+    pub tailscaled_path: Option<String>,
+    /// Extra tailscaled environment (lab and debugging knobs).
+    pub tailscaled_env: BTreeMap<String, String>,
+    /// Ping targets.
+    pub ping: Vec<IpAddr>,
+    /// HTTP targets.
+    pub http: Vec<String>,
+    /// git targets.
+    pub git: Vec<String>,
+    /// Refs every git target must advertise.
+    pub expected_refs: Vec<(String, String)>,
+    /// Agent binary override.
+    pub agent_path: Option<PathBuf>,
+    /// Existing sandbox to attach to.
+    pub sandbox_id: Option<String>,
+    /// Leave the sandbox running.
+    pub keep: bool,
+    /// Whole-run budget.
+    pub timeout: Duration,
+    /// Per-phase budgets passed to the agent.
+    pub deadlines: Deadlines,
+}
+
+impl CheckPlan {
+    /// Validates flags and environment. `modal_configured` says whether Modal credentials exist.
+    pub fn from_args(args: &CheckArgs, env: &dyn Env, modal_configured: bool) -> CliResult<Self> {
+        let backend = choose_backend(args, modal_configured)?;
+        let output = if args.json {
+            OutputMode::Json
+        } else {
+            OutputMode::Human {
+                verbose: args.verbose,
+                quiet: args.quiet,
+            }
+        };
+
+        let ping_raw = values_or_env(&args.ping, env, env::COOK_TAIL_IP);
+        let ping = ping_raw
+            .iter()
+            .map(|raw| {
+                raw.parse::<IpAddr>().map_err(|_| {
+                    CliError::usage(format!("--ping {raw:?} is not an IP address"))
+                        .with_hint("give the dev host's tailnet IP, e.g. the output of `tailscale ip -4` on the dev host")
+                })
+            })
+            .collect::<CliResult<Vec<_>>>()?;
+        let http = values_or_env(&args.http, env, env::COOK_HTTP_URL)
+            .into_iter()
+            .map(|u| validate_url(&u, "--http", &["http", "https"]))
+            .collect::<CliResult<Vec<_>>>()?;
+        let git = values_or_env(&args.git, env, env::COOK_GIT_URL)
+            .into_iter()
+            .map(|u| validate_url(&u, "--git", &["http", "https", "git"]))
+            .collect::<CliResult<Vec<_>>>()?;
+        let expected_refs = args
+            .expect_ref
+            .iter()
+            .map(|raw| parse_expected_ref(raw))
+            .collect::<CliResult<Vec<_>>>()?;
+        if !expected_refs.is_empty() && git.is_empty() {
+            return Err(
+                CliError::usage("--expect-ref was given but there is no git target")
+                    .with_hint("add --git <URL> (or set COOK_GIT_URL)"),
+            );
+        }
+
+        let auth_key = read_auth_key(args, env)?;
+        let hostname = args
+            .hostname
+            .clone()
+            .or_else(|| env.non_empty(env::TS_HOSTNAME));
+        if let Some(name) = &hostname {
+            validate_hostname(name)?;
+        }
+        let control_url = match args
+            .control_url
+            .clone()
+            .or_else(|| env.non_empty(env::TS_CONTROL_URL))
+        {
+            Some(url) => Some(validate_url(&url, "--control-url", &["http", "https"])?),
+            None => None,
+        };
+        let tailscaled_env =
+            parse_env_pairs(&env.var(env::TAILBOX_TAILSCALED_ENV).unwrap_or_default())?;
+        let agent_path = args
+            .agent
+            .clone()
+            .or_else(|| env.non_empty(env::TAILBOX_AGENT).map(PathBuf::from));
+
+        let deadlines = Deadlines {
+            total: Some(proto_duration(args.timeout)),
+            login: args.login_timeout.map(proto_duration),
+            netmap: args.netmap_timeout.map(proto_duration),
+            ping: args.ping_timeout.map(proto_duration),
+            http: args.http_timeout.map(proto_duration),
+            git: args.git_timeout.map(proto_duration),
+            ..Default::default()
+        };
+
+        Ok(Self {
+            backend,
+            output,
+            report_path: args.report.clone(),
+            auth_key,
+            hostname,
+            control_url,
+            tailscaled_path: args.tailscaled.clone(),
+            tailscaled_env,
+            ping,
+            http,
+            git,
+            expected_refs,
+            agent_path,
+            sandbox_id: args.sandbox_id.clone(),
+            keep: args.keep || env.flag(env::KEEP_SANDBOX),
+            timeout: args.timeout,
+            deadlines,
+        })
+    }
+
+    /// The request sent to the agent. It carries the auth key: never log it.
+    pub fn run_request(
+        &self,
+        run_id: &str,
+        sandbox_id: &str,
+        pushed_tailscaled: Option<&str>,
+    ) -> RunRequest {
+        let tailnet = self.auth_key.as_ref().map(|key| TailnetConfig {
+            auth_key: key.expose().to_owned(),
+            hostname: self.hostname.clone().unwrap_or_default(),
+            control_url: self.control_url.clone().unwrap_or_default(),
+            daemon: Some(DaemonConfig {
+                tailscaled_path: self.tailscaled_path.clone().unwrap_or_default(),
+                pushed_tailscaled_path: pushed_tailscaled.unwrap_or_default().to_owned(),
+                env: self.tailscaled_env.clone().into_iter().collect(),
+                ..Default::default()
+            }),
+            advertise_tags: Vec::new(),
+        });
+        RunRequest {
+            run_id: run_id.to_owned(),
+            sandbox_id: sandbox_id.to_owned(),
+            tailnet,
+            ping_targets: self
+                .ping
+                .iter()
+                .map(|ip| PingTarget {
+                    address: ip.to_string(),
+                })
+                .collect(),
+            http_targets: self
+                .http
+                .iter()
+                .map(|url| HttpTarget {
+                    url: url.clone(),
+                    expected_status: 0,
+                })
+                .collect(),
+            git_targets: self
+                .git
+                .iter()
+                .map(|url| GitTarget {
+                    url: url.clone(),
+                    expected_refs: self
+                        .expected_refs
+                        .iter()
+                        .map(|(name, sha)| ExpectedRef {
+                            name: name.clone(),
+                            sha: sha.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            deadlines: Some(self.deadlines),
+        }
+    }
+}
+
+fn choose_backend(args: &CheckArgs, modal_configured: bool) -> CliResult<BackendChoice> {
+    Ok(match args.sandbox {
+        SandboxKind::Local => BackendChoice {
+            kind: SandboxKind::Local,
+            reason: "--sandbox local".into(),
+        },
+        SandboxKind::Modal => BackendChoice {
+            kind: SandboxKind::Modal,
+            reason: "--sandbox modal".into(),
+        },
+        SandboxKind::Auto if args.sandbox_id.is_some() => BackendChoice {
+            kind: SandboxKind::Modal,
+            reason: "--sandbox-id names a Modal sandbox".into(),
+        },
+        SandboxKind::Auto if modal_configured => BackendChoice {
+            kind: SandboxKind::Modal,
+            reason: "Modal credentials are configured".into(),
+        },
+        SandboxKind::Auto => BackendChoice {
+            kind: SandboxKind::Local,
+            reason: "no Modal credentials are configured".into(),
+        },
+    })
+}
+
+/// Flag values if any were given, else the env var's value (if set).
+fn values_or_env(flags: &[String], env: &dyn Env, name: &str) -> Vec<String> {
+    if !flags.is_empty() {
+        return flags.to_vec();
+    }
+    env.non_empty(name).into_iter().collect()
+}
+
+fn validate_url(raw: &str, flag: &str, schemes: &[&str]) -> CliResult<String> {
+    let shown = redact_urls(raw);
+    let url = url::Url::parse(raw.trim()).map_err(|err| {
+        CliError::usage(format!("{flag} {shown:?} is not a valid URL: {err}"))
+            .with_hint("write a full URL such as http://100.64.0.1:7420/health")
+    })?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(CliError::usage(format!(
+            "{flag} {shown:?} uses the unsupported scheme {:?}",
+            url.scheme()
+        ))
+        .with_hint(format!("use one of: {}", schemes.join(", "))));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(CliError::usage(format!("{flag} {shown:?} has no host")));
+    }
+    Ok(raw.trim().to_owned())
+}
+
+fn parse_expected_ref(raw: &str) -> CliResult<(String, String)> {
+    let usage = || {
+        CliError::usage(format!("--expect-ref {raw:?} is not NAME=SHA"))
+            .with_hint("for example --expect-ref main=$(git rev-parse main)")
+    };
+    let (name, sha) = raw.split_once('=').ok_or_else(usage)?;
+    let (name, sha) = (name.trim(), sha.trim().to_ascii_lowercase());
+    if name.is_empty() {
+        return Err(usage());
+    }
+    if !matches!(sha.len(), 40 | 64) || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CliError::usage(format!(
+            "--expect-ref {raw:?}: {sha:?} is not a full 40- or 64-hex object id"
+        ))
+        .with_hint("use the full sha, e.g. from `git rev-parse <ref>`"));
+    }
+    let name = if name == "HEAD" || name.starts_with("refs/") {
+        name.to_owned()
+    } else {
+        format!("refs/heads/{name}")
+    };
+    Ok((name, sha))
+}
+
+fn read_auth_key(args: &CheckArgs, env: &dyn Env) -> CliResult<Option<Secret>> {
+    let from_file = |path: &std::path::Path, origin: &str| -> CliResult<Secret> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            CliError::usage(format!(
+                "Failed to read the auth key from {} ({origin})",
+                path.display()
+            ))
+            .with_source(err)
+            .with_hint("check the path, or set TS_AUTHKEY instead")
+        })?;
+        let key = text.trim();
+        if key.is_empty() {
+            return Err(CliError::usage(format!(
+                "The auth key file {} is empty ({origin})",
+                path.display()
+            )));
+        }
+        Ok(Secret::new(key))
+    };
+    if let Some(path) = &args.auth_key_file {
+        return from_file(path, "--auth-key-file").map(Some);
+    }
+    match env.non_empty(env::TS_AUTHKEY) {
+        // Same convention as the tailscale CLI: file:<path> reads the key from a file.
+        Some(value) => match value.trim().strip_prefix("file:") {
+            Some(path) => from_file(std::path::Path::new(path), "TS_AUTHKEY=file:…").map(Some),
+            None => Ok(Some(Secret::new(value.trim()))),
+        },
+        None => Ok(None),
+    }
+}
+
+/// Hostnames must be DNS labels (what tailscaled's `dnsname.ValidHostname` accepts).
+fn validate_hostname(name: &str) -> CliResult<()> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(
+            CliError::usage(format!("hostname {name:?} is not a valid DNS label")).with_hint(
+                "use 1-63 letters, digits and dashes, not starting or ending with a dash",
+            ),
+        )
+    }
+}
+
+fn parse_env_pairs(text: &str) -> CliResult<BTreeMap<String, String>> {
+    text.split_whitespace()
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                CliError::usage(format!(
+                    "{} holds {pair:?}, which is not KEY=VALUE",
+                    env::TAILBOX_TAILSCALED_ENV
+                ))
+            })?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+fn proto_duration(d: Duration) -> pbjson_types::Duration {
+    pbjson_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::env::MapEnv;
+
+    fn plan(argv: &[&str], env: &[(&str, &str)]) -> CliResult<CheckPlan> {
+        let mut full = vec!["tailbox", "check"];
+        full.extend_from_slice(argv);
+        let Command::Check(args) = Cli::try_parse_from(full).unwrap().command else {
+            panic!("not check")
+        };
+        CheckPlan::from_args(&args, &MapEnv::from_pairs(env.iter().copied()), false)
+    }
+
+    #[test]
+    fn spike_env_names_are_fallbacks_and_flags_win() {
+        let p = plan(
+            &[],
+            &[
+                ("COOK_TAIL_IP", "100.64.0.1"),
+                ("COOK_HTTP_URL", "http://100.64.0.1:7420/health"),
+                ("COOK_GIT_URL", "http://100.64.0.1:7420/git/a.git"),
+                ("TS_AUTHKEY", "tskey-auth-x"),
+                ("TS_HOSTNAME", "box-1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(p.ping, vec!["100.64.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.http, vec!["http://100.64.0.1:7420/health"]);
+        assert_eq!(p.git.len(), 1);
+        assert_eq!(p.hostname.as_deref(), Some("box-1"));
+        assert_eq!(p.auth_key.as_ref().unwrap().expose(), "tskey-auth-x");
+
+        let p = plan(&["--ping", "100.64.0.9"], &[("COOK_TAIL_IP", "100.64.0.1")]).unwrap();
+        assert_eq!(p.ping, vec!["100.64.0.9".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error_with_a_hint() {
+        for (argv, env) in [
+            (vec!["--ping", "devhost"], vec![]),
+            (vec!["--http", "not a url"], vec![]),
+            (vec!["--http", "ftp://h/x"], vec![]),
+            (
+                vec!["--git", "http://h/r.git", "--expect-ref", "main=xyz"],
+                vec![],
+            ),
+            (
+                vec![
+                    "--expect-ref",
+                    "main=0123456789012345678901234567890123456789",
+                ],
+                vec![],
+            ),
+            (vec!["--hostname=-bad-"], vec![]),
+            (vec![], vec![("TS_AUTHKEY", "file:/nonexistent/key")]),
+        ] {
+            let err = plan(&argv, &env).unwrap_err();
+            assert_eq!(err.exit_status().code(), 2, "{argv:?}: {}", err.render());
+        }
+        let err = plan(&["--ping", "devhost"], &[]).unwrap_err();
+        assert!(err.hint.is_some());
+    }
+
+    #[test]
+    fn secrets_in_urls_do_not_reach_error_messages() {
+        let err = plan(&["--http", "gopher://user:hunter2@h/x"], &[]).unwrap_err();
+        assert!(!err.render().contains("hunter2"), "{}", err.render());
+    }
+
+    #[test]
+    fn auth_key_from_file_and_never_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "tskey-auth-secret\n").unwrap();
+        let p = plan(&["--auth-key-file", path.to_str().unwrap()], &[]).unwrap();
+        assert_eq!(p.auth_key.as_ref().unwrap().expose(), "tskey-auth-secret");
+        assert!(!format!("{p:?}").contains("tskey-auth-secret"));
+
+        let file_form = format!("file:{}", path.display());
+        let p = plan(&[], &[("TS_AUTHKEY", &file_form)]).unwrap();
+        assert_eq!(p.auth_key.unwrap().expose(), "tskey-auth-secret");
+    }
+
+    #[test]
+    fn expected_refs_are_normalised() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let p = plan(
+            &[
+                "--git",
+                "http://h/r.git",
+                "--expect-ref",
+                &format!("main={sha}"),
+                "--expect-ref",
+                &format!("refs/tags/v1={}", sha.to_uppercase()),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            p.expected_refs,
+            vec![
+                ("refs/heads/main".to_owned(), sha.to_owned()),
+                ("refs/tags/v1".to_owned(), sha.to_owned())
+            ]
+        );
+        let request = p.run_request("r", "s", None);
+        assert_eq!(request.git_targets[0].expected_refs.len(), 2);
+    }
+
+    #[test]
+    fn backend_choice_explains_itself() {
+        let Command::Check(args) = Cli::try_parse_from(["tailbox", "check"]).unwrap().command
+        else {
+            panic!()
+        };
+        let env = MapEnv::default();
+        let local = CheckPlan::from_args(&args, &env, false).unwrap().backend;
+        assert_eq!(local.kind, SandboxKind::Local);
+        assert!(local.reason.contains("no Modal credentials"));
+        let modal = CheckPlan::from_args(&args, &env, true).unwrap().backend;
+        assert_eq!(modal.kind, SandboxKind::Modal);
+    }
+}
