@@ -10,9 +10,11 @@
 //! - [`logging`]: tracing to stderr and the panic hook.
 #![deny(clippy::print_stdout, clippy::disallowed_methods)]
 
+pub mod checks;
 pub mod events;
 pub mod logging;
 pub mod preflight;
+pub mod redact;
 pub mod run;
 pub mod server;
 pub mod service;

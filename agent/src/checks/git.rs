@@ -1,0 +1,1 @@
+//! git ref listing through the SOCKS5 proxy (being written).

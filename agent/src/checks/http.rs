@@ -1,0 +1,1 @@
+//! HTTP through the SOCKS5 proxy (being written).
