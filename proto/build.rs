@@ -25,5 +25,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Tools get every key, even when it holds the default (uid 0, ok=false, …).
         .emit_fields()
         .build(&[".tailbox.agent.v1"])?;
+
+    // Our subset of Modal's contract. Client for the controller, server for the fake in testkit;
+    // default stubs make every RPC the fake does not implement answer Unimplemented.
+    let modal_fds = protox::compile(
+        [
+            "modal_proto/api.proto",
+            "modal_proto/task_command_router.proto",
+        ],
+        ["proto"],
+    )?;
+    std::fs::write(
+        out_dir.join("modal_descriptor.bin"),
+        prost::Message::encode_to_vec(&modal_fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .generate_default_stubs(true)
+        .compile_fds(modal_fds)?;
     Ok(())
 }

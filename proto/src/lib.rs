@@ -19,3 +19,23 @@ pub mod agent {
 /// The encoded `FileDescriptorSet` of `tailbox.agent.v1`, for reflection and compatibility checks.
 pub const AGENT_V1_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tailbox_agent_v1_descriptor.bin"));
+
+/// tailbox's own subset of Modal's wire contract (`modal_proto/*.proto`), with Modal's package
+/// names and field numbers: clients for the controller, servers for the fake Modal in tests.
+pub mod modal {
+    /// `modal.client`: the control plane (`ModalClient`).
+    pub mod client {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/modal.client.rs"));
+    }
+    /// `modal.task_command_router`: exec and stdio on the sandbox's worker.
+    pub mod task_command_router {
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        include!(concat!(env!("OUT_DIR"), "/modal.task_command_router.rs"));
+    }
+}
+
+/// The encoded `FileDescriptorSet` of our Modal subset, compared with Modal's published
+/// descriptors by `tailbox_testkit::modal_descriptors`.
+pub const MODAL_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/modal_descriptor.bin"));
