@@ -12,7 +12,7 @@
 set -euo pipefail
 
 lab_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-cache_root=${TAILBOX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tailbox}
+cache_root=${TAILBOX_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:?set HOME, XDG_CACHE_HOME or TAILBOX_CACHE_DIR}/.cache}/tailbox}
 check_only=false
 case "${1:-}" in
   "") ;;

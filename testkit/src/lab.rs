@@ -310,6 +310,17 @@ impl Lab {
         pids
     }
 
+    /// `Err` naming the first lab process that has exited (with its log tail). A stopped
+    /// control ([`Lab::stop_control`]) is not an error.
+    pub fn check_alive(&self) -> Result<()> {
+        self.peer.check_alive()?;
+        self.devhost.check_alive()?;
+        match &self.control {
+            Some(c) => c.check_alive(),
+            None => Ok(()),
+        }
+    }
+
     /// Stops the control server (and its DERP and STUN) now; the control URL then refuses
     /// connections. For "control went away" tests. Idempotent.
     pub fn stop_control(&mut self) {

@@ -224,6 +224,7 @@ async fn the_lab_leaves_nothing_behind() {
             mentioning.len() >= 3,
             "lab processes carry the lab dir in argv: {mentioning:?}"
         );
+        lab.check_alive().expect("every lab process is running");
         // The auth key is in a file, never on anyone's command line.
         assert_eq!(processes_mentioning(lab.auth_key()), vec![]);
 
@@ -258,6 +259,8 @@ async fn stopping_control_closes_its_port_and_nodes_get_their_own_dirs() {
             .expect("control listens");
 
         lab.stop_control();
+        lab.check_alive()
+            .expect("a deliberately stopped control is not a failure");
         assert!(
             tokio::net::TcpStream::connect(&addr).await.is_err(),
             "control still accepts connections at {addr}"

@@ -127,13 +127,27 @@ async fn lab_up(env_file: Option<PathBuf>) -> Result<()> {
         lab.peer().socket().display()
     );
 
-    wait_for_shutdown().await?;
+    let outcome = tokio::select! {
+        r = wait_for_shutdown() => r,
+        e = watch_lab(&lab) => Err(e),
+    };
     eprintln!("tearing the lab down");
     drop(lab);
     if let Some(path) = env_file {
         let _ = std::fs::remove_file(path);
     }
-    Ok(())
+    outcome
+}
+
+/// Resolves only if a lab process dies, so a person sees it instead of a silently broken lab.
+async fn watch_lab(lab: &Lab) -> anyhow::Error {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(e) = lab.check_alive() {
+            return e;
+        }
+    }
 }
 
 async fn wait_for_shutdown() -> Result<()> {

@@ -301,6 +301,11 @@ impl Node {
         self.process.log_tail()
     }
 
+    /// `Err` (with the log tail) if tailscaled has exited.
+    pub fn check_alive(&self) -> Result<()> {
+        self.process.check_alive()
+    }
+
     /// Kills tailscaled now (SIGKILL to its group) and reaps it.
     pub fn kill(&mut self) {
         self.process.kill();

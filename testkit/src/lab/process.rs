@@ -180,6 +180,48 @@ impl LabProcess {
         }
     }
 
+    /// `Err` with the exit status and log tail if the child has exited. Looks without reaping
+    /// (`WNOWAIT`), so the group id stays reserved for [`LabProcess::kill`].
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        if self.child.is_none() {
+            bail!("{} was stopped", self.name);
+        }
+        let pid = libc::id_t::from(self.pid);
+        // SAFETY: an all-zero siginfo_t is valid; waitid only writes into it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own child with a valid out-pointer.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "checking on {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: waitid filled `info` (or left it zeroed when nothing has happened).
+        let (who, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+        if who == 0 {
+            return Ok(());
+        }
+        let how = if code == libc::CLD_EXITED {
+            format!("exit status {status}")
+        } else {
+            format!("killed by signal {status}")
+        };
+        bail!(
+            "{} exited unexpectedly ({how})\n{}",
+            self.name,
+            self.log_tail()
+        )
+    }
+
     /// The last lines of this process's log, for error messages.
     pub(crate) fn log_tail(&self) -> String {
         log_tail(&self.name, &self.log_path, 40)
