@@ -15,6 +15,13 @@ use tokio::time::timeout;
 /// Generous: two tailscaleds per test, several tests in parallel on two cores.
 const TEST_DEADLINE: Duration = Duration::from_secs(180);
 
+/// Finds (or, on a cold cache, builds for minutes) the binaries before a test's deadline starts.
+async fn binaries_ready() {
+    Binaries::locate()
+        .await
+        .expect("the tailnet lab binaries (see lab/README.md)");
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
@@ -49,6 +56,7 @@ fn clean_command(program: &str) -> Command {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_node_joins_and_reaches_the_dev_host() {
+    binaries_ready().await;
     timeout(TEST_DEADLINE, async {
         let lab = Lab::start().await.expect("lab starts");
 
@@ -149,6 +157,7 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_auth_key_is_refused() {
+    binaries_ready().await;
     timeout(TEST_DEADLINE, async {
         // A control that insists on a key we choose; the node brings another one.
         let lab = Lab::start_with(LabConfig::default().auth_key(random_auth_key().unwrap()))
@@ -209,6 +218,7 @@ fn processes_mentioning(needle: &str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_lab_leaves_nothing_behind() {
+    binaries_ready().await;
     timeout(TEST_DEADLINE, async {
         let lab = Lab::start().await.expect("lab starts");
         let dir = lab.dir().to_string_lossy().into_owned();
@@ -251,6 +261,7 @@ async fn the_lab_leaves_nothing_behind() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stopping_control_closes_its_port_and_nodes_get_their_own_dirs() {
+    binaries_ready().await;
     timeout(TEST_DEADLINE, async {
         let mut lab = Lab::start().await.expect("lab starts");
         let addr = lab.control_url().trim_start_matches("http://").to_owned();
