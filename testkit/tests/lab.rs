@@ -82,17 +82,22 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
             .unwrap();
         assert!(!status.tailscale_ips.is_empty(), "{:?}", status.raw);
 
-        // Disco ping over the real data path (DERP or direct, both are the tailnet).
+        // Disco ping over the real data path. It stops at the first direct pong; DERP-only
+        // pongs still prove the tailnet, and then the CLI exits 1 with "direct connection not
+        // established", which is accepted too.
         let peer_ip = lab.peer_ipv4().to_string();
         let ping = client
             .tailscale()
-            .args(["ping", "--c=20", "--timeout=5s", &peer_ip])
+            .args(["ping", "--c=10", "--timeout=5s", &peer_ip])
             .output()
             .await
             .unwrap();
         let ping_out = String::from_utf8_lossy(&ping.stdout);
+        let ping_err = String::from_utf8_lossy(&ping.stderr);
         assert!(
-            ping.status.success() && ping_out.contains("pong from devhost"),
+            ping_out.contains("pong from devhost")
+                && (ping.status.success()
+                    || ping_err.contains("direct connection not established")),
             "tailscale ping failed: {}\n{}",
             text(&ping),
             lab.log_tails()
