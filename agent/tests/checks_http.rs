@@ -1,0 +1,431 @@
+//! The HTTP check against a real tailnet: the lab's control, its dev-host peer serving HTTP, and
+//! a second real tailscaled as the sandbox whose SOCKS5 proxy the check goes through.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tailbox_agent::checks::http::{BODY_CAP, check_http};
+use tailbox_agent::checks::{DaemonReady, DaemonState, ProxyContext};
+use tailbox_proto::agent::v1::{
+    CheckResult, CheckStatus, FailureClass, HttpEvidence, HttpTarget, Layer, check_result,
+};
+use tailbox_testkit::lab::{Binaries, Lab, Node};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+/// Generous: two tailscaleds per test, several tests in parallel on two cores.
+const TEST_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A lab plus a logged-in "sandbox" node that sees the dev-host peer in its netmap.
+async fn sandbox() -> (Lab, Node) {
+    Binaries::locate()
+        .await
+        .expect("the tailnet lab binaries (see lab/README.md)");
+    let lab = Lab::start().await.expect("lab starts");
+    let node = lab
+        .start_node("sandbox")
+        .await
+        .expect("sandbox node starts");
+    node.up(lab.control_url(), lab.auth_key(), Duration::from_secs(60))
+        .await
+        .expect("sandbox node logs in");
+    wait_for_peer(&node, &lab).await;
+    (lab, node)
+}
+
+/// Waits until the dev-host peer is in the sandbox's netmap, so a dial failure in a test means
+/// what the test says and not "too early".
+async fn wait_for_peer(node: &Node, lab: &Lab) {
+    let peer = lab.peer_ipv4().to_string();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = node.status().await.unwrap();
+        let seen = status.raw["Peer"].as_object().is_some_and(|peers| {
+            peers.values().any(|p| {
+                p["TailscaleIPs"]
+                    .as_array()
+                    .is_some_and(|ips| ips.iter().any(|ip| ip.as_str() == Some(peer.as_str())))
+            })
+        });
+        if seen {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "peer never appeared: {}",
+            status.raw
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn ctx(socks_addr: SocketAddr, budget: Duration) -> ProxyContext {
+    ProxyContext {
+        socks_addr,
+        deadline: tokio::time::Instant::now() + budget,
+        daemon: DaemonReady::always(),
+    }
+}
+
+fn target(url: impl Into<String>, expected_status: u32) -> HttpTarget {
+    HttpTarget {
+        url: url.into(),
+        expected_status,
+    }
+}
+
+fn evidence(r: &CheckResult) -> &HttpEvidence {
+    match &r.evidence {
+        Some(check_result::Evidence::Http(e)) => e,
+        other => panic!("no HTTP evidence: {other:?}"),
+    }
+}
+
+fn status(r: &CheckResult) -> CheckStatus {
+    CheckStatus::try_from(r.status).unwrap()
+}
+
+fn class(r: &CheckResult) -> FailureClass {
+    FailureClass::try_from(r.failure_class).unwrap()
+}
+
+fn layer(r: &CheckResult) -> Layer {
+    Layer::try_from(r.layer).unwrap()
+}
+
+/// A loopback port nothing listens on (bound, then released).
+async fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_passes_with_status_body_and_timing() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let r = check_http(
+            &target(lab.health_url(), 0),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
+        assert_eq!(r.name, "http");
+        assert_eq!(r.target, lab.health_url());
+        assert_eq!(layer(&r), Layer::Http);
+        let e = evidence(&r);
+        assert_eq!(e.status_code, 200);
+        assert_eq!(e.body_prefix, "ok");
+        assert_eq!(e.body_bytes, 2);
+        assert!(!e.body_truncated);
+        assert!(e.content_type.starts_with("text/plain"), "{e:?}");
+        assert_eq!(e.proxy, format!("socks5h://{}", node.socks5_addr()));
+        assert!(e.time_to_first_byte.is_some());
+        assert!(r.duration.is_some());
+
+        // The peer's IPv6 tailnet address works as well.
+        let v6 = format!("http://[{}]:{}/health", lab.peer_ipv6(), lab.http_port());
+        let r = check_http(
+            &target(&v6, 0),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unexpected_status_fails_and_an_expected_one_passes() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let url = format!("{}/status/500", lab.http_base_url());
+        let r = check_http(
+            &target(&url, 0),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
+        assert_eq!(class(&r), FailureClass::HttpStatus);
+        assert_eq!(layer(&r), Layer::Http);
+        assert_eq!(evidence(&r).status_code, 500);
+        assert_eq!(evidence(&r).body_prefix, "status 500\n");
+        assert!(r.detail.contains("expected 2xx"), "{}", r.detail);
+        assert!(!r.hint.is_empty());
+
+        let r = check_http(
+            &target(&url, 500),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
+
+        let r = check_http(
+            &target(lab.health_url(), 204),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(class(&r), FailureClass::HttpStatus, "{r:#?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_body_is_read_up_to_the_cap_and_passes() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let url = format!("{}/large?bytes={}", lab.http_base_url(), 8 * BODY_CAP);
+        let started = Instant::now();
+        let r = check_http(
+            &target(url, 0),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
+        let e = evidence(&r);
+        assert!(e.body_truncated);
+        assert_eq!(e.body_bytes, BODY_CAP);
+        assert!(
+            e.body_prefix.starts_with("tailbox-lab\ntailbox-lab\n"),
+            "{e:?}"
+        );
+        assert_eq!(e.body_prefix.len(), 256);
+        eprintln!("large body check took {:?}", started.elapsed());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_port_on_the_peer_is_tcp_refused_with_the_bind_hint() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let url = format!("http://{}:{}/health", lab.peer_ipv4(), closed_port().await);
+        let started = Instant::now();
+        let r = check_http(
+            &target(url, 0),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
+        assert_eq!(class(&r), FailureClass::TcpRefused, "{r:#?}");
+        assert_eq!(layer(&r), Layer::Tcp);
+        assert!(r.hint.contains("0.0.0.0"), "{}", r.hint);
+        assert!(r.hint.contains("127.0.0.1"), "{}", r.hint);
+        assert_eq!(evidence(&r).status_code, 0);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tailnet_ip_without_a_peer_fails_at_the_connection_without_hanging() {
+    timeout(TEST_DEADLINE, async {
+        let (_lab, node) = sandbox().await;
+        // An address in the tailnet's IPv6 range that no node has. (An unused 100.x address is
+        // dialed on the host network, and what answers there depends on the machine.)
+        let budget = Duration::from_secs(20);
+        let started = Instant::now();
+        let r = check_http(
+            &target("http://[fd7a:115c:a1e0::99]:8080/health", 0),
+            &ctx(node.socks5_addr(), budget),
+        )
+        .await;
+        let took = started.elapsed();
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
+        assert!(
+            matches!(
+                class(&r),
+                FailureClass::TcpRefused | FailureClass::SocksTimeout
+            ),
+            "{r:#?}"
+        );
+        assert_eq!(layer(&r), Layer::Tcp);
+        assert!(took < budget, "took {took:?}");
+        eprintln!(
+            "no-peer check: {:?} after {took:?}: {}",
+            class(&r),
+            r.detail
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_address_where_nothing_listens_is_socks_refused() {
+    timeout(TEST_DEADLINE, async {
+        let closed: SocketAddr = format!("127.0.0.1:{}", closed_port().await)
+            .parse()
+            .unwrap();
+        let started = Instant::now();
+        let r = check_http(
+            &target("http://100.64.0.1:7420/health", 0),
+            &ctx(closed, Duration::from_secs(10)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
+        assert_eq!(class(&r), FailureClass::SocksRefused, "{r:#?}");
+        assert_eq!(layer(&r), Layer::Tcp);
+        assert!(r.hint.contains("--socks5-server"), "{}", r.hint);
+        // One second of grace for a supervisor to notice a dead daemon, no more.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_in_the_url_appear_nowhere_in_the_result() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let password = "hunter2-Sup3rSecret";
+        let user = "cookuser";
+        let with_creds = |base: &str, path: &str| {
+            let rest = base.strip_prefix("http://").unwrap();
+            format!("http://{user}:{password}@{rest}{path}")
+        };
+        let closed = format!("http://{}:{}", lab.peer_ipv4(), closed_port().await);
+        let cases = [
+            (with_creds(&lab.http_base_url(), "/health"), 0),
+            (with_creds(&lab.http_base_url(), "/status/401"), 0),
+            (with_creds(&closed, "/x"), 0),
+        ];
+        for (url, expected) in cases {
+            let r = check_http(
+                &target(&url, expected),
+                &ctx(node.socks5_addr(), Duration::from_secs(30)),
+            )
+            .await;
+            let json = serde_json::to_string(&r).unwrap();
+            let debug = format!("{r:?}");
+            for text in [&json, &debug] {
+                assert!(!text.contains(password), "password leaked: {text}");
+                assert!(!text.contains(user), "user leaked: {text}");
+            }
+            assert!(r.target.contains("****@"), "{}", r.target);
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_response_runs_into_the_deadline_on_time() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let url = format!("{}/slow?ms=20000", lab.http_base_url());
+        let budget = Duration::from_secs(2);
+        let started = Instant::now();
+        let r = check_http(&target(url, 0), &ctx(node.socks5_addr(), budget)).await;
+        let took = started.elapsed();
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
+        assert_eq!(class(&r), FailureClass::Deadline, "{r:#?}");
+        // The connection was open; the server was slow.
+        assert_eq!(layer(&r), Layer::Http, "{r:#?}");
+        assert!(
+            took >= budget && took < budget + Duration::from_millis(750),
+            "{took:?}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Forwards every connection on `listener` to `to` (a stand-in for tailscaled's proxy port).
+async fn forward(listener: TcpListener, to: SocketAddr) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = TcpStream::connect(to).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        // The proxy port the check is given, with nothing behind it yet: tailscaled is down and
+        // its supervisor says so.
+        let port = closed_port().await;
+        let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(DaemonState::NotReady);
+        let ctx = ProxyContext {
+            socks_addr: proxy,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(20),
+            daemon: DaemonReady::new(rx),
+        };
+        let health = lab.health_url();
+        let check = tokio::spawn(async move { check_http(&target(health, 0), &ctx).await });
+
+        // "Restart": the proxy comes back on the same port and the supervisor reports ready.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let listener = TcpListener::bind(proxy).await.unwrap();
+        tokio::spawn(forward(listener, node.socks5_addr()));
+        tx.send(DaemonState::Ready).unwrap();
+
+        let r = check.await.unwrap();
+        assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
+        assert_eq!(evidence(&r).body_prefix, "ok");
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_that_is_gone_for_good_fails_the_check_at_once() {
+    timeout(TEST_DEADLINE, async {
+        let port = closed_port().await;
+        let (tx, rx) = tokio::sync::watch::channel(DaemonState::NotReady);
+        let ctx = ProxyContext {
+            socks_addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            deadline: tokio::time::Instant::now() + Duration::from_secs(20),
+            daemon: DaemonReady::new(rx),
+        };
+        let started = Instant::now();
+        let check =
+            tokio::spawn(async move { check_http(&target("http://100.64.0.1:1/", 0), &ctx).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tx.send(DaemonState::Gone).unwrap();
+        let r = check.await.unwrap();
+        assert_eq!(class(&r), FailureClass::SocksRefused, "{r:#?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_url_that_is_not_http_is_invalid_input() {
+    let r = check_http(
+        &target("ftp://u:secretpw@host/x", 0),
+        &ctx("127.0.0.1:9".parse().unwrap(), Duration::from_secs(5)),
+    )
+    .await;
+    assert_eq!(class(&r), FailureClass::InvalidInput, "{r:#?}");
+    assert!(!format!("{r:?}").contains("secretpw"));
+}
