@@ -36,8 +36,11 @@ pub enum Command {
 /// `tailbox sandbox …`
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// Terminate every sandbox tailbox left running (found by tag).
+    /// Terminate every sandbox tailbox left running in the app (found by its `created-by=tailbox`
+    /// tag), e.g. after --keep or a crash. Prints the ids on stdout.
     Sweep(SweepArgs),
+    /// Terminate Modal sandboxes by id.
+    Terminate(TerminateArgs),
 }
 
 /// Flags of `tailbox sandbox sweep`.
@@ -46,6 +49,14 @@ pub struct SweepArgs {
     /// Only list what would be terminated.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// Arguments of `tailbox sandbox terminate`.
+#[derive(Debug, Args)]
+pub struct TerminateArgs {
+    /// Sandbox ids (sb-…).
+    #[arg(required = true, value_name = "ID")]
+    pub ids: Vec<String>,
 }
 
 /// Where the agent runs.
@@ -108,6 +119,11 @@ pub struct CheckArgs {
     /// Path of tailscaled inside the sandbox, tried before PATH.
     #[arg(long, value_name = "PATH")]
     pub tailscaled: Option<String>,
+
+    /// Tailscale release tarball (tailscale_<version>_amd64.tgz) whose tailscaled and tailscale
+    /// are pushed into the sandbox, for images without them [env: TAILBOX_TAILSCALE_TARBALL].
+    #[arg(long, value_name = "TGZ")]
+    pub tailscale_tarball: Option<PathBuf>,
 
     /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
     #[arg(long, value_name = "PATH")]

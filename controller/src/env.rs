@@ -22,6 +22,34 @@ pub const KEEP_SANDBOX: &str = "KEEP_SANDBOX";
 pub const TAILBOX_AGENT: &str = "TAILBOX_AGENT";
 /// Disable colour.
 pub const NO_COLOR: &str = "NO_COLOR";
+/// The user's home directory (for `~/.modal.toml`).
+pub const HOME: &str = "HOME";
+/// Path of the tailscale release tarball to push into the sandbox (`--tailscale-tarball`).
+pub const TAILBOX_TAILSCALE_TARBALL: &str = "TAILBOX_TAILSCALE_TARBALL";
+
+// Modal, with the names and precedence of Modal's own SDKs: env > profile in the config file >
+// built-in default, per key.
+
+/// Modal token id (`ak-…`).
+pub const MODAL_TOKEN_ID: &str = "MODAL_TOKEN_ID";
+/// Modal token secret (`as-…`; secret).
+pub const MODAL_TOKEN_SECRET: &str = "MODAL_TOKEN_SECRET";
+/// Profile (table) of the config file to use; default: the first with `active = true`.
+pub const MODAL_PROFILE: &str = "MODAL_PROFILE";
+/// Config file; default `~/.modal.toml`.
+pub const MODAL_CONFIG_PATH: &str = "MODAL_CONFIG_PATH";
+/// Control-plane URL; default `https://api.modal.com:443`.
+pub const MODAL_SERVER_URL: &str = "MODAL_SERVER_URL";
+/// Modal environment; default: the workspace's default environment.
+pub const MODAL_ENVIRONMENT: &str = "MODAL_ENVIRONMENT";
+/// Image builder version; default: the environment's setting.
+pub const MODAL_IMAGE_BUILDER_VERSION: &str = "MODAL_IMAGE_BUILDER_VERSION";
+/// Longest total wait, in seconds, for server-directed (throttling) retries; default unlimited.
+pub const MODAL_MAX_THROTTLE_WAIT: &str = "MODAL_MAX_THROTTLE_WAIT";
+/// Modal app the sandboxes belong to; default `cook-sandbox` (cook's spike).
+pub const MODAL_APP_NAME: &str = "MODAL_APP_NAME";
+/// Registry image of the sandbox; default `ghcr.io/justinmoon/cook-sandbox:latest`.
+pub const MODAL_IMAGE: &str = "MODAL_IMAGE";
 
 /// Read access to environment variables.
 pub trait Env: Send + Sync {

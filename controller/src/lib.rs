@@ -4,7 +4,8 @@
 //! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`env`]: every
 //!   environment variable; [`secret`]: redaction.
 //! - [`app`]: subcommands; [`session`]: handshake, `Run` and the event stream with one agent;
-//!   [`transport`]: gRPC over a byte stream; [`backend`]: where the agent runs.
+//!   [`transport`]: gRPC over a byte stream; [`backend`]: where the agent runs (this machine or
+//!   a Modal sandbox); [`modal`]: a native client for Modal's gRPC API.
 //! - [`render`]: progress, tables and JSON; [`output`]: the only stdout writer; [`error`]: errors
 //!   with hints and exit codes.
 
@@ -13,6 +14,7 @@ pub mod backend;
 pub mod cli;
 pub mod env;
 pub mod error;
+pub mod modal;
 pub mod output;
 pub mod plan;
 pub mod render;

@@ -15,6 +15,11 @@ use crate::env::{self, Env};
 use crate::error::{CliError, CliResult};
 use crate::secret::{Secret, redact_urls};
 
+/// Modal app of the sandboxes, when MODAL_APP_NAME is unset (cook's).
+pub const DEFAULT_MODAL_APP: &str = "cook-sandbox";
+/// Sandbox image, when MODAL_IMAGE is unset (cook's).
+pub const DEFAULT_MODAL_IMAGE: &str = "ghcr.io/justinmoon/cook-sandbox:latest";
+
 /// How results are shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputMode {
@@ -67,6 +72,12 @@ pub struct CheckPlan {
     pub expected_refs: Vec<(String, String)>,
     /// Agent binary override.
     pub agent_path: Option<PathBuf>,
+    /// Tailscale release tarball to push into the sandbox.
+    pub tailscale_tarball: Option<PathBuf>,
+    /// Modal app of the sandbox.
+    pub modal_app: String,
+    /// Registry image of the sandbox.
+    pub modal_image: String,
     /// Existing sandbox to attach to.
     pub sandbox_id: Option<String>,
     /// Leave the sandbox running.
@@ -142,6 +153,28 @@ impl CheckPlan {
             .agent
             .clone()
             .or_else(|| env.non_empty(env::TAILBOX_AGENT).map(PathBuf::from));
+        let tailscale_tarball = args
+            .tailscale_tarball
+            .clone()
+            .or_else(|| env.non_empty(env::TAILBOX_TAILSCALE_TARBALL).map(PathBuf::from));
+        if tailscale_tarball.is_some() && backend.kind == SandboxKind::Local {
+            return Err(CliError::usage(
+                "--tailscale-tarball pushes binaries into a Modal sandbox, but this run is local",
+            )
+            .with_hint("use --tailscaled <PATH> for a local run, or --sandbox modal"));
+        }
+        if args.sandbox_id.is_some() && backend.kind == SandboxKind::Local {
+            return Err(
+                CliError::usage("--sandbox-id names a Modal sandbox, but this run is local")
+                    .with_hint("drop --sandbox local"),
+            );
+        }
+        let modal_app = env
+            .non_empty(env::MODAL_APP_NAME)
+            .unwrap_or_else(|| DEFAULT_MODAL_APP.to_owned());
+        let modal_image = env
+            .non_empty(env::MODAL_IMAGE)
+            .unwrap_or_else(|| DEFAULT_MODAL_IMAGE.to_owned());
 
         let deadlines = Deadlines {
             total: Some(proto_duration(args.timeout)),
@@ -167,6 +200,9 @@ impl CheckPlan {
             git,
             expected_refs,
             agent_path,
+            tailscale_tarball,
+            modal_app,
+            modal_image,
             sandbox_id: args.sandbox_id.clone(),
             keep: args.keep || env.flag(env::KEEP_SANDBOX),
             timeout: args.timeout,

@@ -2,6 +2,7 @@
 //! stdin/stdout, its stderr, and a future for its exit, so the session code is backend-agnostic.
 
 pub mod local;
+pub mod modal;
 
 use std::fmt;
 use std::pin::Pin;

@@ -1,0 +1,281 @@
+//! Files in the sandbox with no tools in the image: Modal's own
+//! `/__modal/.bin/modal-sandbox-fs-tools '<json>'`, run through the router, with the bytes on its
+//! stdin (streamed, resumable) or stdout.
+//!
+//! Making a file executable: fs-tools has no chmod. Its `Stat` tells whether the mode already
+//! has the execute bits (if `WriteFile` keeps the mode of the file it overwrites, or creates
+//! files executable, nothing more is needed); otherwise the image's `chmod` is run (coreutils or
+//! busybox, at the usual paths). An image with neither is refused with a hint: there is no way to
+//! set a mode with fs-tools alone.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::io::AsyncReadExt as _;
+use tonic::Status;
+
+use super::router::{Router, router_error};
+use super::stdio::{ExecReader, Fd};
+use crate::backend::AgentExit;
+use crate::error::{CliError, CliResult};
+
+/// Modal's filesystem helper, present in every sandbox.
+pub const FS_TOOLS: &str = "/__modal/.bin/modal-sandbox-fs-tools";
+
+/// What a finished exec produced.
+#[derive(Debug)]
+pub struct ExecOutput {
+    /// How it exited.
+    pub exit: AgentExit,
+    /// All of its stdout.
+    pub stdout: Vec<u8>,
+    /// All of its stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `argv` to completion with `stdin` (closed at once when `None`), collecting its output.
+pub async fn run(router: &Router, argv: Vec<String>, stdin: Option<Bytes>) -> Result<ExecOutput, Status> {
+    let exec_id = uuid::Uuid::new_v4().to_string();
+    router.exec_start(&exec_id, argv, HashMap::new()).await?;
+    let read = |fd| {
+        let mut reader = ExecReader::new(router.clone(), exec_id.clone(), fd);
+        async move {
+            let mut buf = Vec::new();
+            reader.read_to_end(&mut buf).await.map(|_| buf)
+        }
+    };
+    let feed = async {
+        match stdin {
+            Some(data) => router.stdin_upload(&exec_id, data).await.map(|_| ()),
+            None => match router.stdin_write(&exec_id, 0, Bytes::new(), true).await {
+                Err(s) if !matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::Aborted) => Err(s),
+                _ => Ok(()),
+            },
+        }
+    };
+    let (fed, stdout, stderr, exit) =
+        tokio::join!(feed, read(Fd::Stdout), read(Fd::Stderr), router.wait(&exec_id));
+    fed?;
+    let exit = exit?;
+    let stdout = stdout.map_err(|e| Status::unavailable(format!("reading stdout: {e}")))?;
+    let stderr = stderr.map_err(|e| Status::unavailable(format!("reading stderr: {e}")))?;
+    Ok(ExecOutput {
+        exit,
+        stdout,
+        stderr,
+    })
+}
+
+/// fs-tools' description of a file (the fields tailbox reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FileInfo {
+    /// `file`, `directory` or `symlink`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// Mode bits (a number, or an octal string).
+    #[serde(default)]
+    pub mode: Option<serde_json::Value>,
+    /// Permissions (e.g. `rwxr-xr-x` or `0755`).
+    #[serde(default)]
+    pub permissions: Option<serde_json::Value>,
+}
+
+impl FileInfo {
+    /// Whether the owner may execute it; `None` when fs-tools' answer does not say.
+    pub fn executable(&self) -> Option<bool> {
+        let from_value = |v: &serde_json::Value| -> Option<bool> {
+            if let Some(n) = v.as_u64() {
+                return Some(n & 0o100 != 0);
+            }
+            let s = v.as_str()?.trim();
+            if let Ok(n) = u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+                return Some(n & 0o100 != 0);
+            }
+            // rwxr-xr-x, or ls-style -rwxr-xr-x.
+            let perms = if s.len() == 10 { &s[1..] } else { s };
+            (perms.len() == 9).then(|| perms.as_bytes()[2] == b'x' || perms.as_bytes()[2] == b's')
+        };
+        self.mode
+            .as_ref()
+            .and_then(from_value)
+            .or_else(|| self.permissions.as_ref().and_then(from_value))
+    }
+}
+
+/// fs-tools' error payload on stderr.
+#[derive(Debug, Deserialize)]
+struct FsToolsError {
+    #[serde(default)]
+    error_kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+fn fs_failure(what: &str, output: &ExecOutput) -> CliError {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let reason = match serde_json::from_str::<FsToolsError>(stderr.trim()) {
+        Ok(e) => format!("{}: {}", e.error_kind, e.message),
+        Err(_) => stderr.trim().to_owned(),
+    };
+    CliError::infra(what.to_owned()).with_source(anyhow::anyhow!(
+        "modal-sandbox-fs-tools ended with {}: {reason}",
+        output.exit
+    ))
+}
+
+fn command(op: serde_json::Value) -> Vec<String> {
+    vec![FS_TOOLS.to_owned(), op.to_string()]
+}
+
+/// `Stat`; `None` when nothing is at `path`.
+pub async fn stat(router: &Router, path: &str) -> CliResult<Option<FileInfo>> {
+    let what = format!("Failed to inspect {path} in the sandbox");
+    let output = run(router, command(serde_json::json!({"Stat": {"path": path}})), None)
+        .await
+        .map_err(|s| router_error(&what, s))?;
+    if !output.exit.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if serde_json::from_str::<FsToolsError>(stderr.trim())
+            .is_ok_and(|e| e.error_kind == "NotFound")
+        {
+            return Ok(None);
+        }
+        return Err(fs_failure(&what, &output));
+    }
+    serde_json::from_slice(&output.stdout).map(Some).map_err(|err| {
+        CliError::infra(what).with_source(anyhow::anyhow!(
+            "modal-sandbox-fs-tools printed something that is not a FileInfo: {err}"
+        ))
+    })
+}
+
+/// `WriteFile`: creates parent directories and writes `data` (replacing any file there).
+pub async fn write_file(router: &Router, path: &str, data: Bytes) -> CliResult<()> {
+    let what = format!("Failed to write {path} in the sandbox");
+    let output = run(
+        router,
+        command(serde_json::json!({"WriteFile": {"path": path}})),
+        Some(data),
+    )
+    .await
+    .map_err(|s| router_error(&what, s))?;
+    if output.exit.success() {
+        Ok(())
+    } else {
+        Err(fs_failure(&what, &output))
+    }
+}
+
+/// `chmod` commands tried in turn when fs-tools wrote a file without execute bits.
+const CHMODS: &[&[&str]] = &[
+    &["chmod"],
+    &["/bin/chmod"],
+    &["/usr/bin/chmod"],
+    &["/bin/busybox", "chmod"],
+];
+
+/// Makes `path` executable (0755) when it is not already; see the module docs.
+async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliResult<()> {
+    if info.executable() == Some(true) {
+        return Ok(());
+    }
+    let mut tried = Vec::new();
+    for chmod in CHMODS {
+        let mut argv: Vec<String> = chmod.iter().map(|s| (*s).to_owned()).collect();
+        argv.extend(["0755".to_owned(), path.to_owned()]);
+        match run(router, argv, None).await {
+            Ok(output) if output.exit.success() => return Ok(()),
+            Ok(output) => tried.push(format!("{}: {}", chmod.join(" "), output.exit)),
+            Err(status) => tried.push(format!("{}: {}", chmod.join(" "), status.message())),
+        }
+    }
+    Err(CliError::infra(format!("Failed to make {path} executable in the sandbox"))
+        .with_source(anyhow::anyhow!(
+            "modal-sandbox-fs-tools cannot set file modes, and no chmod worked ({})",
+            tried.join("; ")
+        ))
+        .with_hint("use an image that has chmod (coreutils or busybox), e.g. the default MODAL_IMAGE"))
+}
+
+/// An executable pushed to a content-addressed path.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    /// Where it is in the sandbox.
+    pub path: String,
+    /// Bytes sent (0 when the same content was already there).
+    pub uploaded_bytes: u64,
+}
+
+/// Puts `data` at `path` as an executable, unless a file of that size is already there and
+/// executable. The path names the content's sha256, so the size check guards against an
+/// interrupted earlier upload; the agent's handshake (its own sha256) is the real proof.
+pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliResult<Pushed> {
+    let len = data.len() as u64;
+    if let Some(info) = stat(router, path).await?
+        && info.kind == "file"
+        && info.size == len
+    {
+        ensure_executable(router, path, &info).await?;
+        return Ok(Pushed {
+            path: path.to_owned(),
+            uploaded_bytes: 0,
+        });
+    }
+    write_file(router, path, data).await?;
+    let info = stat(router, path).await?.ok_or_else(|| {
+        CliError::infra(format!("Failed to write {path} in the sandbox"))
+            .with_source(anyhow::anyhow!("the file is not there after writing it"))
+    })?;
+    if info.size != len {
+        return Err(CliError::infra(format!("Failed to write {path} in the sandbox"))
+            .with_source(anyhow::anyhow!(
+                "{} of {len} bytes arrived",
+                info.size
+            ))
+            .with_hint("run again; the upload resumes from scratch"));
+    }
+    ensure_executable(router, path, &info).await?;
+    if let Some(after) = stat(router, path).await?
+        && after.executable() == Some(false)
+    {
+        return Err(CliError::infra(format!("Failed to make {path} executable in the sandbox"))
+            .with_source(anyhow::anyhow!("chmod succeeded but the mode has no execute bit"))
+            .with_hint("the sandbox's /tmp may be mounted noexec"));
+    }
+    Ok(Pushed {
+        path: path.to_owned(),
+        uploaded_bytes: len,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(mode: serde_json::Value) -> FileInfo {
+        FileInfo {
+            kind: "file".into(),
+            size: 1,
+            mode: Some(mode),
+            permissions: None,
+        }
+    }
+
+    #[test]
+    fn execute_bit_in_every_shape_fs_tools_may_use() {
+        assert_eq!(info(serde_json::json!(0o100755)).executable(), Some(true));
+        assert_eq!(info(serde_json::json!(0o100644)).executable(), Some(false));
+        assert_eq!(info(serde_json::json!("0755")).executable(), Some(true));
+        assert_eq!(info(serde_json::json!("rw-r--r--")).executable(), Some(false));
+        assert_eq!(info(serde_json::json!("-rwxr-xr-x")).executable(), Some(true));
+        assert_eq!(info(serde_json::json!(null)).executable(), None);
+        let parsed: FileInfo =
+            serde_json::from_str(r#"{"name":"a","type":"file","size":3,"permissions":"rwxr-x---"}"#)
+                .unwrap();
+        assert_eq!(parsed.executable(), Some(true));
+    }
+}

@@ -1,0 +1,70 @@
+//! A native Modal client over Modal's real gRPC API (no Rust SDK exists), following the Go SDK.
+//!
+//! - [`config`]: credentials and settings (env > `~/.modal.toml` profile > defaults).
+//! - [`client`]: the control plane: headers, auth token, retries; apps, images, sandboxes.
+//! - [`router`]: the Task Command Router: exec, offset-addressed stdio, JWT refresh.
+//! - [`stdio`]: an exec's stdout/stderr as `AsyncRead` and its stdin as `AsyncWrite`, with
+//!   resume after cuts, so gRPC to the agent runs over them.
+//! - [`fs`]: files in the sandbox through `modal-sandbox-fs-tools` (no tools needed in the image).
+//! - [`jwt`], [`retry`]: token expiry and retry policy.
+
+pub mod client;
+pub mod config;
+pub mod fs;
+pub mod jwt;
+pub mod retry;
+pub mod router;
+pub mod stdio;
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::error::{CliError, CliResult};
+use crate::secret::redact_urls;
+
+/// Largest gRPC message either way (what Modal's SDKs allow).
+pub const MAX_MESSAGE_SIZE: usize = 100 * 1024 * 1024;
+
+/// A lazily connected channel to `url`: TLS with the webpki roots for https; plaintext http
+/// only when `plaintext_ok` (a control plane on this machine, i.e. tests).
+pub fn channel(url: &str, plaintext_ok: bool) -> CliResult<Channel> {
+    let bad = |why: &str| {
+        CliError::infra(format!("Failed to use the Modal endpoint {}", redact_urls(url)))
+            .with_source(anyhow::anyhow!(why.to_owned()))
+    };
+    let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| bad(&e.to_string()))?
+        .connect_timeout(Duration::from_secs(15))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(64 * 1024 * 1024)
+        .initial_connection_window_size(64 * 1024 * 1024);
+    match parsed.scheme() {
+        "https" => {
+            let host = parsed.host_str().unwrap_or_default().to_owned();
+            endpoint = endpoint
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .with_webpki_roots()
+                        .domain_name(host),
+                )
+                .map_err(|e| bad(&e.to_string()))?;
+        }
+        "http" if plaintext_ok => {}
+        "http" => return Err(bad("plain http is only accepted when the control plane is local")),
+        other => return Err(bad(&format!("unsupported scheme {other:?}"))),
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// A gRPC status as an error cause (code and message, never metadata).
+pub fn status_error(status: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "gRPC status {:?}: {}",
+        status.code(),
+        redact_urls(status.message())
+    )
+}

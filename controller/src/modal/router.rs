@@ -1,0 +1,351 @@
+//! The Task Command Router (`modal.task_command_router`): exec with offset-addressed stdio on the
+//! worker that runs the sandbox's task. Auth is `authorization: Bearer <jwt>` only; on
+//! UNAUTHENTICATED the JWT is fetched afresh (once per failing generation) and the call retried.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tailbox_proto::modal::task_command_router::task_command_router_client::TaskCommandRouterClient;
+use tailbox_proto::modal::task_command_router::task_exec_stdin_write_stream_request::Payload;
+use tailbox_proto::modal::task_command_router::task_exec_wait_response::ExitStatus;
+use tailbox_proto::modal::task_command_router::{
+    TaskExecStartRequest, TaskExecStderrConfig, TaskExecStdinStatusRequest,
+    TaskExecStdinWriteRequest, TaskExecStdinWriteStreamEnd, TaskExecStdinWriteStreamRequest,
+    TaskExecStdinWriteStreamStart, TaskExecStdoutConfig, TaskExecWaitRequest,
+};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use super::client::ModalClient;
+use super::retry::{Backoff, is_transient};
+use crate::backend::AgentExit;
+use crate::error::{CliError, CliResult};
+use crate::secret::Secret;
+
+/// Size of each message of a streamed stdin write (what the SDKs use).
+pub const UPLOAD_CHUNK: usize = 256 * 1024;
+/// How many times a broken streamed stdin write is resumed.
+const UPLOAD_RESUMES: u32 = 9;
+/// How many JWT refreshes in a row one call may trigger before giving up.
+const AUTH_REFRESHES: u32 = 3;
+/// Per-call timeout of `TaskExecWait`, which is retried until the process exits.
+const WAIT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Per-attempt timeout of other unary router calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to one task's router. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    control: ModalClient,
+    task_id: String,
+    access: RwLock<Access>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+#[derive(Clone)]
+struct Access {
+    jwt: Secret,
+    url: String,
+    client: TaskCommandRouterClient<Channel>,
+    generation: u64,
+}
+
+/// What a streamed stdin write achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// Every byte arrived and stdin was closed.
+    Complete,
+    /// The process closed stdin or exited first (FAILED_PRECONDITION / ABORTED); its exit
+    /// status tells why.
+    ExitedEarly,
+}
+
+impl Router {
+    /// Gets access to the router of `task_id` and connects (lazily).
+    pub async fn connect(control: ModalClient, task_id: String) -> CliResult<Self> {
+        let (jwt, url) = control
+            .command_router_access(&task_id)
+            .await
+            .map_err(|s| control.rpc_error("Failed to get access to the sandbox's command router", s))?;
+        let client = router_client(&url, control.config().plaintext())?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                control,
+                task_id,
+                access: RwLock::new(Access {
+                    jwt,
+                    url,
+                    client,
+                    generation: 0,
+                }),
+                refresh: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The task this router runs execs in.
+    pub fn task_id(&self) -> &str {
+        &self.inner.task_id
+    }
+
+    fn access(&self) -> Access {
+        match self.inner.access.read() {
+            Ok(access) => access.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// A request carrying the bearer JWT, the client to send it with, and the JWT generation
+    /// (for [`Router::refresh`]).
+    pub(crate) fn authorized<T>(&self, message: T) -> (Request<T>, TaskCommandRouterClient<Channel>, u64) {
+        let access = self.access();
+        let mut request = Request::new(message);
+        match MetadataValue::try_from(format!("Bearer {}", access.jwt.expose())) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                request.metadata_mut().insert("authorization", value);
+            }
+            Err(_) => tracing::warn!("the router JWT is not valid ASCII; sending no authorization"),
+        }
+        (request, access.client, access.generation)
+    }
+
+    /// Fetches a fresh JWT, unless another caller already replaced generation `seen`.
+    pub(crate) async fn refresh(&self, seen: u64) -> Result<(), Status> {
+        let _one_at_a_time = self.inner.refresh.lock().await;
+        if self.access().generation != seen {
+            return Ok(());
+        }
+        let (jwt, url) = self.inner.control.command_router_access(&self.inner.task_id).await?;
+        let mut access = self.access();
+        if url != access.url {
+            tracing::warn!("the command router moved to a new URL; reconnecting");
+            access.client = router_client(&url, self.inner.control.config().plaintext())
+                .map_err(|e| Status::unavailable(e.message))?;
+            access.url = url;
+        }
+        access.jwt = jwt;
+        access.generation = seen + 1;
+        match self.inner.access.write() {
+            Ok(mut slot) => *slot = access,
+            Err(poisoned) => *poisoned.into_inner() = access,
+        }
+        tracing::debug!("refreshed the command router JWT");
+        Ok(())
+    }
+
+    /// One logical unary call with JWT refresh and transient retries.
+    pub(crate) async fn unary<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        message: Req,
+        timeout: Duration,
+        backoff: Backoff,
+        mut call: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: FnMut(TaskCommandRouterClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let mut retries = 0u32;
+        let mut refreshes = 0u32;
+        loop {
+            let (mut request, client, generation) = self.authorized(message.clone());
+            request.set_timeout(timeout);
+            let status = match call(client, request).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if status.code() == Code::Unauthenticated && refreshes < AUTH_REFRESHES {
+                refreshes += 1;
+                self.refresh(generation).await?;
+                continue;
+            }
+            if is_transient(status.code()) && retries < backoff.retries {
+                retries += 1;
+                tracing::debug!(rpc, retries, code = ?status.code(), "transient router error; retrying");
+                tokio::time::sleep(backoff.delay(retries)).await;
+                continue;
+            }
+            return Err(status);
+        }
+    }
+
+    /// Starts `argv` with stdout and stderr piped (never DEVNULL, the proto default).
+    pub async fn exec_start(
+        &self,
+        exec_id: &str,
+        argv: Vec<String>,
+        env: HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let request = TaskExecStartRequest {
+            task_id: self.inner.task_id.clone(),
+            exec_id: exec_id.to_owned(),
+            command_args: argv,
+            stdout_config: TaskExecStdoutConfig::Pipe as i32,
+            stderr_config: TaskExecStderrConfig::Pipe as i32,
+            timeout_secs: None,
+            workdir: None,
+            env,
+        };
+        self.unary("TaskExecStart", request, CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
+            c.task_exec_start(r).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Writes `data` to stdin at `offset` (and closes it when `eof`). Retries resend the same
+    /// offset, so the router can drop what it already has.
+    pub async fn stdin_write(
+        &self,
+        exec_id: &str,
+        offset: u64,
+        data: Bytes,
+        eof: bool,
+    ) -> Result<(), Status> {
+        let request = TaskExecStdinWriteRequest {
+            task_id: self.inner.task_id.clone(),
+            exec_id: exec_id.to_owned(),
+            offset,
+            data: data.to_vec(),
+            eof,
+        };
+        self.unary("TaskExecStdinWrite", request, CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
+            c.task_exec_stdin_write(r).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Streams all of `data` to stdin in 256 KiB messages and closes it; after a broken stream
+    /// asks how much arrived (`TaskExecStdinStatus`) and resumes from there.
+    pub async fn stdin_upload(&self, exec_id: &str, data: Bytes) -> Result<Upload, Status> {
+        let total = data.len() as u64;
+        let mut offset = 0u64;
+        let mut resumes = 0u32;
+        loop {
+            let start = usize::try_from(offset).unwrap_or(data.len()).min(data.len());
+            let mut messages = vec![TaskExecStdinWriteStreamRequest {
+                payload: Some(Payload::Start(TaskExecStdinWriteStreamStart {
+                    task_id: self.inner.task_id.clone(),
+                    exec_id: exec_id.to_owned(),
+                    offset,
+                })),
+            }];
+            let mut at = start;
+            while at < data.len() {
+                let end = (at + UPLOAD_CHUNK).min(data.len());
+                messages.push(TaskExecStdinWriteStreamRequest {
+                    payload: Some(Payload::Data(data.slice(at..end).to_vec())),
+                });
+                at = end;
+            }
+            messages.push(TaskExecStdinWriteStreamRequest {
+                payload: Some(Payload::End(TaskExecStdinWriteStreamEnd {})),
+            });
+            let (request, mut client, generation) = self.authorized(tokio_stream::iter(messages));
+            let status = match client.task_exec_stdin_write_stream(request).await {
+                Ok(_) => return Ok(Upload::Complete),
+                Err(status) => status,
+            };
+            match status.code() {
+                Code::FailedPrecondition | Code::Aborted => return Ok(Upload::ExitedEarly),
+                code if (is_transient(code) || code == Code::Unauthenticated)
+                    && resumes < UPLOAD_RESUMES =>
+                {
+                    resumes += 1;
+                    if code == Code::Unauthenticated {
+                        self.refresh(generation).await?;
+                    }
+                    let written = self.stdin_status(exec_id).await?;
+                    tracing::debug!(
+                        resumes,
+                        written = written.0,
+                        total,
+                        "streamed stdin write broke; resuming"
+                    );
+                    if written.1 && written.0 == total {
+                        return Ok(Upload::Complete);
+                    }
+                    if written.1 {
+                        return Ok(Upload::ExitedEarly);
+                    }
+                    offset = written.0.min(total);
+                }
+                _ => return Err(status),
+            }
+        }
+    }
+
+    /// Bytes of stdin the process has received, and whether stdin is closed.
+    async fn stdin_status(&self, exec_id: &str) -> Result<(u64, bool), Status> {
+        let request = TaskExecStdinStatusRequest {
+            task_id: self.inner.task_id.clone(),
+            exec_id: exec_id.to_owned(),
+        };
+        let response = self
+            .unary("TaskExecStdinStatus", request, CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
+                c.task_exec_stdin_status(r).await
+            })
+            .await?;
+        Ok((response.num_bytes_written, response.closed))
+    }
+
+    /// Waits for the process to exit, for as long as it takes (transient failures are retried
+    /// every second, as the SDKs do).
+    pub async fn wait(&self, exec_id: &str) -> Result<AgentExit, Status> {
+        loop {
+            let request = TaskExecWaitRequest {
+                task_id: self.inner.task_id.clone(),
+                exec_id: exec_id.to_owned(),
+            };
+            match self
+                .unary("TaskExecWait", request, WAIT_CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
+                    c.task_exec_wait(r).await
+                })
+                .await
+            {
+                Ok(response) => {
+                    return Ok(match response.exit_status {
+                        Some(ExitStatus::Code(code)) => AgentExit::Code(code),
+                        Some(ExitStatus::Signal(signal)) => AgentExit::Signal(signal),
+                        None => AgentExit::Unknown("the router reported no exit status".into()),
+                    });
+                }
+                Err(status) if is_transient(status.code()) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+}
+
+fn router_client(url: &str, plaintext_ok: bool) -> CliResult<TaskCommandRouterClient<Channel>> {
+    let channel = super::channel(url, plaintext_ok).map_err(|e| {
+        e.with_hint("the control plane handed out a command router URL tailbox cannot use")
+    })?;
+    Ok(TaskCommandRouterClient::new(channel)
+        .max_decoding_message_size(super::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(super::MAX_MESSAGE_SIZE))
+}
+
+/// An error for a failed router call.
+pub fn router_error(what: &str, status: Status) -> CliError {
+    let source = super::status_error(&status);
+    let err = CliError::infra(what.to_owned()).with_source(source);
+    match status.code() {
+        Code::NotFound => err.with_hint("the sandbox may have stopped (timed out or terminated)"),
+        _ => err,
+    }
+}
