@@ -4,15 +4,22 @@
 //! - [`stdio`]: takes fds 0/1 for the gRPC wire and points them at /dev/null and stderr.
 //! - [`server`]: serves the tonic service over one duplex byte stream (HTTP/2 via hyper).
 //! - [`service`]: the `tailbox.agent.v1.Agent` implementation (handshake and `Run`).
-//! - [`run`]: one job from request to report: phases, checks, verdict.
+//! - [`run`]: one job from request to report: phases, checks, verdict ([`verdict`]).
 //! - [`events`]: the ordered event stream and the record the final report is built from.
 //! - [`preflight`]: facts about the sandbox.
-//! - [`logging`]: tracing to stderr and the panic hook.
+//! - [`daemon`]: finding tailscaled (and a loader if needed), supervising and restarting it.
+//! - [`localapi`]: tailscaled's LocalAPI over its unix socket; [`login`]: the `up` sequence.
+//! - [`checks`]: status, netmap and ping (LocalAPI); HTTP and git (through the SOCKS5 proxy).
+//! - [`redact`]: keeping URL credentials out of output; [`logging`]: tracing to stderr and the
+//!   panic hook.
 #![deny(clippy::print_stdout, clippy::disallowed_methods)]
 
 pub mod checks;
+pub mod daemon;
 pub mod events;
+pub mod localapi;
 pub mod logging;
+pub mod login;
 pub mod preflight;
 pub mod redact;
 pub mod run;
@@ -25,4 +32,4 @@ pub mod verdict;
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Capabilities announced in the handshake.
-pub const FEATURES: &[&str] = &["preflight"];
+pub const FEATURES: &[&str] = &["preflight", "tailnet", "ping", "http", "git", "git-v2"];

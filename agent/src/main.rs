@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 
 use tailbox_agent::{logging, server, stdio};
 
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The in-sandbox half of tailbox.
 #[derive(Debug, Parser)]
 #[command(name = "tailbox-agent", version, about)]

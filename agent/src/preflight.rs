@@ -47,12 +47,13 @@ impl Host {
         Self { root: root.into() }
     }
 
-    fn path(&self, absolute: &str) -> PathBuf {
+    /// `absolute` under this root.
+    pub fn resolve(&self, absolute: &str) -> PathBuf {
         self.root.join(absolute.trim_start_matches('/'))
     }
 
     fn read(&self, absolute: &str) -> Option<String> {
-        std::fs::read_to_string(self.path(absolute)).ok()
+        std::fs::read_to_string(self.resolve(absolute)).ok()
     }
 }
 
@@ -74,7 +75,7 @@ pub fn collect(host: &Host, ssl_cert_file: Option<&str>) -> PreflightEvidence {
         .map(|text| parse_proc_status(&text));
     let ca_bundle_path = find_ca_bundle(host, ssl_cert_file);
     let standard_loader = standard_glibc_loader(std::env::consts::ARCH)
-        .filter(|p| host.path(p).exists())
+        .filter(|p| host.resolve(p).exists())
         .unwrap_or_default();
     PreflightEvidence {
         uid: nix::unistd::getuid().as_raw(),
@@ -82,13 +83,13 @@ pub fn collect(host: &Host, ssl_cert_file: Option<&str>) -> PreflightEvidence {
         uname,
         arch: std::env::consts::ARCH.to_owned(),
         os_release,
-        dev_net_tun_present: host.path("/dev/net/tun").exists(),
+        dev_net_tun_present: host.resolve("/dev/net/tun").exists(),
         capabilities,
         ca_bundle_present: !ca_bundle_path.is_empty(),
         ca_bundle_path,
         glibc_loader_standard: standard_loader.to_owned(),
-        glibc_loaders_nix: nix_store_glibc_loaders(&host.path("/nix/store")),
-        gvisor: host.path("/proc/gvisor").exists(),
+        glibc_loaders_nix: nix_store_glibc_loaders(&host.resolve("/nix/store")),
+        gvisor: host.resolve("/proc/gvisor").exists(),
     }
 }
 
@@ -208,7 +209,7 @@ fn find_ca_bundle(host: &Host, ssl_cert_file: Option<&str>) -> String {
         .into_iter()
         .chain(CA_BUNDLE_CANDIDATES.iter().copied())
         .find(|candidate| {
-            std::fs::metadata(host.path(candidate))
+            std::fs::metadata(host.resolve(candidate))
                 .map(|m| m.is_file() && m.len() > 0)
                 .unwrap_or(false)
         })

@@ -32,6 +32,8 @@ pub async fn serve_stdio(wire: Wire, options: ServeOptions) -> anyhow::Result<()
         agent_sha256: own_sha256(),
         host: Host::default(),
         ssl_cert_file: std::env::var("SSL_CERT_FILE").ok(),
+        path_var: std::env::var("PATH").ok(),
+        ..Default::default()
     };
     if options.test_stdout_noise {
         tokio::spawn(stdout_noise());
@@ -40,10 +42,26 @@ pub async fn serve_stdio(wire: Wire, options: ServeOptions) -> anyhow::Result<()
         version = crate::AGENT_VERSION,
         "serving tailbox.agent.v1 on stdio"
     );
-    serve_connection(tokio::io::join(reader, writer), AgentService::new(context)).await?;
-    tracing::info!("controller closed the connection; exiting");
-    Ok(())
+    let service = AgentService::new(context);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    let result = tokio::select! {
+        result = serve_connection(tokio::io::join(reader, writer), service.clone()) => {
+            tracing::info!("controller closed the connection; finishing");
+            result
+        }
+        _ = terminate.recv() => {
+            tracing::info!("SIGTERM: tearing down");
+            Ok(())
+        }
+    };
+    // Whatever ended the session, a run in flight still logs out and stops tailscaled.
+    service.shutdown(SHUTDOWN_GRACE).await;
+    result
 }
+
+/// How long runs get to tear down (logout, stop tailscaled) when the session ends.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves the agent service on any duplex byte stream (stdio in production, memory in tests).
 pub async fn serve_connection<IO>(io: IO, service: AgentService) -> anyhow::Result<()>

@@ -7,6 +7,7 @@ use tailbox_proto::agent::v1::agent_server::Agent;
 use tailbox_proto::agent::v1::{HelloRequest, HelloResponse, RunRequest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::events::{EventItem, EventSink};
@@ -21,6 +22,8 @@ pub struct AgentService {
     context: RunContext,
     /// One run at a time: two runs would fight over tailscaled's socket and ports.
     run_slot: Arc<Semaphore>,
+    /// Runs in flight, so shutdown can wait for their teardown.
+    runs: TaskTracker,
 }
 
 impl AgentService {
@@ -29,6 +32,16 @@ impl AgentService {
         Self {
             context,
             run_slot: Arc::new(Semaphore::new(1)),
+            runs: TaskTracker::new(),
+        }
+    }
+
+    /// Cancels runs in flight (they skip to teardown) and waits up to `grace` for them to end.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        self.context.cancel.cancel();
+        self.runs.close();
+        if tokio::time::timeout(grace, self.runs.wait()).await.is_err() {
+            tracing::warn!("runs still tearing down after {grace:?}; exiting anyway");
         }
     }
 }
@@ -65,7 +78,7 @@ impl Agent for AgentService {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let sink = EventSink::new(tx);
         let context = self.context.clone();
-        tokio::spawn(async move {
+        self.runs.spawn(async move {
             run::execute(request, sink, context).await;
             drop(permit);
         });

@@ -125,6 +125,11 @@ pub struct CheckArgs {
     #[arg(long, value_name = "TGZ")]
     pub tailscale_tarball: Option<PathBuf>,
 
+    /// Listener for tailscaled's SOCKS5 and HTTP proxy inside the sandbox, as IP:port; port 0 lets
+    /// tailscaled pick one [default: 127.0.0.1:1055].
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_listen: Option<std::net::SocketAddr>,
+
     /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,

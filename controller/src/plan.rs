@@ -31,7 +31,10 @@ pub enum OutputMode {
         quiet: bool,
     },
     /// JSON lines on stdout.
-    Json,
+    Json {
+        /// Relay the agent's log lines to stderr.
+        verbose: bool,
+    },
 }
 
 /// Which backend runs the agent, and why it was chosen.
@@ -62,6 +65,8 @@ pub struct CheckPlan {
     pub tailscaled_path: Option<String>,
     /// Extra tailscaled environment (lab and debugging knobs).
     pub tailscaled_env: BTreeMap<String, String>,
+    /// tailscaled's proxy listener override.
+    pub proxy_listen: Option<std::net::SocketAddr>,
     /// Ping targets.
     pub ping: Vec<IpAddr>,
     /// HTTP targets.
@@ -93,7 +98,9 @@ impl CheckPlan {
     pub fn from_args(args: &CheckArgs, env: &dyn Env, modal_configured: bool) -> CliResult<Self> {
         let backend = choose_backend(args, modal_configured)?;
         let output = if args.json {
-            OutputMode::Json
+            OutputMode::Json {
+                verbose: args.verbose,
+            }
         } else {
             OutputMode::Human {
                 verbose: args.verbose,
@@ -153,10 +160,10 @@ impl CheckPlan {
             .agent
             .clone()
             .or_else(|| env.non_empty(env::TAILBOX_AGENT).map(PathBuf::from));
-        let tailscale_tarball = args
-            .tailscale_tarball
-            .clone()
-            .or_else(|| env.non_empty(env::TAILBOX_TAILSCALE_TARBALL).map(PathBuf::from));
+        let tailscale_tarball = args.tailscale_tarball.clone().or_else(|| {
+            env.non_empty(env::TAILBOX_TAILSCALE_TARBALL)
+                .map(PathBuf::from)
+        });
         if tailscale_tarball.is_some() && backend.kind == SandboxKind::Local {
             return Err(CliError::usage(
                 "--tailscale-tarball pushes binaries into a Modal sandbox, but this run is local",
@@ -164,10 +171,10 @@ impl CheckPlan {
             .with_hint("use --tailscaled <PATH> for a local run, or --sandbox modal"));
         }
         if args.sandbox_id.is_some() && backend.kind == SandboxKind::Local {
-            return Err(
-                CliError::usage("--sandbox-id names a Modal sandbox, but this run is local")
-                    .with_hint("drop --sandbox local"),
-            );
+            return Err(CliError::usage(
+                "--sandbox-id names a Modal sandbox, but this run is local",
+            )
+            .with_hint("drop --sandbox local"));
         }
         let modal_app = env
             .non_empty(env::MODAL_APP_NAME)
@@ -195,6 +202,7 @@ impl CheckPlan {
             control_url,
             tailscaled_path: args.tailscaled.clone(),
             tailscaled_env,
+            proxy_listen: args.proxy_listen,
             ping,
             http,
             git,
@@ -225,6 +233,7 @@ impl CheckPlan {
                 tailscaled_path: self.tailscaled_path.clone().unwrap_or_default(),
                 pushed_tailscaled_path: pushed_tailscaled.unwrap_or_default().to_owned(),
                 env: self.tailscaled_env.clone().into_iter().collect(),
+                proxy_listen: self.proxy_listen.map(|a| a.to_string()).unwrap_or_default(),
                 ..Default::default()
             }),
             advertise_tags: Vec::new(),
@@ -394,7 +403,19 @@ fn validate_hostname(name: &str) -> CliResult<()> {
     }
 }
 
+/// Parses TAILBOX_TAILSCALED_ENV: a JSON object (what `cargo xtask lab up` prints) or
+/// whitespace-separated `KEY=VALUE` words.
 fn parse_env_pairs(text: &str) -> CliResult<BTreeMap<String, String>> {
+    let text = text.trim();
+    if text.starts_with('{') {
+        return serde_json::from_str(text).map_err(|err| {
+            CliError::usage(format!(
+                "{} is not a JSON object of strings",
+                env::TAILBOX_TAILSCALED_ENV
+            ))
+            .with_source(err)
+        });
+    }
     text.split_whitespace()
         .map(|pair| {
             let (k, v) = pair.split_once('=').ok_or_else(|| {
@@ -526,6 +547,15 @@ mod tests {
         );
         let request = p.run_request("r", "s", None);
         assert_eq!(request.git_targets[0].expected_refs.len(), 2);
+    }
+
+    #[test]
+    fn tailscaled_env_accepts_json_and_words() {
+        let p = plan(&[], &[("TAILBOX_TAILSCALED_ENV", r#"{"A":"1","B":"x y"}"#)]).unwrap();
+        assert_eq!(p.tailscaled_env["B"], "x y");
+        let p = plan(&[], &[("TAILBOX_TAILSCALED_ENV", "A=1 B=2")]).unwrap();
+        assert_eq!(p.tailscaled_env["B"], "2");
+        assert!(plan(&[], &[("TAILBOX_TAILSCALED_ENV", "{nope")]).is_err());
     }
 
     #[test]

@@ -18,15 +18,18 @@ use crate::secret::redact_urls;
 pub enum Renderer {
     /// For people.
     Human(Human),
-    /// For tools.
-    Json,
+    /// For tools; under --verbose the agent's log lines also go to stderr.
+    Json {
+        /// Relay agent stderr.
+        verbose: bool,
+    },
 }
 
 impl Renderer {
     /// The renderer for an output mode.
     pub fn new(mode: OutputMode) -> Self {
         match mode {
-            OutputMode::Json => Renderer::Json,
+            OutputMode::Json { verbose } => Renderer::Json { verbose },
             OutputMode::Human { verbose, quiet } => Renderer::Human(Human::new(verbose, quiet)),
         }
     }
@@ -64,11 +67,20 @@ impl Renderer {
     /// One event from the agent (or a controller-side one).
     pub fn event(&mut self, event: &Event) -> CliResult<()> {
         match self {
-            Renderer::Json => write_json_line(event),
+            Renderer::Json { .. } => write_json_line(event),
             Renderer::Human(human) => {
                 human.event(event);
                 Ok(())
             }
+        }
+    }
+
+    /// Relays one line of the agent's stderr (only under --verbose).
+    pub fn agent_stderr(&self, line: &str) {
+        match self {
+            Renderer::Human(human) => human.agent_stderr(line),
+            Renderer::Json { verbose: true } => eprintln!("agent: {}", redact_urls(line)),
+            Renderer::Json { verbose: false } => {}
         }
     }
 

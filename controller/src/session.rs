@@ -144,11 +144,7 @@ pub async fn run(
                         .with_hint("this is a sandbox or agent problem, not a tailnet one; the agent's stderr is above"));
                 }
             },
-            Some(line) = stderr_lines.recv() => {
-                if let Renderer::Human(human) = renderer {
-                    human.agent_stderr(&line);
-                }
-            }
+            Some(line) = stderr_lines.recv() => renderer.agent_stderr(&line),
             status = &mut watch.exit, if watch.exited.is_none() => {
                 // Events written just before the exit may still be in flight: keep reading briefly.
                 watch.exited = Some(status);

@@ -3,6 +3,10 @@
 //! - `cargo xtask lab up`: start the local tailnet lab in the foreground and print what to
 //!   export to point tailbox (or the spike) at it; Ctrl-C tears it down. See `lab/README.md`.
 //! - `cargo xtask lab build`: build or find the lab binaries and print their directory.
+//! - `cargo xtask static-agent`: build the static (musl) agent and verify it has no ELF
+//!   interpreter; prints its path.
+
+mod static_agent;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +30,8 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
+    /// Build the static x86_64 musl agent and verify that it is static; prints its path
+    StaticAgent,
 }
 
 #[derive(Subcommand)]
@@ -70,6 +76,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Lab {
             command: LabCommand::Up { env_file },
         } => lab_up(env_file).await,
+        Command::StaticAgent => {
+            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .map(PathBuf::from)
+                .context("xtask lives inside the workspace")?;
+            let binary = static_agent::build_and_verify(&workspace)?;
+            let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
+            eprintln!("static agent OK: no ELF interpreter, no shared libraries ({size} bytes)");
+            println!("{}", binary.display());
+            Ok(())
+        }
     }
 }
 

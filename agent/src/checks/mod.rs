@@ -3,6 +3,7 @@
 
 pub mod git;
 pub mod http;
+pub mod tailnet;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -62,6 +62,14 @@ impl LocalSandbox {
     pub fn launch_agent(&self, log_filter: &str) -> CliResult<AgentProcess> {
         let mut child = Command::new(&self.agent_path)
             .args(["serve", "--stdio", "--log", log_filter])
+            // Like a fresh sandbox: only harmless variables, so no secret (TS_AUTHKEY, Modal
+            // tokens) reaches the agent's or tailscaled's environment.
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(name, _)| {
+                SAFE_ENV
+                    .iter()
+                    .any(|safe| name.as_os_str() == std::ffi::OsStr::new(safe))
+            }))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -102,6 +110,19 @@ impl LocalSandbox {
         })
     }
 }
+
+/// Environment passed through to a local agent.
+const SAFE_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
 
 /// `tailbox-agent` next to the running `tailbox` (where cargo and the release archive put it).
 fn default_agent_path() -> CliResult<PathBuf> {

@@ -1,0 +1,529 @@
+//! Checks answered by the LocalAPI: the node's status, whether a target peer is visible in the
+//! netmap, and disco pings.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use tailbox_proto::agent::v1::{
+    CheckResult, FailureClass, Layer, NetmapEvidence, PingEvidence, PingPath,
+    TailnetStatusEvidence, Warning, check_result,
+};
+
+use super::{DaemonReady, Outcome};
+use crate::events::duration;
+use crate::localapi::{LocalApi, LocalApiError, PeerStatus, Status};
+
+/// IPN bus mask for waiting on peers: NotifyInitialState | NotifyPeerChanges. Any message is
+/// only a cue to re-read the status, so a daemon that ignores a bit costs nothing.
+const BUS_MASK_PEERS: u64 = 2 | 4096;
+/// Re-read the status at least this often while waiting (older daemons push fewer changes).
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+/// Per-ping timeout; tailscaled itself has none for disco pings.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a relayed pong, keep pinging this long to see whether a direct path comes up.
+const UNTIL_DIRECT_WINDOW: Duration = Duration::from_secs(3);
+
+/// The node's own status after login.
+pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
+    let outcome = Outcome::start("status", "", Layer::Control);
+    let status = match api.status(true).await {
+        Ok(status) => status,
+        Err(err) => {
+            return (
+                outcome.fail(
+                    FailureClass::DaemonFailed,
+                    Layer::Daemon,
+                    format!("reading tailscaled's status failed: {err}"),
+                    "see tailscaled's log tail",
+                    None,
+                ),
+                None,
+            );
+        }
+    };
+    let self_node = status.self_node.clone().unwrap_or_default();
+    let evidence = TailnetStatusEvidence {
+        backend_state: status.backend_state.clone(),
+        self_ips: status.tailscale_ips.clone().unwrap_or_default(),
+        dns_name: self_node.dns_name.trim_end_matches('.').to_owned(),
+        home_derp: self_node.relay.clone(),
+        health: status.health.clone().unwrap_or_default(),
+        version: status.version.clone(),
+        peer_count: u32::try_from(status.peer.as_ref().map_or(0, |p| p.len())).unwrap_or(u32::MAX),
+    };
+    let detail = format!(
+        "{} as {} ({}), home DERP {}, {} peer(s)",
+        evidence.backend_state,
+        if evidence.dns_name.is_empty() {
+            "?"
+        } else {
+            &evidence.dns_name
+        },
+        evidence.self_ips.join(", "),
+        if evidence.home_derp.is_empty() {
+            "none"
+        } else {
+            &evidence.home_derp
+        },
+        evidence.peer_count,
+    );
+    let result = if evidence.backend_state != "Running" {
+        outcome.fail(
+            FailureClass::Deadline,
+            Layer::Login,
+            format!("the node is {}, not Running", evidence.backend_state),
+            "see tailscaled's log tail",
+            Some(check_result::Evidence::TailnetStatus(evidence)),
+        )
+    } else if evidence.home_derp.is_empty() {
+        outcome.warn(
+            detail,
+            "no home DERP region: relayed fallback paths will not work; outbound UDP 3478 and HTTPS to DERP must be allowed",
+            check_result::Evidence::TailnetStatus(evidence),
+        )
+    } else {
+        outcome.pass(detail, check_result::Evidence::TailnetStatus(evidence))
+    };
+    (result, Some(status))
+}
+
+/// The Tailscale address ranges: 100.64.0.0/10 and fd7a:115c:a1e0::/48.
+pub fn is_tailnet_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            o[0] == 100 && (o[1] & 0xc0) == 64
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            s[0] == 0xfd7a && s[1] == 0x115c && s[2] == 0xa1e0
+        }
+    }
+}
+
+/// The peer that owns `ip`, if any.
+fn find_peer(status: &Status, ip: IpAddr) -> Option<PeerStatus> {
+    status.peer.as_ref()?.values().find_map(|peer| {
+        let owns = peer
+            .tailscale_ips
+            .iter()
+            .flatten()
+            .any(|a| a.parse::<IpAddr>().ok() == Some(ip));
+        owns.then(|| peer.clone())
+    })
+}
+
+/// Whether any peer routes `ip` (subnet routers and exit nodes make non-tailnet IPs reachable).
+fn routed_by_a_peer(status: &Status, ip: IpAddr) -> bool {
+    status.peer.iter().flat_map(|m| m.values()).any(|peer| {
+        peer.allowed_ips
+            .iter()
+            .flatten()
+            .any(|prefix| prefix_contains(prefix, ip))
+    })
+}
+
+fn prefix_contains(prefix: &str, ip: IpAddr) -> bool {
+    let Some((net, len)) = prefix.split_once('/') else {
+        return prefix.parse::<IpAddr>().ok() == Some(ip);
+    };
+    let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) if len <= 128 => {
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Waits (bounded) until the peer owning `ip` is in the netmap and online.
+pub async fn check_netmap(api: &LocalApi, ip: IpAddr, limit: Duration) -> CheckResult {
+    let outcome = Outcome::start("netmap", ip.to_string(), Layer::PeerVisible);
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut bus = match api.watch_ipn_bus(BUS_MASK_PEERS).await {
+        Ok(bus) => Some(bus),
+        Err(err) => {
+            tracing::debug!("no IPN bus for the netmap wait, polling status instead: {err}");
+            None
+        }
+    };
+    let mut last_error = None;
+    let mut seen_offline: Option<PeerStatus> = None;
+    loop {
+        match api.status(true).await {
+            Ok(status) => match find_peer(&status, ip) {
+                Some(peer) if peer.online => {
+                    return outcome.pass(
+                        format!(
+                            "{} is in the netmap and online (visible after {})",
+                            peer_label(&peer),
+                            humanize(started.elapsed())
+                        ),
+                        check_result::Evidence::Netmap(netmap_evidence(
+                            &peer,
+                            true,
+                            started.elapsed(),
+                        )),
+                    );
+                }
+                Some(peer) => seen_offline = Some(peer),
+                None if !is_tailnet_ip(ip) && !routed_by_a_peer(&status, ip) => {
+                    return outcome.fail(
+                            FailureClass::PeerNotInNetmap,
+                            Layer::PeerVisible,
+                            format!("{ip} is not a tailnet address and no peer routes it"),
+                            "use the dev host's tailnet IP (`tailscale ip -4` on the dev host); tailnet addresses are in 100.64.0.0/10 or fd7a:115c:a1e0::/48",
+                            Some(check_result::Evidence::Netmap(NetmapEvidence::default())),
+                        );
+                }
+                None => {}
+            },
+            Err(err) => last_error = Some(err),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        // Wake on any bus message (a peer change), a refresh tick, or the deadline.
+        let wake = async {
+            match bus.as_mut() {
+                Some(watcher) => match tokio::time::timeout(STATUS_REFRESH, watcher.next()).await {
+                    Ok(Ok(Some(_))) | Err(_) => {}
+                    Ok(Ok(None)) | Ok(Err(_)) => bus = None,
+                },
+                None => tokio::time::sleep(STATUS_REFRESH).await,
+            }
+        };
+        tokio::select! {
+            () = wake => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+    if let Some(peer) = seen_offline {
+        // Present but not reported online: keep going (the ping decides), with a caveat.
+        return outcome.warn(
+            format!(
+                "{} is in the netmap but control reports it offline",
+                peer_label(&peer)
+            ),
+            "if the following checks fail, make sure tailscale is running on the dev host",
+            check_result::Evidence::Netmap(netmap_evidence(&peer, false, started.elapsed())),
+        );
+    }
+    let detail = match last_error {
+        Some(err) => {
+            format!("{ip} did not appear in the netmap within {limit:?} (last status error: {err})")
+        }
+        None => format!(
+            "no node with address {ip} appeared in the netmap within {}",
+            humanize(limit)
+        ),
+    };
+    outcome.fail(
+        FailureClass::PeerNotInNetmap,
+        Layer::PeerVisible,
+        detail,
+        "check the address (`tailscale ip -4` on the dev host), that the dev host is logged in to the same tailnet, and that the tailnet policy (ACLs) lets the sandbox's node see it",
+        Some(check_result::Evidence::Netmap(NetmapEvidence::default())),
+    )
+}
+
+fn netmap_evidence(peer: &PeerStatus, online: bool, waited: Duration) -> NetmapEvidence {
+    NetmapEvidence {
+        in_netmap: true,
+        online,
+        peer_hostname: peer.host_name.clone(),
+        peer_dns_name: peer.dns_name.trim_end_matches('.').to_owned(),
+        time_to_visible: Some(duration(waited)),
+    }
+}
+
+fn peer_label(peer: &PeerStatus) -> String {
+    let name = peer.dns_name.trim_end_matches('.');
+    if name.is_empty() {
+        peer.host_name.clone()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// What the netmap check concluded about a target, used to classify a failed ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visibility {
+    /// Online in the netmap.
+    Online,
+    /// In the netmap, reported offline.
+    Offline,
+    /// Not in the netmap.
+    Absent,
+    /// Not checked.
+    Unknown,
+}
+
+impl Visibility {
+    /// Reads the netmap check's result.
+    pub fn of(result: &CheckResult) -> Self {
+        match &result.evidence {
+            Some(check_result::Evidence::Netmap(n)) if n.in_netmap && n.online => Self::Online,
+            Some(check_result::Evidence::Netmap(n)) if n.in_netmap => Self::Offline,
+            Some(check_result::Evidence::Netmap(_)) => Self::Absent,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// Pings `ip` with disco pings until a pong or the deadline; a relayed path passes with a
+/// warning. Errors from tailscaled ("no matching peer") are retried until the deadline, because
+/// netmap propagation can lag.
+pub async fn check_ping(
+    api: &LocalApi,
+    ip: IpAddr,
+    visibility: Visibility,
+    limit: Duration,
+    daemon: &DaemonReady,
+) -> (CheckResult, Option<Warning>) {
+    let outcome = Outcome::start("ping", ip.to_string(), Layer::Ping);
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut attempts = 0u32;
+    let mut best: Option<crate::localapi::PingResult> = None;
+    let mut first_pong: Option<tokio::time::Instant> = None;
+    let mut last_problem = String::from("no pong");
+    while tokio::time::Instant::now() < deadline {
+        if let Some(at) = first_pong
+            && at.elapsed() >= UNTIL_DIRECT_WINDOW
+        {
+            break;
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        attempts += 1;
+        match api
+            .ping(&ip.to_string(), "disco", remaining.min(PING_TIMEOUT))
+            .await
+        {
+            Ok(pong) if pong.err.is_empty() => {
+                let direct = !pong.endpoint.is_empty();
+                first_pong.get_or_insert_with(tokio::time::Instant::now);
+                if best.as_ref().is_none_or(|b| {
+                    rank(&pong) > rank(b)
+                        || (rank(&pong) == rank(b) && pong.latency_seconds < b.latency_seconds)
+                }) {
+                    best = Some(pong);
+                }
+                if direct {
+                    break;
+                }
+            }
+            Ok(pong) if pong.is_local_ip => {
+                return (
+                    outcome.fail(
+                        FailureClass::InvalidInput,
+                        Layer::Ping,
+                        format!("{ip} is this sandbox's own tailnet address"),
+                        "ping the dev host's tailnet IP instead",
+                        None,
+                    ),
+                    None,
+                );
+            }
+            Ok(pong) => last_problem = pong.err,
+            Err(LocalApiError::Timeout { .. }) => {
+                last_problem = format!("no pong within {PING_TIMEOUT:?}")
+            }
+            Err(err @ LocalApiError::Connect { .. }) => {
+                // tailscaled is down; wait for the supervisor to bring it back.
+                last_problem = err.to_string();
+                if !daemon.wait().await {
+                    break;
+                }
+                continue;
+            }
+            Err(err) => last_problem = err.to_string(),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+    match best {
+        Some(pong) => pong_result(&outcome, ip, &pong, attempts),
+        None => {
+            let (class, layer, hint) = match visibility {
+                Visibility::Absent => (
+                    FailureClass::PeerNotInNetmap,
+                    Layer::PeerVisible,
+                    "the address is not a node this sandbox can see in the tailnet; check it and the tailnet policy",
+                ),
+                Visibility::Offline => (
+                    FailureClass::PeerOffline,
+                    Layer::PeerVisible,
+                    "the dev host is offline on the tailnet: start tailscale there (`tailscale up`)",
+                ),
+                _ => (
+                    FailureClass::PingNoReply,
+                    Layer::Ping,
+                    "the peer is in the netmap but did not answer: the dev host's tailscaled may be stuck, or UDP is blocked both ways and DERP unreachable",
+                ),
+            };
+            (
+                outcome.fail(
+                    class,
+                    layer,
+                    format!(
+                        "no pong from {ip} in {attempts} attempt(s) over {}: {last_problem}",
+                        humanize(limit)
+                    ),
+                    hint,
+                    Some(check_result::Evidence::Ping(PingEvidence {
+                        attempts,
+                        ..Default::default()
+                    })),
+                ),
+                None,
+            )
+        }
+    }
+}
+
+/// Direct beats a peer relay beats DERP.
+fn rank(pong: &crate::localapi::PingResult) -> u8 {
+    if !pong.endpoint.is_empty() {
+        2
+    } else if !pong.peer_relay.is_empty() {
+        1
+    } else {
+        0
+    }
+}
+
+fn pong_result(
+    outcome: &Outcome,
+    ip: IpAddr,
+    pong: &crate::localapi::PingResult,
+    attempts: u32,
+) -> (CheckResult, Option<Warning>) {
+    let latency = Duration::from_secs_f64(pong.latency_seconds.max(0.0));
+    let path = if !pong.endpoint.is_empty() {
+        PingPath::Direct
+    } else if !pong.peer_relay.is_empty() {
+        PingPath::PeerRelay
+    } else {
+        PingPath::Derp
+    };
+    let via = match path {
+        PingPath::Direct => pong.endpoint.clone(),
+        PingPath::PeerRelay => format!("peer-relay({})", pong.peer_relay),
+        _ => format!("DERP({})", pong.derp_region_code),
+    };
+    let evidence = PingEvidence {
+        latency: Some(duration(latency)),
+        path: path as i32,
+        endpoint: pong.endpoint.clone(),
+        derp_region: pong.derp_region_code.clone(),
+        derp_region_id: pong.derp_region_id,
+        node_name: pong.node_name.clone(),
+        node_ip: pong.node_ip.clone(),
+        attempts,
+    };
+    let detail = format!(
+        "pong from {} ({}) via {via} in {}",
+        pong.node_name,
+        pong.node_ip,
+        humanize(latency)
+    );
+    if path == PingPath::Direct {
+        return (
+            outcome.pass(detail, check_result::Evidence::Ping(evidence)),
+            None,
+        );
+    }
+    let warning = Warning {
+        code: "relayed-path".into(),
+        message: format!("pings to {ip} are relayed ({via}); it works, with extra latency"),
+        layer: Layer::Ping as i32,
+    };
+    (
+        outcome.warn(
+            detail,
+            "a direct path needs UDP between the sandbox and the dev host; relayed is fine for git and HTTP",
+            check_result::Evidence::Ping(evidence),
+        ),
+        Some(warning),
+    )
+}
+
+/// Short human duration for details.
+pub fn humanize(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{}µs", d.as_micros())
+    } else if d < Duration::from_secs(1) {
+        format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tailnet_ranges() {
+        assert!(is_tailnet_ip("100.64.0.1".parse().unwrap()));
+        assert!(is_tailnet_ip("100.127.255.254".parse().unwrap()));
+        assert!(!is_tailnet_ip("100.128.0.1".parse().unwrap()));
+        assert!(!is_tailnet_ip("10.0.0.5".parse().unwrap()));
+        assert!(is_tailnet_ip("fd7a:115c:a1e0::5".parse().unwrap()));
+        assert!(!is_tailnet_ip("fd7a:115c:a1e1::5".parse().unwrap()));
+    }
+
+    #[test]
+    fn prefixes() {
+        let ip = "10.1.2.3".parse().unwrap();
+        assert!(prefix_contains("10.0.0.0/8", ip));
+        assert!(!prefix_contains("10.1.3.0/24", ip));
+        assert!(prefix_contains("0.0.0.0/0", ip));
+        assert!(prefix_contains("10.1.2.3", ip));
+        assert!(!prefix_contains("::/0", ip));
+        assert!(!prefix_contains("garbage/99", ip));
+    }
+
+    #[test]
+    fn relayed_pongs_warn_and_direct_ones_pass() {
+        let outcome = Outcome::start("ping", "100.64.0.2", Layer::Ping);
+        let ip = "100.64.0.2".parse().unwrap();
+        let mut pong = crate::localapi::PingResult {
+            node_name: "devhost".into(),
+            node_ip: "100.64.0.2".into(),
+            latency_seconds: 0.012,
+            derp_region_id: 1,
+            derp_region_code: "test".into(),
+            ..Default::default()
+        };
+        let (result, warning) = pong_result(&outcome, ip, &pong, 1);
+        assert_eq!(
+            result.status,
+            tailbox_proto::agent::v1::CheckStatus::Warn as i32
+        );
+        assert!(result.detail.contains("DERP(test)"), "{}", result.detail);
+        assert_eq!(warning.unwrap().code, "relayed-path");
+
+        pong.endpoint = "127.0.0.1:41641".into();
+        let (result, warning) = pong_result(&outcome, ip, &pong, 2);
+        assert_eq!(
+            result.status,
+            tailbox_proto::agent::v1::CheckStatus::Pass as i32
+        );
+        assert!(warning.is_none());
+    }
+}

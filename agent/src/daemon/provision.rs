@@ -1,0 +1,251 @@
+//! Finding a tailscaled that can run here.
+//!
+//! Order: the path the request names; `tailscaled` on PATH; binaries the controller pushed. A
+//! dynamically linked binary whose ELF interpreter is missing (the Nix-image case the spike hit)
+//! is run through a glibc loader found on this machine.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tailbox_proto::agent::v1::{DaemonConfig, DaemonSource};
+
+use crate::preflight;
+
+/// A tailscaled binary and how to run it.
+#[derive(Debug, Clone)]
+pub struct DaemonBinary {
+    /// Where it came from.
+    pub source: DaemonSource,
+    /// The binary.
+    pub path: PathBuf,
+    /// Loader to run it through, when its own interpreter is missing.
+    pub loader: Option<PathBuf>,
+    /// First line of `tailscaled --version`.
+    pub version: String,
+}
+
+impl DaemonBinary {
+    /// A command that runs this binary (through the loader if needed).
+    pub fn command(&self) -> tokio::process::Command {
+        match &self.loader {
+            Some(loader) => {
+                let mut cmd = tokio::process::Command::new(loader);
+                if let Some(lib_dir) = loader.parent() {
+                    cmd.arg("--library-path").arg(lib_dir);
+                }
+                cmd.arg(&self.path);
+                cmd
+            }
+            None => tokio::process::Command::new(&self.path),
+        }
+    }
+}
+
+/// Why no tailscaled could be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// No candidate existed.
+    #[error("no tailscaled found (tried: {tried})")]
+    NotFound {
+        /// Every place looked at.
+        tried: String,
+    },
+    /// A candidate exists but cannot be run.
+    #[error("{path} cannot be run: {why}")]
+    Unusable {
+        /// The candidate.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Finds tailscaled. `path_var` is the sandbox's PATH; `host` roots the loader search.
+pub async fn find(
+    config: &DaemonConfig,
+    path_var: Option<&str>,
+    host: &preflight::Host,
+) -> Result<DaemonBinary, ProvisionError> {
+    let mut tried = Vec::new();
+    let mut candidates: Vec<(DaemonSource, PathBuf)> = Vec::new();
+    if !config.tailscaled_path.is_empty() {
+        candidates.push((
+            DaemonSource::RequestPath,
+            PathBuf::from(&config.tailscaled_path),
+        ));
+    }
+    for dir in path_var
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+    {
+        candidates.push((DaemonSource::Path, Path::new(dir).join("tailscaled")));
+    }
+    if !config.pushed_tailscaled_path.is_empty() {
+        candidates.push((
+            DaemonSource::Pushed,
+            PathBuf::from(&config.pushed_tailscaled_path),
+        ));
+    }
+    for (source, path) in candidates {
+        tried.push(path.display().to_string());
+        if !path.is_file() {
+            if source == DaemonSource::RequestPath {
+                // An explicit path that does not exist is a mistake worth naming, not skipping.
+                return Err(ProvisionError::Unusable {
+                    path,
+                    why: "it does not exist".into(),
+                });
+            }
+            continue;
+        }
+        return prepare(source, path, host).await;
+    }
+    Err(ProvisionError::NotFound {
+        tried: tried.join(", "),
+    })
+}
+
+async fn prepare(
+    source: DaemonSource,
+    path: PathBuf,
+    host: &preflight::Host,
+) -> Result<DaemonBinary, ProvisionError> {
+    let unusable = |why: String| ProvisionError::Unusable {
+        path: path.clone(),
+        why,
+    };
+    let mode = std::fs::metadata(&path)
+        .map_err(|e| unusable(e.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o111 == 0 {
+        return Err(unusable("it is not executable (chmod 0755 it)".into()));
+    }
+    let interpreter = elf_interpreter(&path).map_err(unusable)?;
+    let loader = match interpreter {
+        Some(interp) if !Path::new(&interp).exists() => Some(
+            find_loader(&interp, host).ok_or_else(|| {
+                unusable(format!(
+                    "it is dynamically linked against {interp}, which is missing, and no glibc loader was found under /nix/store"
+                ))
+            })?,
+        ),
+        _ => None,
+    };
+    let mut binary = DaemonBinary {
+        source,
+        path: path.clone(),
+        loader,
+        version: String::new(),
+    };
+    binary.version = version(&binary).await.map_err(unusable)?;
+    Ok(binary)
+}
+
+/// The PT_INTERP of an ELF file; `None` for a static binary or a `#!` script (a wrapper around
+/// tailscaled is legitimate, and the kernel resolves its interpreter itself).
+pub fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+    if bytes.starts_with(b"#!") {
+        return Ok(None);
+    }
+    let elf = goblin::elf::Elf::parse(&bytes)
+        .map_err(|e| format!("it is neither an ELF binary nor a #! script: {e}"))?;
+    Ok(elf.interpreter.map(str::to_owned))
+}
+
+/// A loader with the same file name as the missing interpreter: the standard location, then
+/// the Nix store (the spike's `/nix/store/*glibc*/lib/ld-linux-*.so.*`).
+fn find_loader(interpreter: &str, host: &preflight::Host) -> Option<PathBuf> {
+    let wanted = Path::new(interpreter).file_name()?;
+    preflight::nix_store_glibc_loaders(&host_path(host, "/nix/store"))
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.file_name() == Some(wanted))
+}
+
+fn host_path(host: &preflight::Host, absolute: &str) -> PathBuf {
+    host.resolve(absolute)
+}
+
+/// Runs `tailscaled --version` and keeps its first line.
+async fn version(binary: &DaemonBinary) -> Result<String, String> {
+    let mut cmd = binary.command();
+    cmd.arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(20), cmd.output())
+        .await
+        .map_err(|_| "`tailscaled --version` did not finish within 20s".to_owned())?
+        .map_err(|e| format!("it failed to start: {e}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!(
+            "`tailscaled --version` failed ({}): {}",
+            output.status,
+            stderr.trim().lines().last().unwrap_or_default()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shell_is_dynamic_and_its_interpreter_is_reported() {
+        let interp = elf_interpreter(Path::new("/bin/sh")).unwrap();
+        assert!(interp.is_some_and(|i| i.contains("ld-")));
+    }
+
+    #[test]
+    fn scripts_run_as_they_are_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("tailscaled");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        assert_eq!(elf_interpreter(&script).unwrap(), None);
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, "not a program").unwrap();
+        assert!(
+            elf_interpreter(&junk)
+                .unwrap_err()
+                .contains("neither an ELF")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_explicit_missing_path_is_an_error_not_a_fallthrough() {
+        let config = DaemonConfig {
+            tailscaled_path: "/nonexistent/tailscaled".into(),
+            ..Default::default()
+        };
+        let err = find(&config, Some("/usr/bin"), &preflight::Host::default())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn nothing_found_lists_where_it_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap().to_owned();
+        let err = find(
+            &DaemonConfig::default(),
+            Some(&path),
+            &preflight::Host::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains(&path), "{err}");
+    }
+}
