@@ -186,7 +186,7 @@ async fn fetch(
 
 /// Turns a reqwest error into a typed failure, opening a diagnostic tunnel when the connection
 /// could not be opened.
-async fn classify(
+pub(crate) async fn classify(
     err: reqwest::Error,
     ctx: &ProxyContext,
     to: &Endpoint,
@@ -400,6 +400,11 @@ impl Secrets {
         // Longest first, so a password containing the user name is replaced whole.
         found.sort_by_key(|s| std::cmp::Reverse(s.len()));
         Self(found)
+    }
+
+    /// Percent-decodes a URL component (user names and passwords stay encoded in parsed URLs).
+    pub(crate) fn percent_decoded(s: &str) -> String {
+        percent_decode(s)
     }
 
     /// Redacts URLs in `text` and replaces every occurrence of a known secret.
