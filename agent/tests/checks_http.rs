@@ -392,6 +392,91 @@ async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
     .expect("test timed out");
 }
 
+/// A stand-in for tailscaled's proxy port that can die (listener and live connections
+/// dropped at once) and come back on the same port.
+struct KillableProxy(tokio::task::JoinHandle<()>);
+
+impl KillableProxy {
+    async fn start(at: SocketAddr, to: SocketAddr) -> Self {
+        let listener = TcpListener::bind(at).await.unwrap();
+        Self(tokio::spawn(async move {
+            // Owned by this task: aborting it drops every connection too.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }))
+    }
+
+    async fn kill(self) {
+        self.0.abort();
+        let _ = self.0.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_that_dies_mid_request_and_comes_back_in_time_does_not_fail_the_check() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let at: SocketAddr = format!("127.0.0.1:{}", closed_port().await)
+            .parse()
+            .unwrap();
+        let proxy = KillableProxy::start(at, node.socks5_addr()).await;
+        let (tx, rx) = tokio::sync::watch::channel(DaemonState::Ready);
+        let ctx = ProxyContext {
+            socks_addr: at,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(20),
+            daemon: DaemonReady::new(rx),
+        };
+        let url = format!("{}/slow?ms=1500", lab.http_base_url());
+        let started = Instant::now();
+        let check = tokio::spawn(async move { check_http(&target(url, 0), &ctx).await });
+
+        // tailscaled dies while the server is still thinking...
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.kill().await;
+        tx.send(DaemonState::NotReady).unwrap();
+        // ...and its supervisor brings it back a second later.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _proxy = KillableProxy::start(at, node.socks5_addr()).await;
+        tx.send(DaemonState::Ready).unwrap();
+
+        let r = check.await.unwrap();
+        assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
+        // The first attempt was lost; the second one took the full 1.5 s again.
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_a_plain_http_port_fails_at_the_http_layer_with_a_tls_hint() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let url = lab.health_url().replacen("http://", "https://", 1);
+        let r = check_http(
+            &target(url, 0),
+            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+        )
+        .await;
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
+        assert_eq!(layer(&r), Layer::Http, "{r:#?}");
+        assert!(r.detail.contains("TLS"), "{}", r.detail);
+        assert!(r.hint.contains("certificate"), "{}", r.hint);
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_that_is_gone_for_good_fails_the_check_at_once() {
     timeout(TEST_DEADLINE, async {

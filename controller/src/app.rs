@@ -171,8 +171,9 @@ async fn modal_run(
     let mut sandbox = tokio::time::timeout(plan.timeout, prepare)
         .await
         .map_err(|_| {
-            CliError::infra("The sandbox was not ready within --timeout")
-                .with_hint("Modal may be slow to pull the image or short of capacity; raise --timeout")
+            CliError::infra("The sandbox was not ready within --timeout").with_hint(
+                "Modal may be slow to pull the image or short of capacity; raise --timeout",
+            )
         })??;
     renderer.note(&format!("sandbox {} is running", sandbox.id()));
     renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, started.elapsed())?;
@@ -371,7 +372,9 @@ async fn sweep(args: &SweepArgs, env: &dyn Env) -> CliResult<ExitStatus> {
         CREATED_BY_TAG.1
     );
     if failed > 0 {
-        return Err(CliError::infra(format!("Failed to terminate {failed} sandbox(es)")));
+        return Err(CliError::infra(format!(
+            "Failed to terminate {failed} sandbox(es)"
+        )));
     }
     Ok(ExitStatus::Passed)
 }
@@ -404,7 +407,7 @@ fn agent_log_filter(plan: &CheckPlan) -> &'static str {
 /// Prints the report (last, in JSON mode) and writes --report.
 fn finish(plan: &CheckPlan, renderer: &mut Renderer, report: &Report) -> CliResult<()> {
     match plan.output {
-        OutputMode::Json => {
+        OutputMode::Json { .. } => {
             renderer.event(&controller_event(event::Kind::Report(report.clone())))?
         }
         OutputMode::Human { .. } => {

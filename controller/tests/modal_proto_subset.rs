@@ -17,7 +17,11 @@ fn our_subset_matches_the_pinned_modal_package() {
         result.differences.join("\n")
     );
     // Every field, enum value and RPC we declare was looked at.
-    assert!(result.checked > 100, "only {} items checked", result.checked);
+    assert!(
+        result.checked > 100,
+        "only {} items checked",
+        result.checked
+    );
 }
 
 /// Changes the number of `modal.task_command_router.TaskExecStdioReadRequest.offset`.

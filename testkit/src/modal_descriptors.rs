@@ -87,7 +87,11 @@ pub fn compare(ours: &FileDescriptorSet, theirs: &FileDescriptorSet) -> Comparis
     let index = Index::new(theirs);
     let mut out = Comparison::default();
     // Imports (google.protobuf.*) are not ours to check.
-    for file in ours.file.iter().filter(|f| f.package().starts_with("modal.")) {
+    for file in ours
+        .file
+        .iter()
+        .filter(|f| f.package().starts_with("modal."))
+    {
         let package = format!(".{}", file.package());
         for message in &file.message_type {
             compare_message(&package, message, &index, &mut out);
@@ -248,8 +252,10 @@ fn compare_service(
     for method in &ours.method {
         out.checked += 1;
         let Some(their_method) = theirs.method.iter().find(|m| m.name() == method.name()) else {
-            out.differences
-                .push(format!("rpc {name}.{}: not in Modal's service", method.name()));
+            out.differences.push(format!(
+                "rpc {name}.{}: not in Modal's service",
+                method.name()
+            ));
             continue;
         };
         let shape = |m: &prost_types::MethodDescriptorProto| {

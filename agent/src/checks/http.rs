@@ -198,6 +198,9 @@ pub(crate) async fn classify(
     let text = error_chain(&err.without_url());
     tracing::debug!(error = %text, "HTTP request through the proxy failed");
     if !connect {
+        if let Some(gone) = failure::proxy_went_away(ctx).await {
+            return gone;
+        }
         return Failure::new(
             FailureClass::HttpStatus,
             Layer::Http,

@@ -116,7 +116,9 @@ pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
             path.display()
         ))
         .with_source(err)
-        .with_hint("pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com")
+        .with_hint(
+            "pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com",
+        )
     };
     let file = std::fs::File::open(path).map_err(failed)?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
@@ -138,11 +140,9 @@ pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
         }
     }
     let tailscaled = found.remove("tailscaled").ok_or_else(|| {
-        CliError::usage(format!(
-            "The tarball {} has no tailscaled",
-            path.display()
-        ))
-        .with_hint("pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com")
+        CliError::usage(format!("The tarball {} has no tailscaled", path.display())).with_hint(
+            "pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com",
+        )
     })?;
     Ok(TailscaleBinaries {
         tailscaled,
@@ -188,7 +188,13 @@ impl ModalSandbox {
             .await?;
         let secret_id = client.ephemeral_secret(&spec.env).await?;
         let id = client
-            .sandbox_create(&app_id, &image_id, vec![secret_id], spec.timeout, &spec.tags)
+            .sandbox_create(
+                &app_id,
+                &image_id,
+                vec![secret_id],
+                spec.timeout,
+                &spec.tags,
+            )
             .await?;
         created(&id);
         let task_id = client.sandbox_task_id(&id).await?;

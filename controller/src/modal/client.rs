@@ -111,7 +111,8 @@ impl ModalClient {
         loop {
             let mut request = Request::new(message.clone());
             request.set_timeout(timeout);
-            self.add_headers(&mut request, rpc != "AuthTokenGet").await?;
+            self.add_headers(&mut request, rpc != "AuthTokenGet")
+                .await?;
             let metadata = request.metadata_mut();
             insert(metadata, "x-idempotency-key", &idempotency_key);
             insert(metadata, "x-retry-attempt", &retries.to_string());
@@ -148,7 +149,11 @@ impl ModalClient {
         }
     }
 
-    async fn add_headers<T>(&self, request: &mut Request<T>, with_auth: bool) -> Result<(), Status> {
+    async fn add_headers<T>(
+        &self,
+        request: &mut Request<T>,
+        with_auth: bool,
+    ) -> Result<(), Status> {
         let auth = if with_auth {
             Some(self.auth_token().await?)
         } else {
@@ -188,7 +193,10 @@ impl ModalClient {
             // A token we cannot refresh is still good until it expires.
             Err(status) => match slot.as_ref() {
                 Some(current) if is_transient(status.code()) => {
-                    tracing::warn!("refreshing the Modal auth token failed: {}", status.message());
+                    tracing::warn!(
+                        "refreshing the Modal auth token failed: {}",
+                        status.message()
+                    );
                     return Ok(current.token.clone());
                 }
                 _ => return Err(status),
@@ -213,9 +221,12 @@ impl ModalClient {
             object_creation_type: ObjectCreationType::CreateIfMissing as i32,
         };
         let response = self
-            .unary("AppGetOrCreate", request, CALL_TIMEOUT, |mut c, r| async move {
-                c.app_get_or_create(r).await
-            })
+            .unary(
+                "AppGetOrCreate",
+                request,
+                CALL_TIMEOUT,
+                |mut c, r| async move { c.app_get_or_create(r).await },
+            )
             .await
             .map_err(|s| self.rpc_error(&format!("Failed to look up the Modal app {name:?}"), s))?;
         Ok(response.app_id)
@@ -229,9 +240,12 @@ impl ModalClient {
             object_creation_type: ObjectCreationType::Unspecified as i32,
         };
         match self
-            .unary("AppGetOrCreate", request, CALL_TIMEOUT, |mut c, r| async move {
-                c.app_get_or_create(r).await
-            })
+            .unary(
+                "AppGetOrCreate",
+                request,
+                CALL_TIMEOUT,
+                |mut c, r| async move { c.app_get_or_create(r).await },
+            )
             .await
         {
             Ok(response) => Ok(Some(response.app_id)),
@@ -287,9 +301,12 @@ impl ModalClient {
             builder_version: builder_version.to_owned(),
         };
         let response = self
-            .unary("ImageGetOrCreate", request, CALL_TIMEOUT, |mut c, r| async move {
-                c.image_get_or_create(r).await
-            })
+            .unary(
+                "ImageGetOrCreate",
+                request,
+                CALL_TIMEOUT,
+                |mut c, r| async move { c.image_get_or_create(r).await },
+            )
             .await
             .map_err(failed)?;
         let image_id = response.image_id;
@@ -337,7 +354,10 @@ impl ModalClient {
                     describe(&result)
                 ));
                 if !logs.is_empty() {
-                    err = err.with_detail(format!("build log (last lines):\n  | {}", logs.join("\n  | ")));
+                    err = err.with_detail(format!(
+                        "build log (last lines):\n  | {}",
+                        logs.join("\n  | ")
+                    ));
                 }
                 Err(err.with_hint("check that MODAL_IMAGE names a public image Modal can pull"))
             }
@@ -353,9 +373,12 @@ impl ModalClient {
             env_dict: env.clone(),
         };
         let response = self
-            .unary("SecretGetOrCreate", request, CALL_TIMEOUT, |mut c, r| async move {
-                c.secret_get_or_create(r).await
-            })
+            .unary(
+                "SecretGetOrCreate",
+                request,
+                CALL_TIMEOUT,
+                |mut c, r| async move { c.secret_get_or_create(r).await },
+            )
             .await
             .map_err(|s| self.rpc_error("Failed to create the sandbox's environment secret", s))?;
         Ok(response.secret_id)
@@ -390,9 +413,12 @@ impl ModalClient {
                 .collect(),
         };
         let response = self
-            .unary("SandboxCreate", request, CALL_TIMEOUT, |mut c, r| async move {
-                c.sandbox_create(r).await
-            })
+            .unary(
+                "SandboxCreate",
+                request,
+                CALL_TIMEOUT,
+                |mut c, r| async move { c.sandbox_create(r).await },
+            )
             .await
             .map_err(|s| self.rpc_error("Failed to create the Modal sandbox", s))?;
         Ok(response.sandbox_id)
@@ -406,12 +432,18 @@ impl ModalClient {
                 sandbox_id: sandbox_id.to_owned(),
             };
             let response = self
-                .unary("SandboxGetTaskId", request, CALL_TIMEOUT, |mut c, r| async move {
-                    c.sandbox_get_task_id(r).await
-                })
+                .unary(
+                    "SandboxGetTaskId",
+                    request,
+                    CALL_TIMEOUT,
+                    |mut c, r| async move { c.sandbox_get_task_id(r).await },
+                )
                 .await
                 .map_err(|s| {
-                    self.rpc_error(&format!("Failed to find the task of sandbox {sandbox_id}"), s)
+                    self.rpc_error(
+                        &format!("Failed to find the task of sandbox {sandbox_id}"),
+                        s,
+                    )
                 })?;
             if let Some(task_id) = response.task_id.filter(|t| !t.is_empty()) {
                 return Ok(task_id);
@@ -440,15 +472,23 @@ impl ModalClient {
             sandbox_id: sandbox_id.to_owned(),
         };
         let response = self
-            .unary("SandboxTerminate", request, Duration::from_secs(10), |mut c, r| async move {
-                c.sandbox_terminate(r).await
-            })
+            .unary(
+                "SandboxTerminate",
+                request,
+                Duration::from_secs(10),
+                |mut c, r| async move { c.sandbox_terminate(r).await },
+            )
             .await
-            .map_err(|s| self.rpc_error(&format!("Failed to terminate the sandbox {sandbox_id}"), s))?;
-        Ok(response.existing_result.filter(|r| r.status != 0).map(|r| Finished {
-            status: status_name(r.status),
-            exception: r.exception,
-        }))
+            .map_err(|s| {
+                self.rpc_error(&format!("Failed to terminate the sandbox {sandbox_id}"), s)
+            })?;
+        Ok(response
+            .existing_result
+            .filter(|r| r.status != 0)
+            .map(|r| Finished {
+                status: status_name(r.status),
+                exception: r.exception,
+            }))
     }
 
     /// Every running sandbox of `app_id` carrying all of `tags`, newest first (all pages).
@@ -474,9 +514,12 @@ impl ModalClient {
                     .collect(),
             };
             let page = self
-                .unary("SandboxList", request, CALL_TIMEOUT, |mut c, r| async move {
-                    c.sandbox_list(r).await
-                })
+                .unary(
+                    "SandboxList",
+                    request,
+                    CALL_TIMEOUT,
+                    |mut c, r| async move { c.sandbox_list(r).await },
+                )
                 .await
                 .map_err(|s| self.rpc_error("Failed to list Modal sandboxes", s))?
                 .sandboxes;
@@ -563,6 +606,9 @@ pub fn describe(result: &GenericResult) -> String {
     if result.exception.is_empty() {
         name
     } else {
-        format!("{name}: {}", result.exception.lines().next().unwrap_or_default())
+        format!(
+            "{name}: {}",
+            result.exception.lines().next().unwrap_or_default()
+        )
     }
 }

@@ -352,8 +352,7 @@ active = true
     fn bad_config_is_a_usage_error_without_the_secret() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(&dir, "[p]\ntoken_secret = \"as-hunter2\nactive = true\n");
-        let err = resolve(&MapEnv::from_pairs([("MODAL_CONFIG_PATH", path.as_str())]))
-            .unwrap_err();
+        let err = resolve(&MapEnv::from_pairs([("MODAL_CONFIG_PATH", path.as_str())])).unwrap_err();
         assert_eq!(err.exit_status().code(), 2);
         assert!(!err.render().contains("hunter2"), "{}", err.render());
 

@@ -35,31 +35,46 @@ pub struct ExecOutput {
 }
 
 /// Runs `argv` to completion with `stdin` (closed at once when `None`), collecting its output.
-pub async fn run(router: &Router, argv: Vec<String>, stdin: Option<Bytes>) -> Result<ExecOutput, Status> {
+pub async fn run(
+    router: &Router,
+    argv: Vec<String>,
+    stdin: Option<Bytes>,
+) -> Result<ExecOutput, Status> {
     let exec_id = uuid::Uuid::new_v4().to_string();
     router.exec_start(&exec_id, argv, HashMap::new()).await?;
     let read = |fd| {
         let mut reader = ExecReader::new(router.clone(), exec_id.clone(), fd);
         async move {
             let mut buf = Vec::new();
-            reader.read_to_end(&mut buf).await.map(|_| buf)
+            match reader.read_to_end(&mut buf).await {
+                Ok(_) => Ok(buf),
+                Err(e) => Err(Status::unavailable(format!("reading the output: {e}"))),
+            }
         }
     };
     let feed = async {
         match stdin {
             Some(data) => router.stdin_upload(&exec_id, data).await.map(|_| ()),
             None => match router.stdin_write(&exec_id, 0, Bytes::new(), true).await {
-                Err(s) if !matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::Aborted) => Err(s),
+                Err(s)
+                    if !matches!(
+                        s.code(),
+                        tonic::Code::FailedPrecondition | tonic::Code::Aborted
+                    ) =>
+                {
+                    Err(s)
+                }
                 _ => Ok(()),
             },
         }
     };
-    let (fed, stdout, stderr, exit) =
-        tokio::join!(feed, read(Fd::Stdout), read(Fd::Stderr), router.wait(&exec_id));
-    fed?;
-    let exit = exit?;
-    let stdout = stdout.map_err(|e| Status::unavailable(format!("reading stdout: {e}")))?;
-    let stderr = stderr.map_err(|e| Status::unavailable(format!("reading stderr: {e}")))?;
+    // The first failure wins: a process whose stdin never closes would never exit.
+    let ((), stdout, stderr, exit) = tokio::try_join!(
+        feed,
+        read(Fd::Stdout),
+        read(Fd::Stderr),
+        router.wait(&exec_id)
+    )?;
     Ok(ExecOutput {
         exit,
         stdout,
@@ -134,9 +149,13 @@ fn command(op: serde_json::Value) -> Vec<String> {
 /// `Stat`; `None` when nothing is at `path`.
 pub async fn stat(router: &Router, path: &str) -> CliResult<Option<FileInfo>> {
     let what = format!("Failed to inspect {path} in the sandbox");
-    let output = run(router, command(serde_json::json!({"Stat": {"path": path}})), None)
-        .await
-        .map_err(|s| router_error(&what, s))?;
+    let output = run(
+        router,
+        command(serde_json::json!({"Stat": {"path": path}})),
+        None,
+    )
+    .await
+    .map_err(|s| router_error(&what, s))?;
     if !output.exit.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         if serde_json::from_str::<FsToolsError>(stderr.trim())
@@ -146,11 +165,13 @@ pub async fn stat(router: &Router, path: &str) -> CliResult<Option<FileInfo>> {
         }
         return Err(fs_failure(&what, &output));
     }
-    serde_json::from_slice(&output.stdout).map(Some).map_err(|err| {
-        CliError::infra(what).with_source(anyhow::anyhow!(
-            "modal-sandbox-fs-tools printed something that is not a FileInfo: {err}"
-        ))
-    })
+    serde_json::from_slice(&output.stdout)
+        .map(Some)
+        .map_err(|err| {
+            CliError::infra(what).with_source(anyhow::anyhow!(
+                "modal-sandbox-fs-tools printed something that is not a FileInfo: {err}"
+            ))
+        })
 }
 
 /// `WriteFile`: creates parent directories and writes `data` (replacing any file there).
@@ -193,12 +214,16 @@ async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliR
             Err(status) => tried.push(format!("{}: {}", chmod.join(" "), status.message())),
         }
     }
-    Err(CliError::infra(format!("Failed to make {path} executable in the sandbox"))
-        .with_source(anyhow::anyhow!(
-            "modal-sandbox-fs-tools cannot set file modes, and no chmod worked ({})",
-            tried.join("; ")
-        ))
-        .with_hint("use an image that has chmod (coreutils or busybox), e.g. the default MODAL_IMAGE"))
+    Err(
+        CliError::infra(format!("Failed to make {path} executable in the sandbox"))
+            .with_source(anyhow::anyhow!(
+                "modal-sandbox-fs-tools cannot set file modes, and no chmod worked ({})",
+                tried.join("; ")
+            ))
+            .with_hint(
+                "use an image that has chmod (coreutils or busybox), e.g. the default MODAL_IMAGE",
+            ),
+    )
 }
 
 /// An executable pushed to a content-addressed path.
@@ -231,20 +256,23 @@ pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliRes
             .with_source(anyhow::anyhow!("the file is not there after writing it"))
     })?;
     if info.size != len {
-        return Err(CliError::infra(format!("Failed to write {path} in the sandbox"))
-            .with_source(anyhow::anyhow!(
-                "{} of {len} bytes arrived",
-                info.size
-            ))
-            .with_hint("run again; the upload resumes from scratch"));
+        return Err(
+            CliError::infra(format!("Failed to write {path} in the sandbox"))
+                .with_source(anyhow::anyhow!("{} of {len} bytes arrived", info.size))
+                .with_hint("run again; the upload resumes from scratch"),
+        );
     }
     ensure_executable(router, path, &info).await?;
     if let Some(after) = stat(router, path).await?
         && after.executable() == Some(false)
     {
-        return Err(CliError::infra(format!("Failed to make {path} executable in the sandbox"))
-            .with_source(anyhow::anyhow!("chmod succeeded but the mode has no execute bit"))
-            .with_hint("the sandbox's /tmp may be mounted noexec"));
+        return Err(
+            CliError::infra(format!("Failed to make {path} executable in the sandbox"))
+                .with_source(anyhow::anyhow!(
+                    "chmod succeeded but the mode has no execute bit"
+                ))
+                .with_hint("the sandbox's /tmp may be mounted noexec"),
+        );
     }
     Ok(Pushed {
         path: path.to_owned(),
@@ -270,12 +298,19 @@ mod tests {
         assert_eq!(info(serde_json::json!(0o100755)).executable(), Some(true));
         assert_eq!(info(serde_json::json!(0o100644)).executable(), Some(false));
         assert_eq!(info(serde_json::json!("0755")).executable(), Some(true));
-        assert_eq!(info(serde_json::json!("rw-r--r--")).executable(), Some(false));
-        assert_eq!(info(serde_json::json!("-rwxr-xr-x")).executable(), Some(true));
+        assert_eq!(
+            info(serde_json::json!("rw-r--r--")).executable(),
+            Some(false)
+        );
+        assert_eq!(
+            info(serde_json::json!("-rwxr-xr-x")).executable(),
+            Some(true)
+        );
         assert_eq!(info(serde_json::json!(null)).executable(), None);
-        let parsed: FileInfo =
-            serde_json::from_str(r#"{"name":"a","type":"file","size":3,"permissions":"rwxr-x---"}"#)
-                .unwrap();
+        let parsed: FileInfo = serde_json::from_str(
+            r#"{"name":"a","type":"file","size":3,"permissions":"rwxr-x---"}"#,
+        )
+        .unwrap();
         assert_eq!(parsed.executable(), Some(true));
     }
 }

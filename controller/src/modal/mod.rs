@@ -30,8 +30,11 @@ pub const MAX_MESSAGE_SIZE: usize = 100 * 1024 * 1024;
 /// only when `plaintext_ok` (a control plane on this machine, i.e. tests).
 pub fn channel(url: &str, plaintext_ok: bool) -> CliResult<Channel> {
     let bad = |why: &str| {
-        CliError::infra(format!("Failed to use the Modal endpoint {}", redact_urls(url)))
-            .with_source(anyhow::anyhow!(why.to_owned()))
+        CliError::infra(format!(
+            "Failed to use the Modal endpoint {}",
+            redact_urls(url)
+        ))
+        .with_source(anyhow::anyhow!(why.to_owned()))
     };
     let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     let mut endpoint = Endpoint::from_shared(url.to_owned())
@@ -46,15 +49,15 @@ pub fn channel(url: &str, plaintext_ok: bool) -> CliResult<Channel> {
         "https" => {
             let host = parsed.host_str().unwrap_or_default().to_owned();
             endpoint = endpoint
-                .tls_config(
-                    ClientTlsConfig::new()
-                        .with_webpki_roots()
-                        .domain_name(host),
-                )
+                .tls_config(ClientTlsConfig::new().with_webpki_roots().domain_name(host))
                 .map_err(|e| bad(&e.to_string()))?;
         }
         "http" if plaintext_ok => {}
-        "http" => return Err(bad("plain http is only accepted when the control plane is local")),
+        "http" => {
+            return Err(bad(
+                "plain http is only accepted when the control plane is local",
+            ));
+        }
         other => return Err(bad(&format!("unsupported scheme {other:?}"))),
     }
     Ok(endpoint.connect_lazy())

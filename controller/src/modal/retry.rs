@@ -44,7 +44,11 @@ impl Backoff {
 pub fn is_transient(code: Code) -> bool {
     matches!(
         code,
-        Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled | Code::Internal | Code::Unknown
+        Code::DeadlineExceeded
+            | Code::Unavailable
+            | Code::Cancelled
+            | Code::Internal
+            | Code::Unknown
     )
 }
 
@@ -116,7 +120,10 @@ mod tests {
             "slow down",
             status_details.encode_to_vec().into(),
         );
-        assert_eq!(server_retry_after(&status), Some(Duration::from_millis(2500)));
+        assert_eq!(
+            server_retry_after(&status),
+            Some(Duration::from_millis(2500))
+        );
         assert_eq!(server_retry_after(&tonic::Status::unavailable("x")), None);
     }
 }

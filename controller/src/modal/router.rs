@@ -28,7 +28,8 @@ use crate::secret::Secret;
 
 /// Size of each message of a streamed stdin write (what the SDKs use).
 pub const UPLOAD_CHUNK: usize = 256 * 1024;
-/// How many times a broken streamed stdin write is resumed.
+/// How many times in a row a broken streamed stdin write is resumed without progress (the SDKs
+/// allow 9 in all; counting only resumes without progress lets a long upload survive a flaky link).
 const UPLOAD_RESUMES: u32 = 9;
 /// How many JWT refreshes in a row one call may trigger before giving up.
 const AUTH_REFRESHES: u32 = 3;
@@ -71,10 +72,9 @@ pub enum Upload {
 impl Router {
     /// Gets access to the router of `task_id` and connects (lazily).
     pub async fn connect(control: ModalClient, task_id: String) -> CliResult<Self> {
-        let (jwt, url) = control
-            .command_router_access(&task_id)
-            .await
-            .map_err(|s| control.rpc_error("Failed to get access to the sandbox's command router", s))?;
+        let (jwt, url) = control.command_router_access(&task_id).await.map_err(|s| {
+            control.rpc_error("Failed to get access to the sandbox's command router", s)
+        })?;
         let client = router_client(&url, control.config().plaintext())?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -105,7 +105,10 @@ impl Router {
 
     /// A request carrying the bearer JWT, the client to send it with, and the JWT generation
     /// (for [`Router::refresh`]).
-    pub(crate) fn authorized<T>(&self, message: T) -> (Request<T>, TaskCommandRouterClient<Channel>, u64) {
+    pub(crate) fn authorized<T>(
+        &self,
+        message: T,
+    ) -> (Request<T>, TaskCommandRouterClient<Channel>, u64) {
         let access = self.access();
         let mut request = Request::new(message);
         match MetadataValue::try_from(format!("Bearer {}", access.jwt.expose())) {
@@ -124,7 +127,11 @@ impl Router {
         if self.access().generation != seen {
             return Ok(());
         }
-        let (jwt, url) = self.inner.control.command_router_access(&self.inner.task_id).await?;
+        let (jwt, url) = self
+            .inner
+            .control
+            .command_router_access(&self.inner.task_id)
+            .await?;
         let mut access = self.access();
         if url != access.url {
             tracing::warn!("the command router moved to a new URL; reconnecting");
@@ -197,9 +204,13 @@ impl Router {
             workdir: None,
             env,
         };
-        self.unary("TaskExecStart", request, CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
-            c.task_exec_start(r).await
-        })
+        self.unary(
+            "TaskExecStart",
+            request,
+            CALL_TIMEOUT,
+            Backoff::ROUTER,
+            |mut c, r| async move { c.task_exec_start(r).await },
+        )
         .await
         .map(|_| ())
     }
@@ -220,9 +231,13 @@ impl Router {
             data: data.to_vec(),
             eof,
         };
-        self.unary("TaskExecStdinWrite", request, CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
-            c.task_exec_stdin_write(r).await
-        })
+        self.unary(
+            "TaskExecStdinWrite",
+            request,
+            CALL_TIMEOUT,
+            Backoff::ROUTER,
+            |mut c, r| async move { c.task_exec_stdin_write(r).await },
+        )
         .await
         .map(|_| ())
     }
@@ -234,7 +249,9 @@ impl Router {
         let mut offset = 0u64;
         let mut resumes = 0u32;
         loop {
-            let start = usize::try_from(offset).unwrap_or(data.len()).min(data.len());
+            let start = usize::try_from(offset)
+                .unwrap_or(data.len())
+                .min(data.len());
             let mut messages = vec![TaskExecStdinWriteStreamRequest {
                 payload: Some(Payload::Start(TaskExecStdinWriteStreamStart {
                     task_id: self.inner.task_id.clone(),
@@ -280,6 +297,9 @@ impl Router {
                     if written.1 {
                         return Ok(Upload::ExitedEarly);
                     }
+                    if written.0 > offset {
+                        resumes = 0;
+                    }
                     offset = written.0.min(total);
                 }
                 _ => return Err(status),
@@ -294,9 +314,13 @@ impl Router {
             exec_id: exec_id.to_owned(),
         };
         let response = self
-            .unary("TaskExecStdinStatus", request, CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
-                c.task_exec_stdin_status(r).await
-            })
+            .unary(
+                "TaskExecStdinStatus",
+                request,
+                CALL_TIMEOUT,
+                Backoff::ROUTER,
+                |mut c, r| async move { c.task_exec_stdin_status(r).await },
+            )
             .await?;
         Ok((response.num_bytes_written, response.closed))
     }
@@ -310,9 +334,13 @@ impl Router {
                 exec_id: exec_id.to_owned(),
             };
             match self
-                .unary("TaskExecWait", request, WAIT_CALL_TIMEOUT, Backoff::ROUTER, |mut c, r| async move {
-                    c.task_exec_wait(r).await
-                })
+                .unary(
+                    "TaskExecWait",
+                    request,
+                    WAIT_CALL_TIMEOUT,
+                    Backoff::ROUTER,
+                    |mut c, r| async move { c.task_exec_wait(r).await },
+                )
                 .await
             {
                 Ok(response) => {

@@ -176,7 +176,11 @@ impl ExecWriter {
 }
 
 impl AsyncWrite for ExecWriter {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
@@ -213,7 +217,10 @@ async fn pump_input(
     loop {
         let Some(first) = rx.recv().await else {
             // Writer shut down or dropped: close stdin after everything written.
-            if let Err(status) = router.stdin_write(&exec_id, offset, Bytes::new(), true).await {
+            if let Err(status) = router
+                .stdin_write(&exec_id, offset, Bytes::new(), true)
+                .await
+            {
                 // Already closed or the process is gone: nothing left to deliver.
                 tracing::debug!("closing the exec's stdin: {}", status.message());
             }

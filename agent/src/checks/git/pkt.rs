@@ -34,7 +34,7 @@ impl Pkt {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PktError {
     /// The underlying stream failed (or ended early).
-    #[error("reading from the server failed: {0}")]
+    #[error("the connection to the server failed: {0}")]
     Io(#[from] io::Error),
     /// The bytes are not pkt-lines at all.
     #[error("not a git pkt-line: {0}")]

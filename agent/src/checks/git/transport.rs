@@ -337,6 +337,9 @@ async fn smart_body(
                 ));
             }
             Ok(Err(e)) => {
+                if let Some(gone) = failure::proxy_went_away(&s.ctx).await {
+                    return Err(gone);
+                }
                 return Err(Failure::new(
                     FailureClass::GitProtocol,
                     Layer::Git,
@@ -552,10 +555,11 @@ fn daemon_ls(s: &CallSettings, url: &str) -> Result<(TcpStream, Vec<u8>), Failur
     }
     let mut line = Vec::new();
     pkt::write_data(&mut line, &request).map_err(|e| protocol_failure(e.to_string()))?;
-    io.write_all(&line).map_err(|e| io_failure(&e, &to))?;
+    io.write_all(&line)
+        .map_err(|e| broken(s, AdvertError::Pkt(PktError::Io(e)), &to))?;
 
     let advertisement = advert::read_advertisement(&mut PktReader::new(&mut io), false)
-        .map_err(|e| advert_failure(e, &to))?;
+        .map_err(|e| broken(s, e, &to))?;
     let for_libgit2 = match advertisement {
         Advertisement::V0 { version, refs } => {
             update(s, |st| st.protocol_version = Some(version));
@@ -570,9 +574,10 @@ fn daemon_ls(s: &CallSettings, url: &str) -> Result<(TcpStream, Vec<u8>), Failur
             }
             let request =
                 advert::ls_refs_request(&caps).map_err(|e| protocol_failure(e.to_string()))?;
-            io.write_all(&request).map_err(|e| io_failure(&e, &to))?;
+            io.write_all(&request)
+                .map_err(|e| broken(s, AdvertError::Pkt(PktError::Io(e)), &to))?;
             let refs = advert::read_ls_refs(&mut PktReader::new(&mut io))
-                .map_err(|e| advert_failure(e, &to))?;
+                .map_err(|e| broken(s, e, &to))?;
             update(s, |st| st.unborn_head = advert::unborn_head(&refs));
             advert::v0_from_ls_refs(&refs, &caps, false)
                 .map_err(|e| protocol_failure(e.to_string()))?
@@ -581,15 +586,15 @@ fn daemon_ls(s: &CallSettings, url: &str) -> Result<(TcpStream, Vec<u8>), Failur
     Ok((io.sock, for_libgit2))
 }
 
-fn io_failure(e: &io::Error, to: &Endpoint) -> Failure {
-    if is_timeout(e) {
-        advert_failure(
-            AdvertError::Pkt(PktError::Io(io::Error::from(e.kind()))),
-            to,
-        )
-    } else {
-        protocol_failure(format!("the connection to {to} failed: {e}"))
+/// Classifies a failed git:// exchange, blaming tailscaled when its proxy went away meanwhile.
+fn broken(s: &CallSettings, e: AdvertError, to: &Endpoint) -> Failure {
+    if let AdvertError::Pkt(PktError::Io(io)) = &e
+        && !is_timeout(io)
+        && let Some(gone) = s.handle.block_on(failure::proxy_went_away(&s.ctx))
+    {
+        return gone;
     }
+    advert_failure(e, to)
 }
 
 /// Blocking socket I/O that gives up at the check's deadline, so no thread outlives it by much.

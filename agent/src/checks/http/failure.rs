@@ -267,6 +267,33 @@ pub(crate) async fn diagnose(
     }
 }
 
+/// After a connection broke mid-exchange: whether tailscaled (its proxy) went away meanwhile,
+/// which explains the break better than the server does, and makes the attempt worth
+/// repeating once tailscaled is back.
+pub(crate) async fn proxy_went_away(ctx: &ProxyContext) -> Option<Failure> {
+    let proxy = ctx.socks_addr;
+    let alive = matches!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(proxy)
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    if alive && ctx.daemon.is_ready() {
+        return None;
+    }
+    Some(Failure {
+        proxy_down: true,
+        ..Failure::connection(
+            FailureClass::SocksRefused,
+            format!("the connection broke while tailscaled's SOCKS5 proxy at {proxy} went away"),
+            "tailscaled died or restarted during the check; check the daemon result and \
+             tailscaled's log.",
+        )
+    })
+}
+
 /// After a connection-level failure: whether tailscaled was (or is being) restarted and is ready
 /// again in time, so the attempt is worth repeating.
 pub(crate) async fn daemon_came_back(ctx: &ProxyContext, failure: &Failure) -> bool {

@@ -1,0 +1,341 @@
+//! tailbox's Modal client (library API) against the fake Modal, in-process: byte-exact stdio
+//! through cuts and lost writes, and the fake's strictness (it refuses what Modal refuses).
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tailbox::backend::modal::{ModalSandbox, SandboxSpec};
+use tailbox::env::MapEnv;
+use tailbox::modal::client::ModalClient;
+use tailbox::modal::config;
+use tailbox::modal::fs;
+use tailbox::modal::router::Router;
+use tailbox::modal::stdio::{ExecReader, ExecWriter, Fd};
+use tailbox_proto::modal::client::modal_client_client::ModalClientClient;
+use tailbox_proto::modal::client::{AppGetOrCreateRequest, AuthTokenGetRequest};
+use tailbox_proto::modal::task_command_router::task_command_router_client::TaskCommandRouterClient;
+use tailbox_proto::modal::task_command_router::{
+    TaskExecStartRequest, TaskExecStdinWriteRequest, TaskExecStdioReadRequest, TaskExecStdoutConfig,
+};
+use tailbox_testkit::fake_modal::{FakeModal, Faults, TOKEN_ID, TOKEN_SECRET};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::Code;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn client(fake: &FakeModal) -> ModalClient {
+    let env: Vec<(String, String)> = fake.env();
+    let env = MapEnv(env.into_iter().collect());
+    ModalClient::new(config::resolve(&env).unwrap().unwrap()).unwrap()
+}
+
+async fn sandbox(fake: &FakeModal) -> (ModalClient, String, Router) {
+    let client = client(fake);
+    let spec = SandboxSpec {
+        app_name: "tailbox-tests".into(),
+        image: "example/image:1".into(),
+        timeout: Duration::from_secs(300),
+        tags: vec![("created-by".into(), "tailbox".into())],
+        env: HashMap::new(),
+    };
+    let sandbox = ModalSandbox::create(&client, &spec, |_| {}).await.unwrap();
+    let id = sandbox.id().to_owned();
+    let record = fake.record();
+    let task_id = record.sandbox(&id).unwrap().task_id.clone();
+    let router = Router::connect(client.clone(), task_id).await.unwrap();
+    (client, id, router)
+}
+
+/// Puts a shell script into the sandbox (it runs with the host's /bin/sh).
+async fn script(router: &Router, path: &str, body: &str) {
+    let data = Bytes::from(format!("#!/bin/sh\n{body}\n"));
+    fs::push_executable(router, path, data).await.unwrap();
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_arrives_byte_for_byte_through_repeated_cuts() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_client, id, router) = sandbox(&fake).await;
+        let expected = pattern(300_000);
+        let data_path = fake.host_path(&id, "/data.bin").unwrap();
+        std::fs::write(&data_path, &expected).unwrap();
+        script(
+            &router,
+            "/bin/emit",
+            &format!(
+                "cat {} ; cat {} >&2",
+                data_path.display(),
+                data_path.display()
+            ),
+        )
+        .await;
+
+        fake.set_faults(Faults {
+            cut_stdio_after: Some(10_000),
+            ..Faults::default()
+        });
+        let exec_id = uuid::Uuid::new_v4().to_string();
+        router
+            .exec_start(&exec_id, vec!["/bin/emit".into()], HashMap::new())
+            .await
+            .unwrap();
+        let mut stdout = ExecReader::new(router.clone(), exec_id.clone(), Fd::Stdout);
+        let mut stderr = ExecReader::new(router.clone(), exec_id.clone(), Fd::Stderr);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (a, b) = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        a.unwrap();
+        b.unwrap();
+        assert!(
+            out == expected,
+            "stdout differs ({} of {} bytes)",
+            out.len(),
+            expected.len()
+        );
+        assert!(
+            err == expected,
+            "stderr differs ({} of {} bytes)",
+            err.len(),
+            expected.len()
+        );
+        assert!(
+            fake.record().stdio_cuts >= 50,
+            "{} cuts",
+            fake.record().stdio_cuts
+        );
+        assert_eq!(
+            router.wait(&exec_id).await.unwrap(),
+            tailbox::backend::AgentExit::Code(0)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdin_is_ordered_and_exact_through_lost_writes() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_client, _id, router) = sandbox(&fake).await;
+        script(&router, "/bin/echo-stdin", "exec cat").await;
+        fake.update_faults(|f| {
+            f.unavailable.insert("TaskExecStdinWrite".into(), 5);
+            f.cut_stdio_after = Some(64 * 1024);
+        });
+        let exec_id = uuid::Uuid::new_v4().to_string();
+        router
+            .exec_start(&exec_id, vec!["/bin/echo-stdin".into()], HashMap::new())
+            .await
+            .unwrap();
+        let mut writer = ExecWriter::new(router.clone(), exec_id.clone());
+        let mut reader = ExecReader::new(router.clone(), exec_id.clone(), Fd::Stdout);
+        let expected = pattern(1_000_000);
+        let sent = expected.clone();
+        let write = tokio::spawn(async move {
+            // Many small writes, as HTTP/2 framing makes them.
+            for chunk in sent.chunks(3_000) {
+                writer.write_all(chunk).await.unwrap();
+            }
+            writer.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        reader.read_to_end(&mut echoed).await.unwrap();
+        write.await.unwrap();
+        assert!(
+            echoed == expected,
+            "echo differs ({} of {} bytes)",
+            echoed.len(),
+            expected.len()
+        );
+        let record = fake.record();
+        let exec = record.execs.iter().find(|e| e.exec_id == exec_id).unwrap();
+        assert_eq!(exec.stdin_bytes, expected.len() as u64);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_skips_content_already_there_and_replaces_a_partial_file() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_client, id, router) = sandbox(&fake).await;
+        let data = Bytes::from(pattern(600_000));
+        let first = fs::push_executable(&router, "/opt/bin/thing", data.clone())
+            .await
+            .unwrap();
+        assert_eq!(first.uploaded_bytes, 600_000);
+        let host = fake.host_path(&id, "/opt/bin/thing").unwrap();
+        assert_eq!(
+            std::fs::metadata(&host).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let again = fs::push_executable(&router, "/opt/bin/thing", data.clone())
+            .await
+            .unwrap();
+        assert_eq!(again.uploaded_bytes, 0);
+        // An interrupted earlier upload (wrong size) is written again.
+        std::fs::write(&host, &data[..1000]).unwrap();
+        let repaired = fs::push_executable(&router, "/opt/bin/thing", data.clone())
+            .await
+            .unwrap();
+        assert_eq!(repaired.uploaded_bytes, 600_000);
+        assert!(std::fs::read(&host).unwrap() == data.as_ref());
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A raw request with the headers the real server requires (or some of them left out).
+fn control_request<T>(
+    message: T,
+    token: Option<&str>,
+    with_credentials: bool,
+) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let md = request.metadata_mut();
+    md.insert("x-modal-client-type", "9".parse().unwrap());
+    md.insert("x-modal-client-version", "1.0.0".parse().unwrap());
+    if with_credentials {
+        md.insert("x-modal-token-id", TOKEN_ID.parse().unwrap());
+        md.insert("x-modal-token-secret", TOKEN_SECRET.parse().unwrap());
+    }
+    if let Some(token) = token {
+        md.insert("x-modal-auth-token", token.parse().unwrap());
+    }
+    request
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fake_refuses_what_modal_refuses() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let channel = tonic::transport::Endpoint::from_shared(fake.server_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut control = ModalClientClient::new(channel);
+        let app = || AppGetOrCreateRequest {
+            app_name: "a".into(),
+            environment_name: String::new(),
+            object_creation_type: 1,
+        };
+
+        // No token id/secret.
+        let err = control
+            .auth_token_get(control_request(AuthTokenGetRequest {}, None, false))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        // Credentials but no auth token on a unary call.
+        let err = control
+            .app_get_or_create(control_request(app(), None, true))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        // A made-up auth token.
+        let err = control
+            .app_get_or_create(control_request(app(), Some("a.b.c"), true))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+
+        // The router: no bearer, DEVNULL stdout, offsets beyond what exists.
+        let (_client, _id, router) = sandbox(&fake).await;
+        let task_id = router.task_id().to_owned();
+        let channel = tonic::transport::Endpoint::from_shared(fake.router_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut raw = TaskCommandRouterClient::new(channel);
+        let start = |stdout: TaskExecStdoutConfig| TaskExecStartRequest {
+            task_id: task_id.clone(),
+            exec_id: uuid::Uuid::new_v4().to_string(),
+            command_args: vec!["/bin/true".into()],
+            stdout_config: stdout as i32,
+            stderr_config: 1,
+            ..Default::default()
+        };
+        let err = raw
+            .task_exec_start(start(TaskExecStdoutConfig::Pipe))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+
+        // With the JWT the fake granted for this task.
+        let jwt = fake.router_jwt(&task_id).unwrap();
+        let bearer = |message| {
+            let mut request = tonic::Request::new(message);
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {jwt}").parse().unwrap());
+            request
+        };
+        let err = raw
+            .task_exec_start(bearer(start(TaskExecStdoutConfig::Devnull)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+        let with_jwt = |jwt: &str| {
+            let value: tonic::metadata::MetadataValue<_> = format!("Bearer {jwt}").parse().unwrap();
+            value
+        };
+        let auth = with_jwt(&jwt);
+        let bearer_read = |message| {
+            let mut request = tonic::Request::new(message);
+            request.metadata_mut().insert("authorization", auth.clone());
+            request
+        };
+        let bearer_write = |message| {
+            let mut request = tonic::Request::new(message);
+            request.metadata_mut().insert("authorization", auth.clone());
+            request
+        };
+        script(&router, "/bin/hello", "echo hello").await;
+        let exec_id = uuid::Uuid::new_v4().to_string();
+        router
+            .exec_start(&exec_id, vec!["/bin/hello".into()], HashMap::new())
+            .await
+            .unwrap();
+        router.wait(&exec_id).await.unwrap();
+        let err = raw
+            .task_exec_stdio_read(bearer_read(TaskExecStdioReadRequest {
+                task_id: task_id.clone(),
+                exec_id: exec_id.clone(),
+                offset: 7,
+                file_descriptor: 0,
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::OutOfRange);
+        let err = raw
+            .task_exec_stdin_write(bearer_write(TaskExecStdinWriteRequest {
+                task_id: task_id.clone(),
+                exec_id: exec_id.clone(),
+                offset: 10,
+                data: b"x".to_vec(),
+                eof: false,
+            }))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.code(), Code::OutOfRange | Code::FailedPrecondition),
+            "{err:?}"
+        );
+
+        let refusals = fake.record().refusals;
+        assert!(refusals.len() >= 6, "{refusals:#?}");
+    })
+    .await
+    .expect("test timed out");
+}

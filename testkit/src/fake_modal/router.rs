@@ -1,0 +1,339 @@
+//! The fake Task Command Router.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tailbox_proto::modal::task_command_router::task_command_router_server::TaskCommandRouter;
+use tailbox_proto::modal::task_command_router::task_exec_stdin_write_stream_request::Payload;
+use tailbox_proto::modal::task_command_router::task_exec_wait_response::ExitStatus;
+use tailbox_proto::modal::task_command_router::*;
+use tokio::sync::mpsc;
+use tonic::codegen::BoxStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::sandbox::{self, Exec, Exit, Sandbox};
+use super::{State, lock};
+
+pub(crate) struct CommandRouter {
+    pub(crate) state: Arc<State>,
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+/// Largest chunk one stdio read message carries.
+const CHUNK: usize = 64 * 1024;
+
+impl CommandRouter {
+    /// Records the call and checks the bearer JWT belongs to `task_id` and has not expired.
+    fn admit(
+        &self,
+        rpc: &str,
+        metadata: &MetadataMap,
+        task_id: &str,
+    ) -> Result<Arc<Sandbox>, Status> {
+        self.state.call("router", rpc, metadata)?;
+        let bearer = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let Some(jwt) = bearer else {
+            return Err(self.state.refuse(
+                rpc,
+                Status::unauthenticated("missing authorization: Bearer <jwt>"),
+            ));
+        };
+        let grant = lock(&self.state.world).router_jwts.get(jwt).cloned();
+        match grant {
+            None => {
+                return Err(self
+                    .state
+                    .refuse(rpc, Status::unauthenticated("unknown JWT")));
+            }
+            Some((task, _)) if task != task_id => {
+                return Err(self.state.refuse(
+                    rpc,
+                    Status::permission_denied("the JWT is for another task"),
+                ));
+            }
+            Some((_, exp)) if SystemTime::now() >= exp => {
+                return Err(self
+                    .state
+                    .refuse(rpc, Status::unauthenticated("JWT expired")));
+            }
+            Some(_) => {}
+        }
+        let sandbox = {
+            let world = lock(&self.state.world);
+            world
+                .tasks
+                .get(task_id)
+                .and_then(|id| world.sandboxes.get(id))
+                .cloned()
+        };
+        match sandbox {
+            Some(s) if !s.terminated.load(std::sync::atomic::Ordering::SeqCst) => Ok(s),
+            Some(_) => Err(Status::not_found(format!("task {task_id} has finished"))),
+            None => Err(Status::not_found(format!("task {task_id} not found"))),
+        }
+    }
+
+    fn exec(sandbox: &Sandbox, exec_id: &str) -> Result<Arc<Exec>, Status> {
+        lock(&sandbox.execs)
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("exec {exec_id} not found")))
+    }
+}
+
+#[tonic::async_trait]
+impl TaskCommandRouter for CommandRouter {
+    async fn task_exec_start(
+        &self,
+        request: Request<TaskExecStartRequest>,
+    ) -> Reply<TaskExecStartResponse> {
+        let (metadata, _, req) = request.into_parts();
+        let sandbox = self.admit("TaskExecStart", &metadata, &req.task_id)?;
+        if req.stdout_config != TaskExecStdoutConfig::Pipe as i32 {
+            return Err(self.state.refuse(
+                "TaskExecStart",
+                Status::invalid_argument("stdout_config is DEVNULL: the output would be discarded"),
+            ));
+        }
+        if req.exec_id.is_empty() || req.command_args.is_empty() {
+            return Err(self.state.refuse(
+                "TaskExecStart",
+                Status::invalid_argument("exec_id and command_args are required"),
+            ));
+        }
+        if !sandbox::is_tool(&req.command_args) {
+            self.state.latency("TaskExecStart").await;
+        }
+        sandbox::start_exec(
+            &self.state,
+            &sandbox,
+            &req.exec_id,
+            req.command_args,
+            req.env,
+        )?;
+        Ok(Response::new(TaskExecStartResponse {}))
+    }
+
+    async fn task_exec_stdio_read(
+        &self,
+        request: Request<TaskExecStdioReadRequest>,
+    ) -> Reply<BoxStream<TaskExecStdioReadResponse>> {
+        let (metadata, _, req) = request.into_parts();
+        let sandbox = self.admit("TaskExecStdioRead", &metadata, &req.task_id)?;
+        let exec = Self::exec(&sandbox, &req.exec_id)?;
+        let stderr = req.file_descriptor == TaskExecStdioFileDescriptor::Stderr as i32;
+        let mut progress = if stderr {
+            exec.stderr.watch()
+        } else {
+            exec.stdout.watch()
+        };
+        let produced = progress.borrow().0;
+        let Ok(mut offset) = usize::try_from(req.offset) else {
+            return Err(Status::out_of_range("offset overflows"));
+        };
+        if offset > produced {
+            return Err(self.state.refuse(
+                "TaskExecStdioRead",
+                Status::out_of_range(format!(
+                    "offset {offset} is beyond the {produced} bytes produced"
+                )),
+            ));
+        }
+        if !exec.tool {
+            self.state.latency("TaskExecStdioRead").await;
+        }
+        let cut = self.state.faults().cut_stdio_after;
+        let state = Arc::clone(&self.state);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let output = if stderr { &exec.stderr } else { &exec.stdout };
+            let mut sent = 0usize;
+            loop {
+                let (len, done) = *progress.borrow_and_update();
+                if offset < len {
+                    let mut max = CHUNK;
+                    if let Some(cut) = cut {
+                        if sent >= cut {
+                            state.update(|r| r.stdio_cuts += 1);
+                            let _ = tx
+                                .send(Err(Status::unavailable("fake: stdio stream cut")))
+                                .await;
+                            return;
+                        }
+                        max = max.min(cut - sent);
+                    }
+                    let data = output.slice(offset, max);
+                    offset += data.len();
+                    sent += data.len();
+                    if tx
+                        .send(Ok(TaskExecStdioReadResponse { data }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                if done || progress.changed().await.is_err() {
+                    // Everything delivered and the fd closed: a clean end of the stream.
+                    if done {
+                        return;
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn task_exec_stdin_write(
+        &self,
+        request: Request<TaskExecStdinWriteRequest>,
+    ) -> Reply<TaskExecStdinWriteResponse> {
+        let (metadata, _, req) = request.into_parts();
+        let sandbox = self.admit("TaskExecStdinWrite", &metadata, &req.task_id)?;
+        let exec = Self::exec(&sandbox, &req.exec_id)?;
+        self.state.latency("TaskExecStdinWrite").await;
+        sandbox::write_stdin(
+            &self.state,
+            &sandbox,
+            &exec,
+            &req.exec_id,
+            req.offset,
+            &req.data,
+            req.eof,
+        )
+        .await
+        .map_err(|s| {
+            if s.code() == tonic::Code::OutOfRange {
+                self.state.refuse("TaskExecStdinWrite", s)
+            } else {
+                s
+            }
+        })?;
+        Ok(Response::new(TaskExecStdinWriteResponse {}))
+    }
+
+    async fn task_exec_stdin_write_stream(
+        &self,
+        request: Request<Streaming<TaskExecStdinWriteStreamRequest>>,
+    ) -> Reply<TaskExecStdinWriteStreamResponse> {
+        let (metadata, _, mut stream) = request.into_parts();
+        let first = stream.message().await?;
+        let Some(TaskExecStdinWriteStreamRequest {
+            payload: Some(Payload::Start(start)),
+        }) = first
+        else {
+            self.state
+                .call("router", "TaskExecStdinWriteStream", &metadata)?;
+            return Err(self.state.refuse(
+                "TaskExecStdinWriteStream",
+                Status::invalid_argument("the first message must be start"),
+            ));
+        };
+        let sandbox = self.admit("TaskExecStdinWriteStream", &metadata, &start.task_id)?;
+        let exec = Self::exec(&sandbox, &start.exec_id)?;
+        self.state.latency("TaskExecStdinWriteStream").await;
+        let cut = self.state.faults().cut_stdin_stream_after;
+        let mut offset = start.offset;
+        let mut streamed = 0usize;
+        while let Some(message) = stream.message().await? {
+            match message.payload {
+                Some(Payload::Data(data)) => {
+                    let mut data = data.as_slice();
+                    let mut cut_now = false;
+                    if let Some(cut) = cut
+                        && streamed + data.len() > cut
+                    {
+                        data = &data[..cut.saturating_sub(streamed)];
+                        cut_now = true;
+                    }
+                    sandbox::write_stdin(
+                        &self.state,
+                        &sandbox,
+                        &exec,
+                        &start.exec_id,
+                        offset,
+                        data,
+                        false,
+                    )
+                    .await
+                    .map_err(|s| {
+                        if s.code() == tonic::Code::OutOfRange {
+                            self.state.refuse("TaskExecStdinWriteStream", s)
+                        } else {
+                            s
+                        }
+                    })?;
+                    offset += data.len() as u64;
+                    streamed += data.len();
+                    if cut_now {
+                        return Err(Status::unavailable("fake: stdin stream cut"));
+                    }
+                }
+                Some(Payload::End(_)) => {
+                    sandbox::write_stdin(
+                        &self.state,
+                        &sandbox,
+                        &exec,
+                        &start.exec_id,
+                        offset,
+                        &[],
+                        true,
+                    )
+                    .await?;
+                    break;
+                }
+                Some(Payload::Start(_)) | None => {
+                    return Err(Status::invalid_argument("start may only come first"));
+                }
+            }
+        }
+        Ok(Response::new(TaskExecStdinWriteStreamResponse {}))
+    }
+
+    async fn task_exec_stdin_status(
+        &self,
+        request: Request<TaskExecStdinStatusRequest>,
+    ) -> Reply<TaskExecStdinStatusResponse> {
+        let (metadata, _, req) = request.into_parts();
+        let sandbox = self.admit("TaskExecStdinStatus", &metadata, &req.task_id)?;
+        let exec = Self::exec(&sandbox, &req.exec_id)?;
+        let stdin = exec.stdin.lock().await;
+        Ok(Response::new(TaskExecStdinStatusResponse {
+            num_bytes_written: stdin.written,
+            closed: stdin.closed,
+        }))
+    }
+
+    async fn task_exec_wait(
+        &self,
+        request: Request<TaskExecWaitRequest>,
+    ) -> Reply<TaskExecWaitResponse> {
+        let (metadata, _, req) = request.into_parts();
+        let sandbox = self.admit("TaskExecWait", &metadata, &req.task_id)?;
+        let exec = Self::exec(&sandbox, &req.exec_id)?;
+        let mut exit = exec.exit.subscribe();
+        let status = loop {
+            if let Some(status) = *exit.borrow_and_update() {
+                break status;
+            }
+            if exit.changed().await.is_err() {
+                return Err(Status::unavailable("fake: the exec vanished"));
+            }
+        };
+        Ok(Response::new(TaskExecWaitResponse {
+            exit_status: Some(match status {
+                Exit::Code(code) => ExitStatus::Code(code),
+                Exit::Signal(signal) => ExitStatus::Signal(signal),
+            }),
+        }))
+    }
+}
