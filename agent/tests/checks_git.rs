@@ -482,7 +482,7 @@ async fn a_server_that_never_answers_runs_into_the_deadline_on_time() {
             assert_eq!(class(&r), FailureClass::Deadline, "{url}: {r:#?}");
             assert_eq!(layer(&r), Layer::Git, "{url}: {r:#?}");
             assert!(
-                took >= budget && took < budget + Duration::from_secs(1),
+                took >= budget && took < budget + Duration::from_secs(2),
                 "{url}: {took:?}"
             );
         }

@@ -219,8 +219,9 @@ async fn a_closed_port_on_the_peer_is_tcp_refused_with_the_bind_hint() {
         assert!(r.hint.contains("0.0.0.0"), "{}", r.hint);
         assert!(r.hint.contains("127.0.0.1"), "{}", r.hint);
         assert_eq!(evidence(&r).status_code, 0);
+        // A reset, not tailscaled's 5 s dial timeout (for the request and for the diagnosis).
         assert!(
-            started.elapsed() < Duration::from_secs(4),
+            started.elapsed() < Duration::from_secs(8),
             "{:?}",
             started.elapsed()
         );
@@ -339,7 +340,7 @@ async fn a_slow_response_runs_into_the_deadline_on_time() {
         // The connection was open; the server was slow.
         assert_eq!(layer(&r), Layer::Http, "{r:#?}");
         assert!(
-            took >= budget && took < budget + Duration::from_millis(750),
+            took >= budget && took < budget + Duration::from_millis(1500),
             "{took:?}"
         );
     })
