@@ -461,7 +461,7 @@ impl TailnetRun<'_> {
             let gits = self.request.git_targets.iter().map(|target| {
                 let ctx = self.proxy_context(proxy, self.budget.git, supervisor);
                 async move {
-                    let result = pending_git(target, &ctx); // WIRE: crate::checks::git::check_git
+                    let result = crate::checks::git::check_git(target, &ctx).await;
                     sink.check(result).await;
                 }
             });
@@ -560,11 +560,6 @@ impl TailnetRun<'_> {
         .await;
         teardown
     }
-}
-
-// WIRE: temporary until the HTTP and git checks land.
-fn pending_git(target: &GitTarget, _ctx: &ProxyContext) -> CheckResult {
-    Outcome::start("git", redact_url(&target.url), Layer::Git).skip("pending", "")
 }
 
 fn source_name(source: i32) -> &'static str {
