@@ -6,132 +6,221 @@
 //! control server on 127.0.0.1 as a Modal sandbox reaches Tailscale's control plane.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tailbox_testkit::agent::static_agent_binary;
-use tailbox_testkit::fake_modal::FakeModal;
+use tailbox_testkit::fake_modal::{FakeConfig, FakeModal};
 use tailbox_testkit::lab::{Binaries, Lab};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 
-fn status(check: &Value) -> &str {
-    check["status"].as_str().unwrap_or_default()
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    report: Value,
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_agent_in_a_fake_modal_sandbox_passes_every_check_on_the_lab_tailnet() {
-    // Building the lab binaries and the static agent can take minutes on a cold cache: do it
-    // outside the timeout.
+impl Run {
+    fn check(&self, name: &str) -> &Value {
+        self.report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check: {:#}", self.report))
+    }
+
+    fn status(&self, name: &str) -> &str {
+        self.check(name)["status"].as_str().unwrap_or_default()
+    }
+}
+
+/// Builds the lab binaries and the static agent outside any timeout (minutes on a cold cache),
+/// then starts a lab and a fake Modal.
+async fn setup(config: FakeConfig) -> (Lab, FakeModal, std::path::PathBuf) {
     Binaries::locate().await.unwrap();
     let agent = tokio::task::spawn_blocking(static_agent_binary)
         .await
         .unwrap();
     let lab = Lab::start().await.unwrap();
-    let fake = FakeModal::start().await.unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let key_file = dir.path().join("authkey");
-        std::fs::write(&key_file, lab.auth_key()).unwrap();
-        let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
-        let args: Vec<String> = vec![
-            "check".into(),
-            "--sandbox".into(),
-            "modal".into(),
-            "--json".into(),
-            "--agent".into(),
-            agent.display().to_string(),
-            "--tailscaled".into(),
-            lab.bins().tailscaled().display().to_string(),
-            "--control-url".into(),
-            lab.control_url().into(),
-            "--auth-key-file".into(),
-            key_file.display().to_string(),
-            // Fake sandboxes share this machine's ports; let tailscaled pick one.
-            "--proxy-listen".into(),
-            "127.0.0.1:0".into(),
-            "--ping".into(),
-            lab.peer_ipv4().to_string(),
-            "--http".into(),
-            lab.health_url(),
-            "--git".into(),
-            lab.git_url(),
-            "--expect-ref".into(),
-            format!("main={main_sha}"),
-        ];
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
-            .args(&args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", dir.path())
-            .env(
-                "TAILBOX_TAILSCALED_ENV",
-                serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-            )
-            .envs(fake.env())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .unwrap();
-        let stdout = String::from_utf8(output.stdout).unwrap();
-        let stderr = String::from_utf8(output.stderr).unwrap();
-        let events: Vec<Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        let report = events
-            .last()
-            .map(|e| e["report"].clone())
-            .unwrap_or_default();
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "stderr:\n{stderr}\nreport:\n{report:#}\nlab:\n{}",
-            lab.log_tails()
-        );
-        assert_eq!(report["verdict"]["ok"], true, "{report:#}");
-        assert_eq!(report["sandbox"]["backend"], "modal");
-        let checks = report["checks"].as_array().unwrap();
-        let check = |name: &str| {
-            checks
-                .iter()
-                .find(|c| c["name"] == name)
-                .unwrap_or_else(|| panic!("no {name} check: {report:#}"))
-        };
-        assert_eq!(status(check("login")), "CHECK_STATUS_PASS", "{report:#}");
-        assert!(
-            matches!(
-                status(check("ping")),
-                "CHECK_STATUS_PASS" | "CHECK_STATUS_WARN"
-            ),
-            "{report:#}"
-        );
-        assert_eq!(status(check("http")), "CHECK_STATUS_PASS", "{report:#}");
-        assert_eq!(status(check("git")), "CHECK_STATUS_PASS", "{report:#}");
-        assert_eq!(check("git")["git"]["head_sha"], main_sha);
+    let fake = FakeModal::start_with(config).await.unwrap();
+    (lab, fake, agent)
+}
 
-        let record = fake.record();
-        assert_eq!(record.sandboxes.len(), 1);
-        assert!(record.sandboxes[0].terminated_at.is_some());
-        // The auth key travelled only inside the gRPC stream to the agent: not in any exec's
-        // argv or environment, nor in any header, nor in the output.
-        let key = lab.auth_key();
-        assert!(
-            record
-                .execs
-                .iter()
-                .all(|e| e.argv.iter().all(|a| !a.contains(key)))
+/// `tailbox check --sandbox modal` with the lab's key, control, knobs and targets (as env, the
+/// way a developer runs it) plus `extra`.
+async fn check_in_lab(lab: &Lab, fake: &FakeModal, agent: &Path, extra: &[String]) -> Run {
+    let home = tempfile::tempdir().unwrap();
+    let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
+    let mut args: Vec<String> = [
+        "check",
+        "--sandbox",
+        "modal",
+        "--json",
+        "--agent",
+        agent.to_str().unwrap(),
+        // Fake sandboxes share this machine's ports; let tailscaled pick one.
+        "--proxy-listen",
+        "127.0.0.1:0",
+        "--expect-ref",
+        &format!("main={main_sha}"),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    args.extend_from_slice(extra);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+        .args(&args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("TS_AUTHKEY", lab.auth_key())
+        .env("TS_CONTROL_URL", lab.control_url())
+        .env(
+            "TAILBOX_TAILSCALED_ENV",
+            serde_json::to_string(&lab.tailscaled_env()).unwrap(),
+        )
+        .env("COOK_TAIL_IP", lab.peer_ipv4().to_string())
+        .env("COOK_HTTP_URL", lab.health_url())
+        .env("COOK_GIT_URL", lab.git_url())
+        .envs(fake.env())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let report = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|e| e["report"].clone())
+        .unwrap_or_default();
+    let run = Run {
+        code: output.status.code(),
+        stdout,
+        stderr,
+        report,
+    };
+    assert_eq!(
+        run.code,
+        Some(0),
+        "stderr:\n{}\nreport:\n{:#}\nlab:\n{}",
+        run.stderr,
+        run.report,
+        lab.log_tails()
+    );
+    run
+}
+
+/// Every check passed, the sandbox is gone, and the auth key travelled only inside the gRPC
+/// stream to the agent: in no exec's argv or environment, no header, no output.
+fn assert_every_check_passed_and_nothing_leaked(run: &Run, lab: &Lab, fake: &FakeModal) {
+    let report = &run.report;
+    assert_eq!(report["verdict"]["ok"], true, "{report:#}");
+    assert_eq!(report["sandbox"]["backend"], "modal");
+    assert_eq!(run.status("login"), "CHECK_STATUS_PASS", "{report:#}");
+    assert!(
+        matches!(
+            run.status("ping"),
+            "CHECK_STATUS_PASS" | "CHECK_STATUS_WARN"
+        ),
+        "{report:#}"
+    );
+    assert_eq!(run.status("http"), "CHECK_STATUS_PASS", "{report:#}");
+    assert_eq!(run.status("git"), "CHECK_STATUS_PASS", "{report:#}");
+    assert_eq!(
+        run.check("git")["git"]["head_sha"],
+        lab.git_ref("refs/heads/main").unwrap()
+    );
+
+    let record = fake.record();
+    assert_eq!(record.sandboxes.len(), 1);
+    assert!(record.sandboxes[0].terminated_at.is_some());
+    let key = lab.auth_key();
+    assert!(
+        record
+            .execs
+            .iter()
+            .all(|e| e.argv.iter().all(|a| !a.contains(key)))
+    );
+    assert!(
+        record
+            .calls
+            .iter()
+            .all(|c| c.headers.values().all(|v| !v.contains(key)))
+    );
+    assert!(record.sandboxes[0].env.values().all(|v| !v.contains(key)));
+    assert!(!run.stdout.contains(key) && !run.stderr.contains(key));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_in_a_fake_modal_sandbox_passes_every_check_on_the_lab_tailnet() {
+    let (lab, fake, agent) = setup(FakeConfig::default()).await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let tailscaled = lab.bins().tailscaled().display().to_string();
+        let run = check_in_lab(&lab, &fake, &agent, &["--tailscaled".into(), tailscaled]).await;
+        assert_every_check_passed_and_nothing_leaked(&run, &lab, &fake);
+        assert_eq!(
+            run.check("daemon")["daemon"]["source"],
+            "DAEMON_SOURCE_REQUEST_PATH"
         );
-        assert!(
-            record
-                .calls
-                .iter()
-                .all(|c| c.headers.values().all(|v| !v.contains(key)))
-        );
-        assert!(record.sandboxes[0].env.values().all(|v| !v.contains(key)));
-        assert!(!stdout.contains(key) && !stderr.contains(key));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tailscale_pushed_from_a_release_tarball_joins_the_lab_tailnet() {
+    // No tailscaled on the sandbox's PATH: only the pushed one can be used.
+    let (lab, fake, agent) = setup(FakeConfig {
+        path: Some("/nonexistent-bin".into()),
+        ..FakeConfig::default()
+    })
+    .await;
+    assert!(
+        fake.mount_namespaces(),
+        "this test needs root (a private mount namespace per fake sandbox process), so that the \
+         pushed /tmp/tailbox/bin paths resolve for the agent as in a real sandbox"
+    );
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // A release-shaped tarball of the lab's tailscale build.
+        let dir = tempfile::tempdir().unwrap();
+        let tarball = dir.path().join("tailscale_1.102.3_amd64.tgz");
+        {
+            let gz = flate2::write::GzEncoder::new(
+                std::fs::File::create(&tarball).unwrap(),
+                flate2::Compression::fast(),
+            );
+            let mut tar = tar::Builder::new(gz);
+            for (name, path) in [
+                ("tailscaled", lab.bins().tailscaled()),
+                ("tailscale", lab.bins().tailscale()),
+            ] {
+                tar.append_path_with_name(path, format!("tailscale_1.102.3_amd64/{name}"))
+                    .unwrap();
+            }
+            tar.into_inner().unwrap().finish().unwrap();
+        }
+        let run = check_in_lab(
+            &lab,
+            &fake,
+            &agent,
+            &["--tailscale-tarball".into(), tarball.display().to_string()],
+        )
+        .await;
+        assert_every_check_passed_and_nothing_leaked(&run, &lab, &fake);
+        let sha = hex::encode(Sha256::digest(
+            std::fs::read(lab.bins().tailscaled()).unwrap(),
+        ));
+        let daemon = &run.check("daemon")["daemon"];
+        assert_eq!(daemon["source"], "DAEMON_SOURCE_PUSHED", "{daemon:#}");
+        assert_eq!(daemon["path"], format!("/tmp/tailbox/bin/tailscaled-{sha}"));
     })
     .await
     .expect("test timed out");

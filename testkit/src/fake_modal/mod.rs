@@ -6,8 +6,11 @@
 //!   map into that root, consistently for `modal-sandbox-fs-tools` (emulated: `WriteFile`, `Stat`)
 //!   and for an exec's `argv[0]`. Execs run in the test machine's network namespace (the agent
 //!   in a fake sandbox must reach the lab's control server on 127.0.0.1) and see its filesystem
-//!   outside `argv[0]`; `HOME` and `TMPDIR` point into the root. The image is the host plus a
-//!   `chmod` that understands root-mapped paths ([`FakeConfig::image_has_chmod`]).
+//!   outside `argv[0]`; `HOME` and `TMPDIR` point into the root. When the tests run as root,
+//!   each process also gets a private mount namespace in which the sandbox's `/tmp/tailbox`
+//!   (where tailbox pushes binaries) is bind-mounted at `/tmp/tailbox`, so paths tailbox hands
+//!   the agent resolve as in a real sandbox ([`FakeModal::mount_namespaces`]). The image is the
+//!   host plus a `chmod` that understands root-mapped paths ([`FakeConfig::image_has_chmod`]).
 //! - **Strict** like the real server: control-plane calls need `x-modal-token-id`/`-secret`, the
 //!   client headers and (unary, except `AuthTokenGet`) a valid unexpired `x-modal-auth-token`;
 //!   router calls need `authorization: Bearer <jwt>` for that task, unexpired; stdout left at
@@ -52,6 +55,8 @@ pub struct FakeConfig {
     pub auth_token_ttl: Duration,
     /// Page size of `SandboxList`.
     pub list_page_size: usize,
+    /// PATH of processes in sandboxes; `None` is this machine's PATH.
+    pub path: Option<String>,
 }
 
 impl Default for FakeConfig {
@@ -61,6 +66,7 @@ impl Default for FakeConfig {
             write_file_mode: 0o644,
             auth_token_ttl: Duration::from_secs(3600),
             list_page_size: 100,
+            path: None,
         }
     }
 }
@@ -186,6 +192,8 @@ pub(crate) struct State {
     pub(crate) world: Mutex<sandbox::World>,
     pub(crate) router_url: Mutex<String>,
     pub(crate) dir: tempfile::TempDir,
+    /// Whether processes get a private mount namespace (see [`sandbox::VISIBLE_DIRS`]).
+    pub(crate) mount_namespaces: bool,
 }
 
 impl State {
@@ -295,6 +303,7 @@ impl FakeModal {
             world: Mutex::new(sandbox::World::default()),
             router_url: Mutex::new(String::new()),
             dir,
+            mount_namespaces: sandbox::mount_namespaces_work(),
         });
         let control_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -341,6 +350,11 @@ impl FakeModal {
     /// The control-plane URL (`MODAL_SERVER_URL`).
     pub fn server_url(&self) -> String {
         format!("http://{}", self.control_addr)
+    }
+
+    /// Whether sandbox processes see the sandbox's `/tmp/tailbox` at that path (needs root).
+    pub fn mount_namespaces(&self) -> bool {
+        self.state.mount_namespaces
     }
 
     /// The router URL it hands out.

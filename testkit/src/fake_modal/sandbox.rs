@@ -314,7 +314,7 @@ pub(crate) fn start_exec(
         }
         exec
     } else {
-        spawn_process(sandbox, argv, env)
+        spawn_process(state, sandbox, argv, env)
     };
     lock(&sandbox.execs).insert(exec_id.to_owned(), Arc::clone(&exec));
     state.update(|r| {
@@ -465,7 +465,60 @@ fn complete_write_file(state: &State, root: &Path, exec: &Exec, data: Vec<u8>) {
     }
 }
 
+/// Sandbox directories that processes see at their sandbox path (in a private mount namespace)
+/// rather than only through argv[0] mapping: where tailbox pushes binaries.
+pub(crate) const VISIBLE_DIRS: &[&str] = &["/tmp/tailbox"];
+
+/// Whether this process may give children a private mount namespace (it is root and the kernel
+/// allows it), probed once with `/bin/true`.
+pub(crate) fn mount_namespaces_work() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return false;
+    }
+    let mut probe = std::process::Command::new("/bin/true");
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut probe, || private_mounts(&[]));
+    }
+    probe.status().is_ok_and(|s| s.success())
+}
+
+/// In a forked child: a private mount namespace with each `(source, target)` bind-mounted.
+fn private_mounts(binds: &[(std::ffi::CString, std::ffi::CString)]) -> std::io::Result<()> {
+    // SAFETY: plain system calls on NUL-terminated strings prepared before the fork.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        for (source, target) in binds {
+            if libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn spawn_process(
+    state: &State,
     sandbox: &Sandbox,
     argv: Vec<String>,
     exec_env: HashMap<String, String>,
@@ -514,6 +567,26 @@ fn spawn_process(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    if state.mount_namespaces {
+        let binds: Vec<(std::ffi::CString, std::ffi::CString)> = VISIBLE_DIRS
+            .iter()
+            .filter_map(|dir| {
+                let source = map_path(&sandbox.root, dir).ok()?;
+                std::fs::create_dir_all(&source).ok()?;
+                // The mount point on this machine: an empty directory, shared harmlessly by
+                // every fake sandbox (each mounts over it privately).
+                std::fs::create_dir_all(dir).ok()?;
+                Some((
+                    std::ffi::CString::new(source.into_os_string().into_encoded_bytes()).ok()?,
+                    std::ffi::CString::new(dir.as_bytes()).ok()?,
+                ))
+            })
+            .collect();
+        // SAFETY: the closure only makes async-signal-safe system calls.
+        unsafe {
+            command.pre_exec(move || private_mounts(&binds));
+        }
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
