@@ -339,3 +339,81 @@ async fn the_fake_refuses_what_modal_refuses() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_call_keeps_its_idempotency_key_and_gives_up_after_three_retries() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let client = client(&fake);
+        fake.update_faults(|f| {
+            f.unavailable.insert("AppGetOrCreate".into(), 3);
+        });
+        client.app_get_or_create("retried").await.unwrap();
+        let record = fake.record();
+        let calls = record.calls_of("AppGetOrCreate");
+        let keys: Vec<&str> = calls
+            .iter()
+            .map(|c| c.headers["x-idempotency-key"].as_str())
+            .collect();
+        assert_eq!(keys.len(), 4);
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        let attempts: Vec<&str> = calls
+            .iter()
+            .map(|c| c.headers["x-retry-attempt"].as_str())
+            .collect();
+        assert_eq!(attempts, ["0", "1", "2", "3"]);
+
+        // Four failures in a row: the error is an infrastructure error naming what failed.
+        fake.update_faults(|f| {
+            f.unavailable.insert("AppGetOrCreate".into(), 4);
+        });
+        let err = client.app_get_or_create("doomed").await.unwrap_err();
+        assert_eq!(err.exit_status().code(), 3);
+        assert!(
+            err.render().contains("Failed to look up the Modal app"),
+            "{}",
+            err.render()
+        );
+        assert!(
+            err.render().contains("hint: could not reach Modal"),
+            "{}",
+            err.render()
+        );
+        // A new logical call, a new key.
+        let record = fake.record();
+        let last = record.calls_of("AppGetOrCreate");
+        assert_ne!(last[4].headers["x-idempotency-key"], keys[0]);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_auth_token_is_refreshed_at_half_its_lifetime() {
+    let fake = FakeModal::start_with(tailbox_testkit::fake_modal::FakeConfig {
+        auth_token_ttl: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let client = client(&fake);
+        client.app_get_or_create("a").await.unwrap();
+        client.app_get_or_create("a").await.unwrap();
+        assert_eq!(
+            fake.record().auth_tokens,
+            1,
+            "a fresh token was fetched again"
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        client.app_get_or_create("a").await.unwrap();
+        assert_eq!(fake.record().auth_tokens, 2, "the token was not refreshed");
+        // AuthTokenGet itself carries the credentials but no auth token.
+        let record = fake.record();
+        let get = record.calls_of("AuthTokenGet")[0];
+        assert!(!get.headers.contains_key("x-modal-auth-token"));
+        assert_eq!(get.headers["x-modal-token-id"], TOKEN_ID);
+    })
+    .await
+    .expect("test timed out");
+}

@@ -229,6 +229,43 @@ async fn credentials_pick_modal_and_say_so() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn credentials_from_the_modal_config_file_are_used() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(
+            home.path().join(".modal.toml"),
+            format!(
+                "[other]\ntoken_id = \"ak-other\"\ntoken_secret = \"as-other\"\n\n[fake]\ntoken_id = \"{}\"\ntoken_secret = \"{TOKEN_SECRET}\"\nserver_url = \"{}\"\nactive = true\n",
+                tailbox_testkit::fake_modal::TOKEN_ID,
+                fake.server_url()
+            ),
+        )
+        .unwrap();
+        let agent = static_agent();
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+            .args(["check", "--json", "--agent", &agent])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", home.path())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let run = Run {
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+            code: output.status.code(),
+        };
+        run.assert_code(0);
+        assert_eq!(run.report()["sandbox"]["backend"], "modal");
+        assert!(fake.record().sandboxes[0].terminated_at.is_some());
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_kept_sandbox_is_reused_without_uploading_and_swept_at_the_end() {
     let fake = FakeModal::start().await.unwrap();
     tokio::time::timeout(TEST_TIMEOUT, async {
