@@ -440,10 +440,18 @@ impl ModalClient {
                 )
                 .await
                 .map_err(|s| {
-                    self.rpc_error(
+                    let not_found = s.code() == Code::NotFound;
+                    let err = self.rpc_error(
                         &format!("Failed to find the task of sandbox {sandbox_id}"),
                         s,
-                    )
+                    );
+                    if not_found {
+                        err.with_hint(
+                            "check the sandbox id; `tailbox sandbox sweep --dry-run` lists the sandboxes tailbox left running",
+                        )
+                    } else {
+                        err
+                    }
                 })?;
             if let Some(task_id) = response.task_id.filter(|t| !t.is_empty()) {
                 return Ok(task_id);

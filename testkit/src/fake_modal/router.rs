@@ -179,11 +179,8 @@ impl TaskCommandRouter for CommandRouter {
                     }
                     continue;
                 }
+                // Everything delivered and the fd closed: a clean end of the stream.
                 if done || progress.changed().await.is_err() {
-                    // Everything delivered and the fd closed: a clean end of the stream.
-                    if done {
-                        return;
-                    }
                     return;
                 }
             }

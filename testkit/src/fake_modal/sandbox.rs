@@ -207,7 +207,7 @@ pub(crate) fn create(
     let root = state.dir.path().join(&id);
     std::fs::create_dir_all(root.join("tmp"))
         .map_err(|e| Status::internal(format!("fake: creating the sandbox root: {e}")))?;
-    let created_at = {
+    {
         let mut world = lock(&state.world);
         // Strictly increasing, so paging by created_at never sees ties.
         let created_at = now_secs().max(world.last_created_at + 0.001);
@@ -225,9 +225,7 @@ pub(crate) fn create(
         });
         world.sandboxes.insert(id.clone(), sandbox);
         world.tasks.insert(task_id.clone(), id.clone());
-        created_at
-    };
-    let _ = created_at;
+    }
     state.update(|r| {
         r.sandboxes.push(SandboxRecord {
             id: id.clone(),
@@ -302,7 +300,7 @@ pub(crate) fn start_exec(
         }
     }
     let exec = if argv.first().map(String::as_str) == Some(FS_TOOLS) {
-        start_fs_tools(state, sandbox, argv)
+        start_fs_tools(sandbox, argv)
     } else if let Some(args) = chmod_args(&argv) {
         let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
         if state.config.image_has_chmod {
@@ -351,7 +349,7 @@ fn chmod(root: &Path, args: &[String], exec: &Exec) {
 }
 
 /// The fs-tools operations tailbox uses: `Stat` at once, `WriteFile` when stdin closes.
-fn start_fs_tools(state: &State, sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
+fn start_fs_tools(sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
     let op: Option<serde_json::Value> = argv.get(1).and_then(|a| serde_json::from_str(a).ok());
     let write_path = op
         .as_ref()
@@ -376,7 +374,6 @@ fn start_fs_tools(state: &State, sandbox: &Sandbox, argv: Vec<String>) -> Arc<Ex
             "the fake fs-tools knows only WriteFile and Stat",
         ),
     }
-    let _ = state;
     exec
 }
 
