@@ -391,7 +391,8 @@ async fn a_retried_call_keeps_its_idempotency_key_and_gives_up_after_three_retri
 #[tokio::test(flavor = "multi_thread")]
 async fn the_auth_token_is_refreshed_at_half_its_lifetime() {
     let fake = FakeModal::start_with(tailbox_testkit::fake_modal::FakeConfig {
-        auth_token_ttl: Duration::from_secs(2),
+        // Wide margins: the first calls must come well inside the first half of the lifetime.
+        auth_token_ttl: Duration::from_secs(12),
         ..Default::default()
     })
     .await
@@ -405,7 +406,7 @@ async fn the_auth_token_is_refreshed_at_half_its_lifetime() {
             1,
             "a fresh token was fetched again"
         );
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(Duration::from_millis(6500)).await;
         client.app_get_or_create("a").await.unwrap();
         assert_eq!(fake.record().auth_tokens, 2, "the token was not refreshed");
         // AuthTokenGet itself carries the credentials but no auth token.
