@@ -613,6 +613,11 @@ async fn wrong_credentials_are_a_usage_error_that_never_shows_the_secret() {
 /// Holds one phase open with fake latency, sends SIGINT once the fake sees that phase, and
 /// checks the sandbox is terminated within 3 seconds and tailbox exits 130.
 async fn interrupt_during(rpc: &str, reached: impl Fn(&Record) -> bool) {
+    signal_during(libc::SIGINT, rpc, reached).await;
+}
+
+/// [`interrupt_during`] with any signal.
+async fn signal_during(signal: i32, rpc: &str, reached: impl Fn(&Record) -> bool) {
     let fake = FakeModal::start().await.unwrap();
     fake.update_faults(|f| {
         f.latency.insert(rpc.to_owned(), Duration::from_secs(60));
@@ -645,11 +650,11 @@ async fn interrupt_during(rpc: &str, reached: impl Fn(&Record) -> bool) {
     let interrupted_at = Instant::now();
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
-        libc::kill(pid, libc::SIGINT);
+        libc::kill(pid, signal);
     }
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
-        .unwrap_or_else(|_| panic!("{rpc}: tailbox did not exit after SIGINT"))
+        .unwrap_or_else(|_| panic!("{rpc}: tailbox did not exit after signal {signal}"))
         .unwrap();
     let _ = stdout_task.await;
     let stderr = stderr_task.await.unwrap();
@@ -662,7 +667,7 @@ async fn interrupt_during(rpc: &str, reached: impl Fn(&Record) -> bool) {
     let took = terminated.saturating_duration_since(interrupted_at);
     assert!(
         took < Duration::from_secs(3),
-        "{rpc}: terminated {took:?} after SIGINT"
+        "{rpc}: terminated {took:?} after signal {signal}"
     );
 }
 
@@ -705,6 +710,18 @@ async fn ctrl_c_while_the_agent_runs_terminates_the_sandbox() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         // The agent is running; its output is held back, so the handshake is pending.
         interrupt_during("TaskExecStdioRead", |r| !r.agent_execs().is_empty()).await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_while_the_agent_runs_terminates_the_sandbox() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        signal_during(libc::SIGTERM, "TaskExecStdioRead", |r| {
+            !r.agent_execs().is_empty()
+        })
+        .await;
     })
     .await
     .expect("test timed out");
