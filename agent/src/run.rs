@@ -472,6 +472,13 @@ impl TailnetRun<'_> {
                 () = all => {}
                 () = self.ctx.cancel.cancelled() => {
                     tracing::warn!("run cancelled during the checks");
+                    // Every requested check still gets a result: the unfinished ones are skips.
+                    let done = sink.record().await.checks;
+                    for result in dependent_checks(self.request, "the run was cancelled before this check finished", "") {
+                        if !done.iter().any(|c| c.name == result.name && c.target == result.target) {
+                            sink.check(result).await;
+                        }
+                    }
                 }
             }
         })

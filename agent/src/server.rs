@@ -45,20 +45,39 @@ pub async fn serve_stdio(wire: Wire, options: ServeOptions) -> anyhow::Result<()
     let service = AgentService::new(context);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
+    let connection = serve_connection(tokio::io::join(reader, writer), service.clone());
+    tokio::pin!(connection);
     let result = tokio::select! {
-        result = serve_connection(tokio::io::join(reader, writer), service.clone()) => {
+        result = &mut connection => {
             tracing::info!("controller closed the connection; finishing");
+            // A run in flight still logs out and stops tailscaled.
+            service.shutdown(SHUTDOWN_GRACE).await;
             result
         }
         _ = terminate.recv() => {
+            // Cancel runs into their teardown but keep the connection up, so the controller (if
+            // it is still there) receives the teardown and the report.
             tracing::info!("SIGTERM: tearing down");
+            let shutdown = service.shutdown(SHUTDOWN_GRACE);
+            tokio::pin!(shutdown);
+            tokio::select! {
+                () = &mut shutdown => {}
+                result = &mut connection => {
+                    shutdown.await;
+                    return result;
+                }
+            }
+            // The report may still be queued: keep the connection up until the controller
+            // closes it after reading, or briefly if nobody is there.
+            let _ = tokio::time::timeout(FLUSH_GRACE, &mut connection).await;
             Ok(())
         }
     };
-    // Whatever ended the session, a run in flight still logs out and stops tailscaled.
-    service.shutdown(SHUTDOWN_GRACE).await;
     result
 }
+
+/// How long queued events get to reach a controller after a SIGTERM'd run ends.
+const FLUSH_GRACE: Duration = Duration::from_secs(2);
 
 /// How long runs get to tear down (logout, stop tailscaled) when the session ends.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);

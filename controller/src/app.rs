@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tailbox_proto::agent::v1::{CheckStatus, Phase, Report, event};
@@ -46,10 +47,34 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
     renderer.note(&format!("sandbox: {kind} ({})", plan.backend.reason));
 
     let result = match plan.backend.kind {
-        SandboxKind::Local => tokio::select! {
-            result = check_local(&plan, &mut renderer) => result,
-            () = interrupted() => Err(CliError::interrupted()),
-        },
+        SandboxKind::Local => {
+            let agent_pid = AtomicU32::new(0);
+            let outcome = {
+                let mut work = Box::pin(check_local(&plan, &mut renderer, &agent_pid));
+                tokio::select! {
+                    result = &mut work => LocalOutcome::Done(result),
+                    () = interrupted() => LocalOutcome::Interrupted(
+                        stop_local_agent(&agent_pid, &mut work).await,
+                    ),
+                }
+            };
+            match outcome {
+                LocalOutcome::Done(result) => result,
+                LocalOutcome::Interrupted(report) => {
+                    let mut err = CliError::interrupted();
+                    if let Some(report) = report {
+                        let logged_out = report.teardown.as_ref().is_some_and(|t| t.logged_out);
+                        finish(&plan, &mut renderer, &report)?;
+                        err = err.with_detail(if logged_out {
+                            "the agent stopped its run and logged the node out of the tailnet"
+                        } else {
+                            "the agent stopped its run"
+                        });
+                    }
+                    return Err(err);
+                }
+            }
+        }
         _ => {
             let config = modal.ok_or_else(|| {
                 CliError::usage("Modal is not configured")
@@ -74,11 +99,45 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
     }
 }
 
-async fn check_local(plan: &CheckPlan, renderer: &mut Renderer) -> CliResult<Report> {
+/// How a local run ended.
+enum LocalOutcome {
+    /// It ran to the end (or failed).
+    Done(CliResult<Report>),
+    /// Ctrl-C or SIGTERM; the agent's report, if it managed to send one in time.
+    Interrupted(Option<Report>),
+}
+
+/// After Ctrl-C: how long the local agent gets to log out, stop tailscaled and report.
+const INTERRUPT_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Asks the agent to stop (SIGTERM: it cancels the run into its teardown) and waits briefly for
+/// its report; a second Ctrl-C stops waiting.
+async fn stop_local_agent(
+    agent_pid: &AtomicU32,
+    work: &mut std::pin::Pin<Box<impl Future<Output = CliResult<Report>>>>,
+) -> Option<Report> {
+    let pid = agent_pid.load(Ordering::SeqCst);
+    let pid = i32::try_from(pid).ok().filter(|p| *p > 0)?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    tokio::select! {
+        result = tokio::time::timeout(INTERRUPT_GRACE, work.as_mut()) => result.ok()?.ok(),
+        () = interrupted() => None,
+    }
+}
+
+async fn check_local(
+    plan: &CheckPlan,
+    renderer: &mut Renderer,
+    agent_pid: &AtomicU32,
+) -> CliResult<Report> {
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
     let sandbox = LocalSandbox::prepare(plan.agent_path.as_deref())?;
     let agent = sandbox.launch_agent(agent_log_filter(plan))?;
+    agent_pid.store(agent.pid.unwrap_or(0), Ordering::SeqCst);
     renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, started.elapsed())?;
 
     let run_id = uuid::Uuid::new_v4().to_string();

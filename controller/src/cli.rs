@@ -150,7 +150,7 @@ pub struct CheckArgs {
     #[arg(long, value_parser = parse_duration)]
     pub login_timeout: Option<Duration>,
 
-    /// Budget for the target to appear online in the netmap [default: 60s].
+    /// Budget for the target to appear online in the netmap [default: 30s].
     #[arg(long, value_parser = parse_duration)]
     pub netmap_timeout: Option<Duration>,
 

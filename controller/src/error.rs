@@ -66,10 +66,7 @@ impl CliError {
 
     /// The run was interrupted.
     pub fn interrupted() -> Self {
-        Self::new(
-            ErrorKind::Interrupted,
-            "Interrupted; the sandbox was cleaned up",
-        )
+        Self::new(ErrorKind::Interrupted, "Interrupted")
     }
 
     fn new(kind: ErrorKind, message: impl Into<String>) -> Self {

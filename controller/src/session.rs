@@ -50,6 +50,7 @@ pub async fn run(
         stderr,
         exit,
         expected_sha256,
+        pid: _,
     } = agent;
     let (stderr_lines_tx, mut stderr_lines) = mpsc::unbounded_channel();
     let mut watch = AgentWatch::start(exit, stderr, stderr_lines_tx);

@@ -30,6 +30,7 @@ async fn handshake_and_run_over_memory() {
             stderr: Box::pin(tokio::io::empty()),
             exit: exit_rx.map(|r| r.unwrap_or(AgentExit::Code(0))).boxed(),
             expected_sha256: Some("ab".repeat(32)),
+            pid: None,
         };
         let request = RunRequest {
             run_id: "run-1".into(),
@@ -84,6 +85,7 @@ async fn a_sha_mismatch_is_refused() {
             stderr: Box::pin(tokio::io::empty()),
             exit: futures::future::pending().boxed(),
             expected_sha256: Some("ab".repeat(32)),
+            pid: None,
         };
         let mut renderer = Renderer::new(OutputMode::Human {
             verbose: false,

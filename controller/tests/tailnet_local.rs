@@ -514,3 +514,78 @@ async fn the_auth_key_appears_in_no_argv_environment_log_or_report() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_still_logs_the_node_out() {
+    let lab = lab().await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        // A slow response holds the run in the checks phase.
+        args.extend([
+            "--http".into(),
+            format!("{}/slow?ms=20000", lab.http_base_url()),
+        ]);
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+            .args(&args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", dir.path())
+            .env("TAILBOX_TAILSCALED_ENV", tailscaled_env(&lab))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let stderr_task = tokio::spawn(async move {
+            let mut text = String::new();
+            stderr.read_to_string(&mut text).await.unwrap();
+            text
+        });
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (mut agent_pid, mut tailscaled_pid, mut interrupted_at) = (None, None, None);
+        let mut events = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let event: Value = serde_json::from_str(&line).unwrap();
+            agent_pid = agent_pid.or(event["agent_hello"]["pid"].as_u64());
+            tailscaled_pid = tailscaled_pid.or(event["check"]["daemon"]["pid"].as_u64());
+            if interrupted_at.is_none() && event["phase_started"]["phase"] == "PHASE_CHECKS" {
+                let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+                interrupted_at = Some(Instant::now());
+            }
+            events.push(event);
+        }
+        let status = child.wait().await.unwrap();
+        let stderr = stderr_task.await.unwrap();
+        assert_eq!(status.code(), Some(130), "stderr:\n{stderr}");
+        assert!(interrupted_at.unwrap().elapsed() < Duration::from_secs(12));
+
+        // The agent was asked to stop, not killed: its report arrived, with the logout done and
+        // tailscaled stopped gracefully, and the checks cut short.
+        let report = &events.last().unwrap()["report"];
+        assert_eq!(report["teardown"]["logged_out"], true, "{report:#}");
+        assert_eq!(report["teardown"]["daemon_stop"], "sigterm");
+        let http = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "http")
+            .unwrap();
+        assert_eq!(http["status"], "CHECK_STATUS_SKIP", "{http:#}");
+        assert!(http["detail"].as_str().unwrap().contains("cancelled"));
+        assert!(stderr.contains("error: Interrupted"), "{stderr}");
+        assert!(stderr.contains("logged the node out"), "{stderr}");
+        // Nothing is left running.
+        for pid in [agent_pid.unwrap(), tailscaled_pid.unwrap()] {
+            let gone = (0..50).any(|_| {
+                std::thread::sleep(Duration::from_millis(100));
+                !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            });
+            assert!(gone, "process {pid} is still running");
+        }
+    })
+    .await
+    .expect("test timed out");
+}

@@ -76,7 +76,6 @@ impl LocalSandbox {
             // Its own process group: a terminal's Ctrl-C reaches only us, and we then close its
             // stdin so it can log out of the tailnet before exiting.
             .process_group(0)
-            .kill_on_drop(true)
             .spawn()
             .map_err(|err| {
                 CliError::infra(format!(
@@ -91,8 +90,10 @@ impl LocalSandbox {
         else {
             return Err(CliError::infra("Failed to open the agent's stdio pipes"));
         };
+        let pid = child.id();
+        let mut child = StopOnDrop(child);
         let exit = async move {
-            match child.wait().await {
+            match child.0.wait().await {
                 Ok(status) => match (status.code(), status.signal()) {
                     (Some(code), _) => AgentExit::Code(code),
                     (None, Some(signal)) => AgentExit::Signal(signal),
@@ -107,7 +108,27 @@ impl LocalSandbox {
             stderr: Box::pin(stderr),
             exit,
             expected_sha256: Some(self.agent_sha256.clone()),
+            pid,
         })
+    }
+}
+
+/// Owns the agent process. If the session is abandoned (Ctrl-C, an error) while the agent still
+/// runs, it gets SIGTERM rather than SIGKILL: it then cancels its run, logs the node out and
+/// stops tailscaled on its own, in its own process group, after we are gone.
+struct StopOnDrop(tokio::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait()
+            && let Some(pid) = self.0.id()
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
     }
 }
 
@@ -124,28 +145,14 @@ const SAFE_ENV: &[&str] = &[
     "SSL_CERT_DIR",
 ];
 
-/// `tailbox-agent` next to the running `tailbox` (where cargo and the release archive put it).
+/// The first agent found where [`super::default_agent_candidates`] looks.
 fn default_agent_path() -> CliResult<PathBuf> {
-    let exe = std::env::current_exe()
-        .map_err(|err| CliError::infra("Failed to find the running executable").with_source(err))?;
-    // Test binaries live in target/<profile>/deps; the agent is one level up.
-    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let candidates = [
-        dir.join("tailbox-agent"),
-        dir.parent()
-            .map(|p| p.join("tailbox-agent"))
-            .unwrap_or_default(),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
+    super::default_agent_candidates()
+        .into_iter()
+        .next()
         .ok_or_else(|| {
-            CliError::usage(format!(
-                "Failed to find tailbox-agent next to {}",
-                exe.display()
-            ))
-            .with_hint("build it with `cargo build -p tailbox-agent`, or pass --agent <PATH> (or set TAILBOX_AGENT)")
+            CliError::usage("Failed to find tailbox-agent next to tailbox")
+                .with_hint("build it with `cargo xtask static-agent` (or `cargo build -p tailbox-agent`), or pass --agent <PATH> (or set TAILBOX_AGENT)")
         })
 }
 

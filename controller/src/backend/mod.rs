@@ -24,6 +24,8 @@ pub struct AgentProcess {
     pub exit: BoxFuture<'static, AgentExit>,
     /// sha256 the agent must report in its handshake, when the backend knows it.
     pub expected_sha256: Option<String>,
+    /// Local process id, when the agent is a child of this process.
+    pub pid: Option<u32>,
 }
 
 /// How the agent process ended.
@@ -52,4 +54,29 @@ impl fmt::Display for AgentExit {
             AgentExit::Unknown(why) => write!(f, "unknown exit ({why})"),
         }
     }
+}
+
+/// Where cargo puts the static agent, relative to a profile directory such as `target/release`.
+const STATIC_AGENT_FROM_PROFILE_DIR: &str = "../x86_64-unknown-linux-musl/release/tailbox-agent";
+
+/// Candidate agent binaries when none is named: next to the running `tailbox` (a release
+/// archive, or a cargo profile directory; test binaries sit one level deeper in `deps/`), then
+/// the static build `cargo xtask static-agent` produces in the same target directory.
+pub fn default_agent_candidates() -> Vec<std::path::PathBuf> {
+    let Ok(exe) = std::env::current_exe() else {
+        return Vec::new();
+    };
+    let mut dirs = Vec::new();
+    if let Some(dir) = exe.parent() {
+        dirs.push(dir.to_path_buf());
+        if dir.file_name().is_some_and(|n| n == "deps")
+            && let Some(parent) = dir.parent()
+        {
+            dirs.push(parent.to_path_buf());
+        }
+    }
+    let mut candidates: Vec<_> = dirs.iter().map(|d| d.join("tailbox-agent")).collect();
+    candidates.extend(dirs.iter().map(|d| d.join(STATIC_AGENT_FROM_PROFILE_DIR)));
+    candidates.retain(|p| p.is_file());
+    candidates
 }

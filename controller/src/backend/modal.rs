@@ -280,6 +280,7 @@ impl ModalSandbox {
             stderr: Box::pin(stderr),
             exit,
             expected_sha256: Some(agent_sha256.to_owned()),
+            pid: None,
         })
     }
 
@@ -295,21 +296,21 @@ impl ModalSandbox {
     }
 }
 
-/// The `tailbox-agent` next to the running `tailbox`, for upload.
+/// The first *static* agent where [`super::default_agent_candidates`] looks, for upload: a
+/// dynamically linked agent next to `tailbox` (a plain `cargo build`) is passed over in favour
+/// of the musl build.
 pub fn default_agent_path() -> CliResult<PathBuf> {
-    let exe = std::env::current_exe()
-        .map_err(|err| CliError::infra("Failed to find the running executable").with_source(err))?;
-    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let candidate = dir.join("tailbox-agent");
-    if candidate.is_file() {
-        Ok(candidate)
-    } else {
-        Err(CliError::usage(format!(
-            "Failed to find tailbox-agent next to {}",
-            exe.display()
-        ))
-        .with_hint(format!(
-            "build the static agent with `{STATIC_BUILD}` and pass --agent <PATH> (or set TAILBOX_AGENT)"
-        )))
-    }
+    super::default_agent_candidates()
+        .into_iter()
+        .find(|path| {
+            std::fs::read(path)
+                .map(|bytes| check_static_x86_64(&bytes).is_ok())
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| {
+            CliError::usage("Failed to find a static tailbox-agent to upload next to tailbox")
+                .with_hint(format!(
+                    "build it with `cargo xtask static-agent` (or `{STATIC_BUILD}`), or pass --agent <PATH> (or set TAILBOX_AGENT)"
+                ))
+        })
 }
