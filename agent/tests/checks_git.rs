@@ -30,39 +30,10 @@ async fn sandbox() -> (Lab, Node) {
         .expect("the tailnet lab binaries (see lab/README.md)");
     let lab = Lab::start().await.expect("lab starts");
     let node = lab
-        .start_node("sandbox")
+        .start_logged_in_node("sandbox")
         .await
-        .expect("sandbox node starts");
-    node.up(lab.control_url(), lab.auth_key(), Duration::from_secs(60))
-        .await
-        .expect("sandbox node logs in");
-    wait_for_peer(&node, &lab).await;
+        .expect("sandbox node logs in and sees the peer");
     (lab, node)
-}
-
-/// Waits until the dev-host peer is in the sandbox's netmap.
-async fn wait_for_peer(node: &Node, lab: &Lab) {
-    let peer = lab.peer_ipv4().to_string();
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = node.status().await.unwrap();
-        let seen = status.raw["Peer"].as_object().is_some_and(|peers| {
-            peers.values().any(|p| {
-                p["TailscaleIPs"]
-                    .as_array()
-                    .is_some_and(|ips| ips.iter().any(|ip| ip.as_str() == Some(peer.as_str())))
-            })
-        });
-        if seen {
-            return;
-        }
-        assert!(
-            Instant::now() < until,
-            "peer never appeared: {}",
-            status.raw
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn ctx(socks_addr: SocketAddr, budget: Duration) -> ProxyContext {

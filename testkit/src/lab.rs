@@ -293,6 +293,38 @@ impl Lab {
         Node::start(&self.bins, hostname, &self.tailscaled_env()).await
     }
 
+    /// Starts another node, logs it in with the lab's key, and waits until the dev-host peer is
+    /// in its netmap, so a failure through it in a test means what the test says, not "too
+    /// early". It stands in for the sandbox's tailscaled in tests of single checks.
+    pub async fn start_logged_in_node(&self, hostname: &str) -> Result<Node> {
+        let node = self.start_node(hostname).await?;
+        node.up(self.control_url(), self.auth_key(), Duration::from_secs(60))
+            .await
+            .context("log the node in")?;
+        let peer = self.peer_ipv4().to_string();
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status = node.status().await?;
+            let seen = status.raw["Peer"].as_object().is_some_and(|peers| {
+                peers.values().any(|p| {
+                    p["TailscaleIPs"]
+                        .as_array()
+                        .is_some_and(|ips| ips.iter().any(|ip| ip.as_str() == Some(peer.as_str())))
+                })
+            });
+            if seen {
+                return Ok(node);
+            }
+            if tokio::time::Instant::now() >= until {
+                bail!(
+                    "the dev-host peer never appeared in {hostname}'s netmap: {}",
+                    status.raw
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The binaries this lab runs.
     pub fn bins(&self) -> &Binaries {
         &self.bins

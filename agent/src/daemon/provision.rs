@@ -223,6 +223,96 @@ mod tests {
         );
     }
 
+    /// A dynamically linked program whose interpreter does not exist (the tarball-binary-on-Nix
+    /// case) runs through a glibc loader found in a (fake) Nix store.
+    #[tokio::test]
+    async fn a_missing_interpreter_is_replaced_by_a_nix_store_loader() {
+        let system_loader = Path::new("/lib64/ld-linux-x86-64.so.2");
+        let system_libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+        assert!(
+            system_loader.exists() && system_libc.exists(),
+            "this test needs an x86_64 glibc machine (Debian)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        // /bin/true with its PT_INTERP pointed at a directory that does not exist.
+        let mut program = std::fs::read("/bin/true").unwrap();
+        let wanted = b"/lib64/ld-linux-x86-64.so.2\0";
+        let at = program
+            .windows(wanted.len())
+            .position(|w| w == wanted)
+            .expect("/bin/true names the standard loader");
+        program[at..at + wanted.len()].copy_from_slice(b"/nix64/ld-linux-x86-64.so.2\0");
+        let binary = dir.path().join("tailscaled");
+        std::fs::write(&binary, &program).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let direct = std::process::Command::new(&binary)
+            .arg("--version")
+            .output();
+        assert!(direct.is_err(), "without a loader it cannot run");
+
+        // A Nix store whose glibc is this machine's.
+        let root = dir.path().join("root");
+        let lib = root.join("nix/store/abc123-glibc-2.36/lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        std::os::unix::fs::symlink(system_loader, lib.join("ld-linux-x86-64.so.2")).unwrap();
+        std::os::unix::fs::symlink(system_libc, lib.join("libc.so.6")).unwrap();
+
+        let config = DaemonConfig {
+            tailscaled_path: binary.display().to_string(),
+            ..Default::default()
+        };
+        let found = find(&config, None, &preflight::Host::with_root(&root))
+            .await
+            .unwrap();
+        assert_eq!(found.source, DaemonSource::RequestPath);
+        assert_eq!(found.loader, Some(lib.join("ld-linux-x86-64.so.2")));
+        assert!(found.version.contains("coreutils"), "{}", found.version);
+    }
+
+    fn fake_tailscaled(dir: &Path, version: &str) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join("tailscaled");
+        std::fs::write(&path, format!("#!/bin/sh\necho {version}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn request_path_then_path_then_pushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let requested = fake_tailscaled(&dir.path().join("req"), "1.0.0-requested");
+        let on_path = fake_tailscaled(&dir.path().join("bin"), "1.0.0-path");
+        let pushed = fake_tailscaled(&dir.path().join("pushed"), "1.0.0-pushed");
+        let path_var = format!("/nonexistent:{}", dir.path().join("bin").display());
+        let host = preflight::Host::default();
+        let all = DaemonConfig {
+            tailscaled_path: requested.display().to_string(),
+            pushed_tailscaled_path: pushed.display().to_string(),
+            ..Default::default()
+        };
+        let found = find(&all, Some(&path_var), &host).await.unwrap();
+        assert_eq!(
+            (found.source, found.version.as_str()),
+            (DaemonSource::RequestPath, "1.0.0-requested")
+        );
+
+        let no_request = DaemonConfig {
+            tailscaled_path: String::new(),
+            ..all.clone()
+        };
+        let found = find(&no_request, Some(&path_var), &host).await.unwrap();
+        assert_eq!((found.source, found.path), (DaemonSource::Path, on_path));
+
+        let found = find(&no_request, Some("/nonexistent"), &host)
+            .await
+            .unwrap();
+        assert_eq!(
+            (found.source, found.version.as_str()),
+            (DaemonSource::Pushed, "1.0.0-pushed")
+        );
+        assert_eq!(found.loader, None);
+    }
+
     #[tokio::test]
     async fn an_explicit_missing_path_is_an_error_not_a_fallthrough() {
         let config = DaemonConfig {

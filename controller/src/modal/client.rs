@@ -404,13 +404,7 @@ impl ModalClient {
                     network_access_type: NetworkAccessType::Open as i32,
                 }),
             }),
-            tags: tags
-                .iter()
-                .map(|(k, v)| SandboxTag {
-                    tag_name: k.clone(),
-                    tag_value: v.clone(),
-                })
-                .collect(),
+            tags: sandbox_tags(tags),
         };
         let response = self
             .unary(
@@ -513,13 +507,7 @@ impl ModalClient {
                 before_timestamp: before,
                 environment_name: self.inner.config.environment.clone(),
                 include_finished: false,
-                tags: tags
-                    .iter()
-                    .map(|(k, v)| SandboxTag {
-                        tag_name: k.clone(),
-                        tag_value: v.clone(),
-                    })
-                    .collect(),
+                tags: sandbox_tags(tags),
             };
             let page = self
                 .unary(
@@ -619,4 +607,14 @@ pub fn describe(result: &GenericResult) -> String {
             result.exception.lines().next().unwrap_or_default()
         )
     }
+}
+
+/// Tags as Modal's wire type.
+fn sandbox_tags(tags: &[(String, String)]) -> Vec<SandboxTag> {
+    tags.iter()
+        .map(|(k, v)| SandboxTag {
+            tag_name: k.clone(),
+            tag_value: v.clone(),
+        })
+        .collect()
 }
