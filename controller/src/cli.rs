@@ -120,6 +120,24 @@ pub struct CheckArgs {
     #[arg(long, value_name = "PATH")]
     pub tailscaled: Option<String>,
 
+    /// tailscaled's LocalAPI socket inside the sandbox [env: TS_SOCKET_PATH; default: a private
+    /// directory per run].
+    #[arg(long, value_name = "PATH")]
+    pub tailscaled_socket: Option<String>,
+
+    /// tailscaled's --state inside the sandbox: `mem:` (an ephemeral node) or a file path
+    /// [env: TS_STATE_PATH; default: mem:].
+    #[arg(long, value_name = "STATE")]
+    pub tailscaled_state: Option<String>,
+
+    /// tailscaled's --statedir inside the sandbox [default: a private directory per run].
+    #[arg(long, value_name = "DIR")]
+    pub tailscaled_statedir: Option<String>,
+
+    /// Tags the sandbox's node advertises, e.g. tag:ci (the auth key must allow them). Repeatable.
+    #[arg(long = "advertise-tag", value_name = "TAG")]
+    pub advertise_tags: Vec<String>,
+
     /// Tailscale release tarball (tailscale_<version>_amd64.tgz) whose tailscaled and tailscale
     /// are pushed into the sandbox, for images without them [env: TAILBOX_TAILSCALE_TARBALL].
     #[arg(long, value_name = "TGZ")]

@@ -6,6 +6,10 @@ use std::collections::HashMap;
 pub const TS_AUTHKEY: &str = "TS_AUTHKEY";
 /// Tailnet hostname for the sandbox node.
 pub const TS_HOSTNAME: &str = "TS_HOSTNAME";
+/// tailscaled's LocalAPI socket path inside the sandbox (cook's name).
+pub const TS_SOCKET_PATH: &str = "TS_SOCKET_PATH";
+/// tailscaled's `--state` inside the sandbox (cook's name).
+pub const TS_STATE_PATH: &str = "TS_STATE_PATH";
 /// Control server URL (headscale, or a test control server).
 pub const TS_CONTROL_URL: &str = "TS_CONTROL_URL";
 /// Extra environment for the sandbox's tailscaled, as `K=V` pairs separated by spaces (lab use).

@@ -63,6 +63,14 @@ pub struct CheckPlan {
     pub control_url: Option<String>,
     /// Explicit tailscaled path inside the sandbox.
     pub tailscaled_path: Option<String>,
+    /// tailscaled's socket, state and state dir overrides.
+    pub tailscaled_socket: Option<String>,
+    /// `--state` override.
+    pub tailscaled_state: Option<String>,
+    /// `--statedir` override.
+    pub tailscaled_statedir: Option<String>,
+    /// Tags to advertise.
+    pub advertise_tags: Vec<String>,
     /// Extra tailscaled environment (lab and debugging knobs).
     pub tailscaled_env: BTreeMap<String, String>,
     /// tailscaled's proxy listener override.
@@ -201,6 +209,16 @@ impl CheckPlan {
             hostname,
             control_url,
             tailscaled_path: args.tailscaled.clone(),
+            tailscaled_socket: args
+                .tailscaled_socket
+                .clone()
+                .or_else(|| env.non_empty(env::TS_SOCKET_PATH)),
+            tailscaled_state: args
+                .tailscaled_state
+                .clone()
+                .or_else(|| env.non_empty(env::TS_STATE_PATH)),
+            tailscaled_statedir: args.tailscaled_statedir.clone(),
+            advertise_tags: args.advertise_tags.clone(),
             tailscaled_env,
             proxy_listen: args.proxy_listen,
             ping,
@@ -231,12 +249,15 @@ impl CheckPlan {
             control_url: self.control_url.clone().unwrap_or_default(),
             daemon: Some(DaemonConfig {
                 tailscaled_path: self.tailscaled_path.clone().unwrap_or_default(),
+                socket_path: self.tailscaled_socket.clone().unwrap_or_default(),
+                state: self.tailscaled_state.clone().unwrap_or_default(),
+                state_dir: self.tailscaled_statedir.clone().unwrap_or_default(),
                 pushed_tailscaled_path: pushed_tailscaled.unwrap_or_default().to_owned(),
                 env: self.tailscaled_env.clone().into_iter().collect(),
                 proxy_listen: self.proxy_listen.map(|a| a.to_string()).unwrap_or_default(),
                 ..Default::default()
             }),
-            advertise_tags: Vec::new(),
+            advertise_tags: self.advertise_tags.clone(),
         });
         RunRequest {
             run_id: run_id.to_owned(),
@@ -547,6 +568,30 @@ mod tests {
         );
         let request = p.run_request("r", "s", None);
         assert_eq!(request.git_targets[0].expected_refs.len(), 2);
+    }
+
+    #[test]
+    fn the_spike_defaults_are_overridable() {
+        let p = plan(
+            &[
+                "--tailscaled-statedir",
+                "/tmp/tsd",
+                "--advertise-tag",
+                "tag:ci",
+            ],
+            &[
+                ("TS_AUTHKEY", "tskey-auth-x"),
+                ("TS_SOCKET_PATH", "/tmp/ts.sock"),
+                ("TS_STATE_PATH", "/tmp/ts.state"),
+            ],
+        )
+        .unwrap();
+        let tailnet = p.run_request("r", "s", None).tailnet.unwrap();
+        let daemon = tailnet.daemon.unwrap();
+        assert_eq!(daemon.socket_path, "/tmp/ts.sock");
+        assert_eq!(daemon.state, "/tmp/ts.state");
+        assert_eq!(daemon.state_dir, "/tmp/tsd");
+        assert_eq!(tailnet.advertise_tags, ["tag:ci"]);
     }
 
     #[test]

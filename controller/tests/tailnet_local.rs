@@ -568,3 +568,33 @@ async fn ctrl_c_still_logs_the_node_out() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spike_socket_and_a_state_file_can_be_chosen() {
+    let lab = lab().await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("ts.sock");
+        let state = dir.path().join("ts.state");
+        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        args.extend([
+            "--tailscaled-socket".into(),
+            socket.display().to_string(),
+            "--tailscaled-state".into(),
+            state.display().to_string(),
+            "--ping".into(),
+            lab.peer_ipv4().to_string(),
+        ]);
+        let run = run_tailbox(&lab, args, |_, _| {}).await;
+        assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
+        let daemon = &run.check("daemon")["daemon"];
+        assert_eq!(daemon["socket_path"], socket.display().to_string());
+        assert_eq!(daemon["state"], state.display().to_string());
+        // tailscaled really kept its state there (a file store writes JSON).
+        let stored = std::fs::read_to_string(&state).unwrap();
+        assert!(stored.trim_start().starts_with('{'), "{stored}");
+        assert_eq!(run.report()["teardown"]["logged_out"], true);
+    })
+    .await
+    .expect("test timed out");
+}
