@@ -207,6 +207,7 @@ impl TailnetRun<'_> {
         } else {
             self.ctx.run_root.clone()
         };
+        sweep_stale_run_dirs(&root);
         let id: String = self
             .request
             .run_id
@@ -569,6 +570,33 @@ impl TailnetRun<'_> {
     }
 }
 
+/// Removes `run-<pid>-…` directories whose agent is gone (killed before it could clean up), so
+/// sockets and state do not pile up in a long-lived sandbox.
+fn sweep_stale_run_dirs(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("run-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && pid != std::process::id() {
+            tracing::debug!(
+                "removing the stale run directory {}",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn source_name(source: i32) -> &'static str {
     use tailbox_proto::agent::v1::DaemonSource;
     match DaemonSource::try_from(source).unwrap_or(DaemonSource::Unspecified) {
@@ -620,6 +648,22 @@ fn dependent_checks(request: &RunRequest, reason: &str, hint: &str) -> Vec<Check
 mod tests {
     use super::*;
     use crate::events::duration;
+
+    #[test]
+    fn stale_run_dirs_of_dead_agents_are_swept() {
+        let root = tempfile::tempdir().unwrap();
+        // PIDs above the kernel's maximum (2^22) are never alive.
+        let dead = root.path().join("run-4194999-abc");
+        let ours = root.path().join(format!("run-{}-def", std::process::id()));
+        let other = root.path().join("keep-me");
+        for dir in [&dead, &ours, &other] {
+            std::fs::create_dir_all(dir.join("state")).unwrap();
+        }
+        sweep_stale_run_dirs(root.path());
+        assert!(!dead.exists());
+        assert!(ours.exists());
+        assert!(other.exists());
+    }
 
     #[test]
     fn budgets_default_and_override() {
