@@ -71,23 +71,14 @@ func runControl(args []string) error {
 		AllOnline: true,
 		Verbose:   *verbose,
 	}
-	controlSrv := &http.Server{Handler: onlyControlPaths(control)}
-	go func() {
-		if err := controlSrv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Fatalf("control server: %v", err)
-		}
-	}()
+	go serveOrDie("control", ln, onlyControlPaths(control))
 
 	trapLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return fmt.Errorf("trap listen: %w", err)
 	}
 	trap := &trapHandler{}
-	go func() {
-		if err := http.Serve(trapLn, trap); err != nil && !errors.Is(err, net.ErrClosed) {
-			log.Fatalf("trap server: %v", err)
-		}
-	}()
+	go serveOrDie("trap", trapLn, trap)
 
 	if err := announce(controlInfo{
 		ControlURL:      controlURL,
@@ -102,7 +93,7 @@ func runControl(args []string) error {
 
 	why := waitForShutdown()
 	log.Printf("control shutting down: %s; egress attempts trapped: %d", why, trap.hits.Load())
-	_ = controlSrv.Close()
+	_ = ln.Close()
 	_ = trapLn.Close()
 	return nil
 }

@@ -22,7 +22,7 @@ type devhostInfo struct {
 	HTTPPort int    `json:"http_port"`
 	GitPort  int    `json:"git_port"`
 	GitPath  string `json:"git_path"` // URL path of the repository on the git port, e.g. "/lab.git"
-	RepoDir  string `json:"repo_dir"` // the bare repository on disk, for `git rev-parse`
+	RepoDir  string `json:"repo_dir"` // the bare repository on disk, for reading its refs
 }
 
 const (
@@ -63,8 +63,8 @@ func runDevhost(args []string) error {
 	if err != nil {
 		return fmt.Errorf("git listen: %w", err)
 	}
-	go serveOrDie("http", httpLn, httpMux())
-	go serveOrDie("git", gitLn, gitHandler(gitBin, root, *dir))
+	go serveOrDie("http", httpLn, logRequests("http", httpMux()))
+	go serveOrDie("git", gitLn, logRequests("git", gitHandler(gitBin, root, *dir)))
 
 	if err := announce(devhostInfo{
 		HTTPPort: httpLn.Addr().(*net.TCPAddr).Port,
@@ -77,13 +77,6 @@ func runDevhost(args []string) error {
 	log.Printf("devhost serving http on %s and git on %s", httpLn.Addr(), gitLn.Addr())
 	log.Printf("devhost shutting down: %s", waitForShutdown())
 	return nil
-}
-
-func serveOrDie(name string, ln net.Listener, h http.Handler) {
-	srv := &http.Server{Handler: logRequests(name, h)}
-	if err := srv.Serve(ln); err != nil {
-		log.Fatalf("%s server: %v", name, err)
-	}
 }
 
 func logRequests(name string, h http.Handler) http.Handler {
@@ -197,7 +190,7 @@ func isolatedGitEnv(home string) []string {
 // ensureLabRepo creates the bare repository the dev host serves, with known refs: main (two
 // commits), feature (one more), an annotated tag v0.1.0 on main, and HEAD -> refs/heads/main.
 // Dates and identities are fixed so the shas are the same on every run; tests still read them
-// back with `git rev-parse` rather than trusting that.
+// back with `git show-ref` rather than trusting that.
 func ensureLabRepo(gitBin, repo, work string) error {
 	if _, err := os.Stat(filepath.Join(repo, "HEAD")); err == nil {
 		return nil

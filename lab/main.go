@@ -10,9 +10,12 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
@@ -62,6 +65,14 @@ func announce(v any) error {
 	}
 	_, err = fmt.Fprintf(os.Stdout, "%s\n", b)
 	return err
+}
+
+// serveOrDie serves h on ln until ln is closed. A server that fails on its own ends the process,
+// which the parent sees as a dead lab program rather than a half-working lab.
+func serveOrDie(name string, ln net.Listener, h http.Handler) {
+	if err := http.Serve(ln, h); !errors.Is(err, net.ErrClosed) {
+		log.Fatalf("%s server: %v", name, err)
+	}
 }
 
 // waitForShutdown blocks until the parent lets go of our stdin (including by dying) or a
