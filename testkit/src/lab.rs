@@ -25,17 +25,19 @@ mod node;
 mod process;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use bins::{BIN_DIR_ENV, Binaries, build_script};
 pub use node::{Node, Status};
+pub use process::processes_mentioning;
 use process::{LabProcess, Spawn, Stream};
 
 /// How long each lab program may take to print its listening line.
@@ -107,78 +109,52 @@ impl Lab {
             .tempdir()
             .context("creating the lab temp dir")?;
         let root = dir.path();
-        let logs = root.join("logs");
-        std::fs::create_dir_all(&logs).context("creating the lab log dir")?;
+        std::fs::create_dir_all(root.join("logs")).context("creating the lab log dir")?;
 
-        let auth_key = match config.auth_key {
-            Some(k) => k,
-            None => random_auth_key()?,
-        };
+        let auth_key = config.auth_key.unwrap_or_else(random_auth_key);
         let auth_key_file = root.join("authkey");
         node::write_secret(&auth_key_file, &auth_key)?;
 
         // Control and dev host start side by side; each announces itself with a JSON line.
-        let mut control_cmd = std::process::Command::new(bins.lab());
-        control_cmd
-            .arg("control")
-            .arg(format!("--auth-key-file={}", auth_key_file.display()))
-            .current_dir(root);
-        let (watch, control_seen) = process::watch(Stream::Stdout, "{");
-        let mut control = LabProcess::spawn(Spawn {
-            name: "control".into(),
-            command: control_cmd,
-            log_path: logs.join("control.log"),
-            watches: vec![watch],
-            hold_stdin: true,
-            parent_death_fd: false,
-        })?;
-
-        let mut devhost_cmd = std::process::Command::new(bins.lab());
-        devhost_cmd
-            .arg("devhost")
-            .arg(format!("--dir={}", root.join("devhost").display()))
-            .current_dir(root);
-        let (watch, devhost_seen) = process::watch(Stream::Stdout, "{");
-        let mut devhost = LabProcess::spawn(Spawn {
-            name: "devhost".into(),
-            command: devhost_cmd,
-            log_path: logs.join("devhost.log"),
-            watches: vec![watch],
-            hold_stdin: true,
-            parent_death_fd: false,
-        })?;
-
-        let (control_line, devhost_line) = tokio::join!(
-            control.wait_for(control_seen, ANNOUNCE_DEADLINE),
-            devhost.wait_for(devhost_seen, ANNOUNCE_DEADLINE),
+        let (control, devhost) = tokio::join!(
+            start_lab_program::<ControlInfo>(
+                &bins,
+                root,
+                "control",
+                format!("--auth-key-file={}", auth_key_file.display()),
+            ),
+            start_lab_program::<DevhostInfo>(
+                &bins,
+                root,
+                "devhost",
+                format!("--dir={}", root.join("devhost").display()),
+            ),
         );
-        let control_info: ControlInfo = serde_json::from_str(&control_line?)
-            .context("parsing tailbox-lab control's announcement")?;
-        let devhost_info: DevhostInfo = serde_json::from_str(&devhost_line?)
-            .context("parsing tailbox-lab devhost's announcement")?;
+        let (control, control_info) = control?;
+        let (devhost, devhost_info) = devhost?;
         let git_refs = read_git_refs(&devhost_info.repo_dir).await?;
 
         let env = hermetic_env(&control_info);
         let peer = Node::start_in(&bins, PEER_HOSTNAME, &env, root.join("peer")).await?;
-        peer.up_with_key_file(&control_info.control_url, &auth_key_file, LOGIN_DEADLINE)
+        let status = peer
+            .up_with_key_file(&control_info.control_url, &auth_key_file, LOGIN_DEADLINE)
             .await
             .map_err(|e| anyhow!("{e:#}\n{}\n{}", peer.log_tail(), control.log_tail()))
             .context("logging the dev-host peer in to the lab control")?;
-        let status = peer.status().await?;
         let peer_ipv4 = status
             .tailscale_ips
             .iter()
             .find_map(|ip| match ip {
-                std::net::IpAddr::V4(v4) => Some(*v4),
-                std::net::IpAddr::V6(_) => None,
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
             })
             .context("the peer is Running but has no tailnet IPv4")?;
         let peer_ipv6 = status
             .tailscale_ips
             .iter()
             .find_map(|ip| match ip {
-                std::net::IpAddr::V6(v6) => Some(*v6),
-                std::net::IpAddr::V4(_) => None,
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
             })
             .context("the peer is Running but has no tailnet IPv6")?;
 
@@ -241,8 +217,8 @@ impl Lab {
         )
     }
 
-    /// Every ref of the lab repository with its sha, as `git rev-parse` reports it in the bare
-    /// repo: `HEAD`, `refs/heads/main`, `refs/heads/feature`, `refs/tags/v0.1.0` (the tag
+    /// Every ref of the lab repository with its sha, as `git show-ref --head` reports it in the
+    /// bare repo: `HEAD`, `refs/heads/main`, `refs/heads/feature`, `refs/tags/v0.1.0` (the tag
     /// object; ls-remote shows the commit as `refs/tags/v0.1.0^{}`).
     pub fn git_refs(&self) -> &BTreeMap<String, String> {
         &self.git_refs
@@ -298,7 +274,7 @@ impl Lab {
     /// early". It stands in for the sandbox's tailscaled in tests of single checks.
     pub async fn start_logged_in_node(&self, hostname: &str) -> Result<Node> {
         let node = self.start_node(hostname).await?;
-        node.up(self.control_url(), self.auth_key(), Duration::from_secs(60))
+        node.up(self.control_url(), self.auth_key(), LOGIN_DEADLINE)
             .await
             .context("log the node in")?;
         let peer = self.peer_ipv4().to_string();
@@ -405,8 +381,33 @@ impl Drop for Lab {
 
 /// A fresh key in the shape Tailscale uses. Good as a "wrong key" for any lab but the one
 /// configured with it.
-pub fn random_auth_key() -> Result<String> {
-    Ok(format!("tskey-auth-lab{}", process::random_hex(16)?))
+pub fn random_auth_key() -> String {
+    format!("tskey-auth-lab{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Starts `tailbox-lab <subcommand> <flag>` in `root`, logging to `logs/<subcommand>.log`, and
+/// waits for the JSON line it prints once it listens.
+async fn start_lab_program<T: DeserializeOwned>(
+    bins: &Binaries,
+    root: &Path,
+    subcommand: &str,
+    flag: String,
+) -> Result<(LabProcess, T)> {
+    let mut command = std::process::Command::new(bins.lab());
+    command.arg(subcommand).arg(flag).current_dir(root);
+    let (watch, seen) = process::watch(Stream::Stdout, "{");
+    let mut program = LabProcess::spawn(Spawn {
+        name: subcommand.into(),
+        command,
+        log_path: root.join("logs").join(format!("{subcommand}.log")),
+        watches: vec![watch],
+        hold_stdin: true,
+        parent_death_fd: false,
+    })?;
+    let line = program.wait_for(seen, ANNOUNCE_DEADLINE).await?;
+    let info = serde_json::from_str(&line)
+        .with_context(|| format!("parsing tailbox-lab {subcommand}'s announcement"))?;
+    Ok((program, info))
 }
 
 fn hermetic_env(control: &ControlInfo) -> BTreeMap<String, String> {
@@ -436,54 +437,32 @@ fn hermetic_env(control: &ControlInfo) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// Reads every ref of the bare repo with `git rev-parse`.
+/// Every ref of the bare repo, and `HEAD`, with its sha as `git show-ref --head` reports it.
 async fn read_git_refs(repo: &Path) -> Result<BTreeMap<String, String>> {
-    let git = |args: &[&str]| {
-        let mut cmd = tokio::process::Command::new("git");
-        cmd.arg("-C")
-            .arg(repo)
-            .args(args)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .kill_on_drop(true);
-        cmd
-    };
-    let listed = git(&["for-each-ref", "--format=%(refname)"])
+    let out = tokio::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["show-ref", "--head"])
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .kill_on_drop(true)
         .output()
         .await
-        .context("running git for-each-ref")?;
-    if !listed.status.success() {
+        .context("running git show-ref")?;
+    if !out.status.success() {
         bail!(
-            "git for-each-ref in {} failed: {}",
+            "git show-ref in {} failed: {}",
             repo.display(),
-            String::from_utf8_lossy(&listed.stderr)
+            String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut names: Vec<String> = String::from_utf8(listed.stdout)?
+    String::from_utf8(out.stdout)?
         .lines()
-        .map(str::to_owned)
-        .collect();
-    names.insert(0, "HEAD".into());
-    let mut args = vec!["rev-parse"];
-    args.extend(names.iter().map(String::as_str));
-    let parsed = git(&args).output().await.context("running git rev-parse")?;
-    if !parsed.status.success() {
-        bail!(
-            "git rev-parse in {} failed: {}",
-            repo.display(),
-            String::from_utf8_lossy(&parsed.stderr)
-        );
-    }
-    let shas: Vec<String> = String::from_utf8(parsed.stdout)?
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    if shas.len() != names.len() {
-        bail!(
-            "git rev-parse printed {} shas for {} refs",
-            shas.len(),
-            names.len()
-        );
-    }
-    Ok(names.into_iter().zip(shas).collect())
+        .map(|line| {
+            let (sha, name) = line
+                .split_once(' ')
+                .with_context(|| format!("unexpected git show-ref line {line:?}"))?;
+            Ok((name.to_owned(), sha.to_owned()))
+        })
+        .collect()
 }

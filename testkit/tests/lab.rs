@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use tailbox_testkit::lab::{Binaries, Lab, LabConfig, random_auth_key};
+use tailbox_testkit::lab::{Binaries, Lab, LabConfig, processes_mentioning, random_auth_key};
 use tokio::process::Command;
 use tokio::time::timeout;
 
@@ -153,8 +153,34 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
             lab.git_ref("refs/heads/feature")
         );
 
-        // Nothing in the lab tried to leave through the egress trap.
+        // Nothing in the lab tried to leave through the egress trap...
         assert_eq!(lab.trap_hits().await.unwrap(), 0, "{}", lab.log_tails());
+        // ...and the proxies every node is given are that trap: they refuse and count.
+        let env = lab.tailscaled_env();
+        for (var, url, codes) in [
+            ("HTTP_PROXY", "http://egress.invalid/", "403/000"),
+            ("HTTPS_PROXY", "https://egress.invalid/", "000/403"),
+        ] {
+            let refused = clean_command("curl")
+                .args(["-sS", "-o", "/dev/null", "--max-time", "10"])
+                .args([
+                    "-w",
+                    "%{http_code}/%{http_connect}",
+                    "--proxy",
+                    &env[var],
+                    url,
+                ])
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&refused.stdout),
+                codes,
+                "{var}: {}",
+                text(&refused)
+            );
+        }
+        assert_eq!(lab.trap_hits().await.unwrap(), 2, "{}", lab.log_tails());
     })
     .await
     .expect("test timed out");
@@ -165,11 +191,11 @@ async fn a_wrong_auth_key_is_refused() {
     binaries_ready().await;
     timeout(TEST_DEADLINE, async {
         // A control that insists on a key we choose; the node brings another one.
-        let lab = Lab::start_with(LabConfig::default().auth_key(random_auth_key().unwrap()))
+        let lab = Lab::start_with(LabConfig::default().auth_key(random_auth_key()))
             .await
             .expect("lab starts");
         let intruder = lab.start_node("intruder").await.unwrap();
-        let wrong = random_auth_key().unwrap();
+        let wrong = random_auth_key();
         assert_ne!(wrong, lab.auth_key());
 
         let err = intruder
@@ -203,24 +229,6 @@ fn identity(pid: u32) -> Option<(u32, String)> {
     Some((pid, start))
 }
 
-/// Every process whose command line contains `needle`, as (pid, cmdline).
-fn processes_mentioning(needle: &str) -> Vec<(String, String)> {
-    let mut hits = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
-            if cmdline.contains(needle) {
-                hits.push((name, cmdline));
-            }
-        }
-    }
-    hits
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_lab_leaves_nothing_behind() {
     binaries_ready().await;
@@ -234,14 +242,14 @@ async fn the_lab_leaves_nothing_behind() {
             alive.iter().all(Option::is_some),
             "all lab processes run: {pids:?}"
         );
-        let mentioning = processes_mentioning(&dir);
+        let mentioning = processes_mentioning(&dir).unwrap();
         assert!(
             mentioning.len() >= 3,
             "lab processes carry the lab dir in argv: {mentioning:?}"
         );
         lab.check_alive().expect("every lab process is running");
         // The auth key is in a file, never on anyone's command line.
-        assert_eq!(processes_mentioning(lab.auth_key()), vec![]);
+        assert_eq!(processes_mentioning(lab.auth_key()).unwrap(), vec![]);
 
         drop(lab);
 
@@ -254,7 +262,7 @@ async fn the_lab_leaves_nothing_behind() {
             );
         }
         assert_eq!(
-            processes_mentioning(&dir),
+            processes_mentioning(&dir).unwrap(),
             vec![],
             "processes still mention {dir}"
         );
@@ -296,6 +304,48 @@ async fn stopping_control_closes_its_port_and_nodes_get_their_own_dirs() {
             identity(late_pid).is_none(),
             "node tailscaled survived its drop"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lab_process_that_dies_is_reported_with_its_log() {
+    binaries_ready().await;
+    timeout(TEST_DEADLINE, async {
+        let lab = Lab::start().await.expect("lab starts");
+        lab.check_alive().expect("every lab process is running");
+        let devhost_dir = lab.dir().join("devhost");
+        let devhost =
+            processes_mentioning(&format!("devhost --dir={}", devhost_dir.display())).unwrap();
+        let [(pid, _)] = devhost[..] else {
+            panic!("expected one dev host process: {devhost:?}");
+        };
+        assert!(lab.pids().contains(&pid), "{pid} not in {:?}", lab.pids());
+
+        let kill = Command::new("sh")
+            .args(["-c", "kill -s KILL \"$1\"", "sh", &pid.to_string()])
+            .output()
+            .await
+            .unwrap();
+        assert!(kill.status.success(), "kill failed: {}", text(&kill));
+
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            match lab.check_alive() {
+                Err(e) => break format!("{e:#}"),
+                Ok(()) if tokio::time::Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(()) => panic!("check_alive never noticed the dev host die"),
+            }
+        };
+        assert!(
+            err.contains("devhost exited unexpectedly (killed by signal 9)"),
+            "{err}"
+        );
+        // The tail of its log comes along, so the failure says what the process last did.
+        assert!(err.contains("devhost serving http on"), "{err}");
     })
     .await
     .expect("test timed out");

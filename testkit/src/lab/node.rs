@@ -177,10 +177,10 @@ impl Node {
     }
 
     /// `tailscale up` against `control_url` with `auth_key`, waiting (up to `timeout`) until
-    /// the node is Running. The key reaches the CLI as `--auth-key=file:<0600 file>`, never on
-    /// argv; the file is removed afterwards. On failure the error holds the CLI's output (e.g.
-    /// `backend error: invalid authkey`).
-    pub async fn up(&self, control_url: &str, auth_key: &str, timeout: Duration) -> Result<()> {
+    /// the node is Running, and returns that Running status. The key reaches the CLI as
+    /// `--auth-key=file:<0600 file>`, never on argv; the file is removed afterwards. On failure
+    /// the error holds the CLI's output (e.g. `backend error: invalid authkey`).
+    pub async fn up(&self, control_url: &str, auth_key: &str, timeout: Duration) -> Result<Status> {
         let key_file = self.dir.join("up.authkey");
         write_secret(&key_file, auth_key)?;
         let result = self.up_with_key_file(control_url, &key_file, timeout).await;
@@ -194,7 +194,7 @@ impl Node {
         control_url: &str,
         key_file: &Path,
         timeout: Duration,
-    ) -> Result<()> {
+    ) -> Result<Status> {
         let output = self
             .tailscale()
             .arg("up")
@@ -219,7 +219,6 @@ impl Node {
         // `up` returns once the backend reports Running; confirm it from the status side.
         self.wait_for_state("Running", Duration::from_secs(10))
             .await
-            .map(|_| ())
     }
 
     /// `tailscale status --json`, parsed.

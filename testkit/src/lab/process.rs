@@ -327,14 +327,25 @@ fn move_fd_to_3(fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads `len` random bytes from the kernel, hex-encoded.
-pub(crate) fn random_hex(len: usize) -> Result<String> {
-    use std::io::Read;
-    let mut bytes = vec![0u8; len];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+/// Every process whose command line contains `needle`, as (pid, command line with spaces for
+/// NULs). For tests that a lab started what it should, and left nothing behind.
+pub fn processes_mentioning(needle: &str) -> Result<Vec<(u32, String)>> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("reading /proc")?
+        .flatten()
+    {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(raw) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if cmdline.contains(needle) {
+                hits.push((pid, cmdline));
+            }
+        }
+    }
+    Ok(hits)
 }
 
 /// Fails unless `path` is an executable file.
