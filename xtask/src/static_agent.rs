@@ -75,3 +75,28 @@ pub fn verify(binary: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::verify;
+
+    #[test]
+    fn a_dynamically_linked_binary_is_refused() {
+        // Test binaries for the host (x86_64 glibc) have an ELF interpreter.
+        let me = std::env::current_exe().unwrap();
+        let err = verify(&me).expect_err("this test binary is dynamically linked");
+        assert!(
+            format!("{err:#}").contains("has an ELF interpreter"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_elf_is_refused() {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let err = verify(&manifest).expect_err("Cargo.toml is not a binary");
+        assert!(format!("{err:#}").contains("is not an ELF file"), "{err:#}");
+    }
+}
