@@ -18,7 +18,7 @@ use tailbox_proto::agent::v1::{
 
 use self::transport::{CallSettings, CallState};
 use super::http::failure::{self, Failure};
-use super::http::{self as http_check, Secrets};
+use super::http::{self as http_check, Secrets, percent_decode};
 use super::{Outcome, ProxyContext};
 
 /// How long after the deadline the check stops waiting for the libgit2 thread. The transports
@@ -105,9 +105,14 @@ pub async fn check_git_with(
             Err(e) => return fail(internal(format!("could not build the HTTP client: {e}"))),
         }
     };
-    // libgit2 gets the URL without credentials; the transport adds them to the request.
-    let basic_auth =
-        (!url.username().is_empty()).then(|| (decode(url.username()), url.password().map(decode)));
+    // libgit2 gets the URL without credentials; the transport adds them to the request, decoded
+    // (userinfo in a parsed URL stays percent-encoded; the server wants the real text).
+    let basic_auth = (!url.username().is_empty()).then(|| {
+        (
+            percent_decode(url.username()),
+            url.password().map(percent_decode),
+        )
+    });
     let _ = url.set_username("");
     let _ = url.set_password(None);
 
@@ -123,7 +128,7 @@ pub async fn check_git_with(
             state: Arc::new(Mutex::new(CallState::default())),
         };
         match list(url.as_str(), settings).await {
-            Ok(listing) => return judge(&outcome, target, &listing, &proxy, &secrets),
+            Ok(listing) => return judge(&outcome, target, &listing, &proxy, &shown),
             Err(f) => {
                 if failure::daemon_came_back(ctx, &f).await {
                     continue;
@@ -141,11 +146,6 @@ fn internal(detail: String) -> Failure {
         detail,
         "This is a bug in the agent; please report it with the agent's log.",
     )
-}
-
-fn decode(s: &str) -> String {
-    // Userinfo in a parsed URL stays percent-encoded; the server wants the real text.
-    Secrets::percent_decoded(s)
 }
 
 /// One advertised ref as libgit2 lists it.
@@ -225,7 +225,7 @@ fn judge(
     target: &GitTarget,
     listing: &Listing,
     proxy: &str,
-    secrets: &Secrets,
+    shown: &str,
 ) -> CheckResult {
     let heads = &listing.heads;
     let find = |name: &str| heads.iter().find(|h| h.name == name);
@@ -274,8 +274,7 @@ fn judge(
     };
 
     let summary = format!(
-        "listed {ref_count} refs of {} over protocol v{}{}",
-        secrets.redact(&target.url),
+        "listed {ref_count} refs of {shown} over protocol v{}{}",
         listing.protocol_version,
         match (&head_target, head) {
             (Some(t), Some(h)) => format!("; HEAD -> {t} at {}", short(&h.oid)),

@@ -3,7 +3,7 @@
 //! One GET with reqwest (socks5h: tailscaled resolves names, so MagicDNS works), bounded by the
 //! check's deadline, with a capped body read. When the connection cannot be opened, reqwest's
 //! error says little, so the failure is diagnosed with a second, plain SOCKS5 CONNECT that reports
-//! the proxy's reply code ([`failure::diagnose`]); the git check shares that machinery.
+//! the proxy's reply code ([`failure::open_tunnel`]); the git check shares that machinery.
 
 pub(crate) mod failure;
 pub(crate) mod socks;
@@ -20,7 +20,7 @@ use tailbox_proto::agent::v1::{
     CheckResult, FailureClass, HttpEvidence, HttpTarget, Layer, check_result,
 };
 
-use self::failure::{Diagnosis, Endpoint, Failure};
+use self::failure::{Endpoint, Failure};
 use super::{Outcome, ProxyContext};
 use crate::events::duration;
 use crate::redact::redact_url;
@@ -113,27 +113,21 @@ async fn fetch(
     ctx: &ProxyContext,
     limit: Duration,
 ) -> Result<Fetched, Failure> {
-    let trace = Arc::new(ConnectTrace::default());
     let asked = Instant::now();
-    let send = CONNECT_TRACE.scope(trace.clone(), client.get(url.clone()).send());
-    let mut response = match tokio::time::timeout_at(ctx.deadline, send).await {
-        Err(_) => {
-            return Err(Failure::deadline(
-                limit,
-                trace.opened().is_some(),
-                "the response headers",
-                Layer::Http,
-            ));
-        }
-        Ok(Err(e)) => {
-            return Err(classify(e, ctx, to, url.scheme() == "https", limit).await);
-        }
-        Ok(Ok(r)) => r,
-    };
+    let (mut response, opened) = send(
+        client.get(url.clone()),
+        ctx,
+        to,
+        url.scheme() == "https",
+        limit,
+        "the response headers",
+        Layer::Http,
+    )
+    .await?;
     let headers_at = Instant::now();
     // From the moment the connection was open (the request goes out right then) to the headers;
     // the SOCKS handshake and tailscaled's dial are not the server's latency.
-    let ttfb = headers_at.duration_since(trace.opened().unwrap_or(asked));
+    let ttfb = headers_at.duration_since(opened.unwrap_or(asked));
     let header = |name| {
         response
             .headers()
@@ -184,9 +178,36 @@ async fn fetch(
     Ok(fetched)
 }
 
+/// Sends one request to `to` through the proxy within the check's deadline (`budget` is the
+/// check's whole time, for messages), with a failure classified ([`classify`]); a deadline that
+/// passes once connected is put as `waiting_for` not arriving, at `layer`. Also returns when the
+/// request's connection opened.
+pub(crate) async fn send(
+    request: reqwest::RequestBuilder,
+    ctx: &ProxyContext,
+    to: &Endpoint,
+    https: bool,
+    budget: Duration,
+    waiting_for: &str,
+    layer: Layer,
+) -> Result<(reqwest::Response, Option<Instant>), Failure> {
+    let trace = Arc::new(ConnectTrace::default());
+    let sending = CONNECT_TRACE.scope(trace.clone(), request.send());
+    match tokio::time::timeout_at(ctx.deadline, sending).await {
+        Err(_) => Err(Failure::deadline(
+            budget,
+            trace.opened().is_some(),
+            waiting_for,
+            layer,
+        )),
+        Ok(Err(e)) => Err(classify(e, ctx, to, https, budget).await),
+        Ok(Ok(response)) => Ok((response, trace.opened())),
+    }
+}
+
 /// Turns a reqwest error into a typed failure, opening a diagnostic tunnel when the connection
 /// could not be opened.
-pub(crate) async fn classify(
+async fn classify(
     err: reqwest::Error,
     ctx: &ProxyContext,
     to: &Endpoint,
@@ -212,12 +233,11 @@ pub(crate) async fn classify(
     if timeout {
         return failure::connect_timed_out(ctx.socks_addr, to);
     }
-    match failure::diagnose(ctx.socks_addr, to, ctx.deadline).await {
-        Diagnosis::Failed(f) => f,
-        Diagnosis::OutOfTime => {
-            Failure::deadline(limit, false, "opening the connection", Layer::Tcp)
-        }
-        Diagnosis::TunnelOpens if https => Failure::new(
+    // A fresh tunnel says why reqwest's did not open; if it opens, the failure was above TCP
+    // (TLS) or transient.
+    match failure::open_tunnel(ctx, to, limit).await {
+        Err(f) => f,
+        Ok(_tunnel) if https => Failure::new(
             FailureClass::HttpStatus,
             Layer::Http,
             format!("TCP to {to} opens through the tailnet, but TLS failed: {text}"),
@@ -225,7 +245,7 @@ pub(crate) async fn classify(
              is valid for the host in the URL, and that its CA is trusted in the sandbox (the \
              system CA bundle, or SSL_CERT_FILE).",
         ),
-        Diagnosis::TunnelOpens => Failure {
+        Ok(_tunnel) => Failure {
             transient: true,
             ..Failure::new(
                 FailureClass::TcpRefused,
@@ -405,11 +425,6 @@ impl Secrets {
         Self(found)
     }
 
-    /// Percent-decodes a URL component (user names and passwords stay encoded in parsed URLs).
-    pub(crate) fn percent_decoded(s: &str) -> String {
-        percent_decode(s)
-    }
-
     /// Redacts URLs in `text` and replaces every occurrence of a known secret.
     pub(crate) fn redact(&self, text: &str) -> String {
         let mut out = redact_urls_in(text);
@@ -441,7 +456,8 @@ pub(crate) fn redact_urls_in(text: &str) -> String {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+/// Percent-decodes a URL component (user names and passwords stay encoded in parsed URLs).
+pub(crate) fn percent_decode(s: &str) -> String {
     let hex = |b: u8| {
         char::from(b)
             .to_digit(16)
@@ -502,18 +518,18 @@ pub(crate) fn client(proxy: SocketAddr) -> Result<reqwest::Client, String> {
 
 tokio::task_local! {
     /// Where the connector of the request being made records when its connection opened.
-    pub(crate) static CONNECT_TRACE: Arc<ConnectTrace>;
+    static CONNECT_TRACE: Arc<ConnectTrace>;
 }
 
 /// When the connection of one request opened (SOCKS handshake, dial and TLS done).
 #[derive(Debug, Default)]
-pub(crate) struct ConnectTrace {
+struct ConnectTrace {
     opened: Mutex<Option<Instant>>,
 }
 
 impl ConnectTrace {
     /// When the connection opened, if it did.
-    pub(crate) fn opened(&self) -> Option<Instant> {
+    fn opened(&self) -> Option<Instant> {
         self.opened.lock().ok().and_then(|g| *g)
     }
 

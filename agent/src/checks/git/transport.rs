@@ -22,8 +22,8 @@ use tailbox_proto::agent::v1::{FailureClass, Layer};
 use super::advert::{self, AdvertError, Advertisement};
 use super::pkt::{self, PktError, PktReader};
 use crate::checks::ProxyContext;
+use crate::checks::http as http_check;
 use crate::checks::http::failure::{self, Endpoint, Failure};
-use crate::checks::http::{self as http_check, CONNECT_TRACE, ConnectTrace, socks};
 
 /// Largest ref advertisement accepted (repositories with very many refs reach megabytes).
 const ADVERT_CAP: usize = 64 << 20;
@@ -112,7 +112,7 @@ fn factory(remote: &git2::Remote<'_>) -> Result<Transport, git2::Error> {
             false,
             GitDaemon {
                 settings,
-                conn: Arc::new(Mutex::new(None)),
+                conn: Mutex::new(None),
             },
         )
     } else {
@@ -224,7 +224,7 @@ async fn http_ls(s: &CallSettings, url: &str) -> Result<Vec<u8>, Failure> {
     }
 }
 
-/// Sends one request within the deadline, classifying connection failures.
+/// Sends one request with the credentials within the deadline, classifying failures.
 async fn send(
     s: &CallSettings,
     request: reqwest::RequestBuilder,
@@ -235,21 +235,18 @@ async fn send(
         Some((user, password)) => request.basic_auth(user, password.as_ref()),
         None => request,
     };
-    let trace = Arc::new(ConnectTrace::default());
-    let sending = CONNECT_TRACE.scope(trace.clone(), request.send());
-    match tokio::time::timeout_at(s.ctx.deadline, sending).await {
-        Err(_) => Err(Failure::deadline(
-            s.budget,
-            trace.opened().is_some(),
-            "listing the refs",
-            Layer::Git,
-        )),
-        Ok(Err(e)) => Err(http_check::classify(e, &s.ctx, to, https, s.budget).await),
-        Ok(Ok(response)) => {
-            update(s, |st| st.connected = true);
-            Ok(response)
-        }
-    }
+    let (response, _) = http_check::send(
+        request,
+        &s.ctx,
+        to,
+        https,
+        s.budget,
+        "listing the refs",
+        Layer::Git,
+    )
+    .await?;
+    update(s, |st| st.connected = true);
+    Ok(response)
 }
 
 /// Checks that the response is the smart protocol's and reads its body within the deadline.
@@ -461,9 +458,9 @@ fn is_timeout(e: &io::Error) -> bool {
 
 struct GitDaemon {
     settings: Arc<CallSettings>,
-    /// The connection, shared with the streams handed to libgit2 (it asks for a second stream
-    /// on the same connection to say goodbye).
-    conn: Arc<Mutex<Option<TcpStream>>>,
+    /// The connection, for the second stream libgit2 asks for on it (to say goodbye); each
+    /// stream handed to libgit2 holds its own handle to the socket.
+    conn: Mutex<Option<TcpStream>>,
 }
 
 impl SmartSubtransport for GitDaemon {
@@ -519,22 +516,9 @@ impl SmartSubtransport for GitDaemon {
 fn daemon_ls(s: &CallSettings, url: &str) -> Result<(TcpStream, Vec<u8>), Failure> {
     let (parsed, to) = http_check::parse_url(url, &["git"])
         .map_err(|e| Failure::new(FailureClass::InvalidInput, Layer::Git, e, "Fix the URL."))?;
-    let proxy = s.ctx.socks_addr;
-    let opened = s.handle.block_on(async {
-        tokio::time::timeout_at(s.ctx.deadline, socks::connect(proxy, &to.host, to.port)).await
-    });
-    let stream = match opened {
-        Err(_) => {
-            return Err(Failure::deadline(
-                s.budget,
-                false,
-                "opening the connection",
-                Layer::Tcp,
-            ));
-        }
-        Ok(Err(e)) => return Err(failure::from_socks(&e, proxy, &to)),
-        Ok(Ok(stream)) => stream,
-    };
+    let stream = s
+        .handle
+        .block_on(failure::open_tunnel(&s.ctx, &to, s.budget))?;
     update(s, |st| st.connected = true);
     let sock = stream
         .into_std()

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tailbox_proto::agent::v1::{FailureClass, Layer};
+use tokio::net::TcpStream;
 
 use super::socks::{self, REPLY_GENERAL_FAILURE, SocksFailure};
 use crate::checks::ProxyContext;
@@ -132,7 +133,7 @@ pub(crate) fn connect_timed_out(proxy: SocketAddr, to: &Endpoint) -> Failure {
 }
 
 /// Classifies a SOCKS5 failure from [`socks::connect`].
-pub(crate) fn from_socks(failure: &SocksFailure, proxy: SocketAddr, to: &Endpoint) -> Failure {
+fn from_socks(failure: &SocksFailure, proxy: SocketAddr, to: &Endpoint) -> Failure {
     match failure {
         SocksFailure::ProxyUnreachable(e) => Failure {
             proxy_down: true,
@@ -242,28 +243,27 @@ pub(crate) fn from_socks(failure: &SocksFailure, proxy: SocketAddr, to: &Endpoin
     }
 }
 
-/// What a fresh SOCKS5 CONNECT says about a connection reqwest could not open.
-pub(crate) enum Diagnosis {
-    /// The tunnel opened this time: the earlier failure was above TCP (TLS) or transient.
-    TunnelOpens,
-    /// The tunnel failed, classified.
-    Failed(Failure),
-    /// The deadline passed while diagnosing.
-    OutOfTime,
-}
-
-/// Opens a tunnel with the diagnostic client to learn why reqwest's failed. reqwest's own error
-/// says little (and its SOCKS client rejects tailscaled#6144 replies outright), while the reply
-/// code and the failing step are exactly what the classification needs.
-pub(crate) async fn diagnose(
-    proxy: SocketAddr,
+/// Opens a tunnel to `to` through tailscaled's SOCKS5 proxy within the check's deadline
+/// (`budget` is the check's whole time, for the message), classifying what went wrong. The git://
+/// transport connects with it, and the HTTP check diagnoses with it a connection reqwest could
+/// not open: reqwest's own error says little (and its SOCKS client rejects tailscale#6144
+/// replies outright), while the reply code and the failing step are exactly what the
+/// classification needs.
+pub(crate) async fn open_tunnel(
+    ctx: &ProxyContext,
     to: &Endpoint,
-    deadline: tokio::time::Instant,
-) -> Diagnosis {
-    match tokio::time::timeout_at(deadline, socks::connect(proxy, &to.host, to.port)).await {
-        Err(_) => Diagnosis::OutOfTime,
-        Ok(Ok(_stream)) => Diagnosis::TunnelOpens,
-        Ok(Err(failure)) => Diagnosis::Failed(from_socks(&failure, proxy, to)),
+    budget: Duration,
+) -> Result<TcpStream, Failure> {
+    let proxy = ctx.socks_addr;
+    match tokio::time::timeout_at(ctx.deadline, socks::connect(proxy, &to.host, to.port)).await {
+        Err(_) => Err(Failure::deadline(
+            budget,
+            false,
+            "opening the connection",
+            Layer::Tcp,
+        )),
+        Ok(Err(failure)) => Err(from_socks(&failure, proxy, to)),
+        Ok(Ok(stream)) => Ok(stream),
     }
 }
 
