@@ -4,45 +4,24 @@
 //! a second real tailscaled is the sandbox whose SOCKS5 proxy the check goes through.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+mod checks_support;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use checks_support::{
+    FixedHttp, StandInDaemon, TEST_DEADLINE, class, closed_addr, closed_port, ctx, header, layer,
+    sandbox, status,
+};
 use tailbox_agent::checks::git::{GitOptions, check_git, check_git_with};
-use tailbox_agent::checks::{DaemonReady, DaemonState, ProxyContext};
 use tailbox_proto::agent::v1::{
     CheckResult, CheckStatus, ExpectedRef, FailureClass, GitEvidence, GitTarget, Layer,
     check_result,
 };
-use tailbox_testkit::lab::{Binaries, Lab, Node};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tailbox_testkit::lab::Lab;
+use tokio::net::TcpListener;
 use tokio::time::timeout;
-
-/// Generous: two tailscaleds per test, several tests in parallel on two cores.
-const TEST_DEADLINE: Duration = Duration::from_secs(120);
-
-/// A lab plus a logged-in "sandbox" node that sees the dev-host peer in its netmap.
-async fn sandbox() -> (Lab, Node) {
-    Binaries::locate()
-        .await
-        .expect("the tailnet lab binaries (see lab/README.md)");
-    let lab = Lab::start().await.expect("lab starts");
-    let node = lab
-        .start_logged_in_node("sandbox")
-        .await
-        .expect("sandbox node logs in and sees the peer");
-    (lab, node)
-}
-
-fn ctx(socks_addr: SocketAddr, budget: Duration) -> ProxyContext {
-    ProxyContext {
-        socks_addr,
-        deadline: tokio::time::Instant::now() + budget,
-        daemon: DaemonReady::always(),
-    }
-}
 
 fn target(url: impl Into<String>, expected: &[(&str, &str)]) -> GitTarget {
     GitTarget {
@@ -76,18 +55,6 @@ fn evidence(r: &CheckResult) -> &GitEvidence {
     }
 }
 
-fn status(r: &CheckResult) -> CheckStatus {
-    CheckStatus::try_from(r.status).unwrap()
-}
-
-fn class(r: &CheckResult) -> FailureClass {
-    FailureClass::try_from(r.failure_class).unwrap()
-}
-
-fn layer(r: &CheckResult) -> Layer {
-    Layer::try_from(r.layer).unwrap()
-}
-
 /// The evidence of a listing of the lab repository, checked against what `git rev-parse` says.
 fn assert_lab_listing(lab: &Lab, r: &CheckResult) {
     assert_eq!(status(r), CheckStatus::Pass, "{r:#?}");
@@ -105,44 +72,6 @@ fn assert_lab_listing(lab: &Lab, r: &CheckResult) {
         assert!(c.matched, "{c:?}");
         assert_eq!(&c.actual, lab.git_ref(&c.name).unwrap());
     }
-}
-
-/// A loopback port nothing listens on (bound, then released).
-async fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A loopback HTTP server that answers every request with `response` (status line, headers
-/// and body, verbatim). Returns its port.
-async fn fixed_http(response: String) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let response = response.clone();
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(response.as_bytes()).await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    port
 }
 
 /// A loopback port that accepts connections and never says a word.
@@ -354,26 +283,24 @@ async fn a_web_page_or_dumb_http_is_git_protocol() {
     timeout(TEST_DEADLINE, async {
         let (lab, node) = sandbox().await;
         let sha = lab.git_ref("refs/heads/main").unwrap();
-        let html = fixed_http(
+        let html = FixedHttp::start(
             "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n\
-             <!DOCTYPE html><html><body>cook</body></html>"
-                .into(),
+             <!DOCTYPE html><html><body>cook</body></html>",
         )
         .await;
-        let dumb = fixed_http(format!(
+        let dumb = FixedHttp::start(format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n\
              {sha}\trefs/heads/main\n"
         ))
         .await;
         // Right content type, wrong content.
-        let liar = fixed_http(
+        let liar = FixedHttp::start(
             "HTTP/1.1 200 OK\r\nContent-Type: application/x-git-upload-pack-advertisement\r\n\
-             Connection: close\r\n\r\nok"
-                .into(),
+             Connection: close\r\n\r\nok",
         )
         .await;
-        for (port, says) in [(html, "HTML"), (dumb, "dumb"), (liar, "git")] {
-            let url = format!("http://{}:{port}/git/me/repo.git", lab.peer_ipv4());
+        for (server, says) in [(html, "HTML"), (dumb, "dumb"), (liar, "git")] {
+            let url = format!("http://{}:{}/git/me/repo.git", lab.peer_ipv4(), server.port);
             let r = check_git(
                 &target(url, &[]),
                 &ctx(node.socks5_addr(), Duration::from_secs(30)),
@@ -415,9 +342,7 @@ async fn connection_failures_are_classified_like_http() {
         }
 
         // No proxy at all.
-        let nowhere: SocketAddr = format!("127.0.0.1:{}", closed_port().await)
-            .parse()
-            .unwrap();
+        let nowhere = closed_addr().await;
         for url in [lab.git_url(), format!("git://{}/lab.git", lab.peer_ipv4())] {
             let r = check_git(&target(&url, &[]), &ctx(nowhere, Duration::from_secs(10))).await;
             assert_eq!(class(&r), FailureClass::SocksRefused, "{url}: {r:#?}");
@@ -469,27 +394,31 @@ async fn credentials_in_the_url_are_used_and_never_shown() {
         let password = "hunter2-Sup3rSecret";
         let user = "cookuser";
         let creds = |url: &str| url.replacen("http://", &format!("http://{user}:{password}@"), 1);
-        let unauthorized = fixed_http(
+        let unauthorized = FixedHttp::start(
             "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"cook\"\r\n\
-             Content-Length: 0\r\nConnection: close\r\n\r\n"
-                .into(),
+             Content-Length: 0\r\nConnection: close\r\n\r\n",
         )
         .await;
-        let forbidden = fixed_http(
-            "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+        let forbidden = FixedHttp::start(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         )
         .await;
         let expected = all_lab_refs(&lab);
         let cases = [
             (creds(&lab.git_url()), None),
             (
-                format!("http://{}:{unauthorized}/git/a/b.git", lab.peer_ipv4()),
+                format!(
+                    "http://{}:{}/git/a/b.git",
+                    lab.peer_ipv4(),
+                    unauthorized.port
+                ),
                 Some(FailureClass::GitAuth),
             ),
             (
                 creds(&format!(
-                    "http://{}:{forbidden}/git/a/b.git",
-                    lab.peer_ipv4()
+                    "http://{}:{}/git/a/b.git",
+                    lab.peer_ipv4(),
+                    forbidden.port
                 )),
                 Some(FailureClass::GitAuth),
             ),
@@ -510,23 +439,24 @@ async fn credentials_in_the_url_are_used_and_never_shown() {
                 assert!(!text.contains(user), "user leaked: {text}");
             }
         }
+        // The credentials went to the server as basic auth, never in the URL; none without them.
+        let heads = forbidden.request_heads();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        assert!(
+            heads[0].starts_with("GET /git/a/b.git/info/refs?service=git-upload-pack HTTP/1.1\r\n"),
+            "{heads:?}"
+        );
+        assert_eq!(
+            header(&heads[0], "authorization"),
+            Some("Basic Y29va3VzZXI6aHVudGVyMi1TdXAzclNlY3JldA=="),
+            "{heads:?}"
+        );
+        let heads = unauthorized.request_heads();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        assert_eq!(header(&heads[0], "authorization"), None, "{heads:?}");
     })
     .await
     .expect("test timed out");
-}
-
-/// Forwards every connection on `listener` to `to` (a stand-in for tailscaled's proxy port).
-async fn forward(listener: TcpListener, to: SocketAddr) {
-    loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            if let Ok(mut outbound) = TcpStream::connect(to).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -540,27 +470,17 @@ async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
             format!("git://{}:{daemon_port}/lab.git", lab.peer_ipv4()),
         ] {
             // tailscaled is down (nothing on its proxy port) and its supervisor says so.
-            let proxy: SocketAddr = format!("127.0.0.1:{}", closed_port().await)
-                .parse()
-                .unwrap();
-            let (tx, rx) = tokio::sync::watch::channel(DaemonState::NotReady);
-            let ctx = ProxyContext {
-                socks_addr: proxy,
-                deadline: tokio::time::Instant::now() + Duration::from_secs(20),
-                daemon: DaemonReady::new(rx),
-            };
+            let mut daemon = StandInDaemon::down().await;
+            let ctx = daemon.ctx(Duration::from_secs(20));
             let head = lab.git_ref("HEAD").unwrap().to_owned();
             let check =
                 tokio::spawn(
                     async move { check_git(&target(url, &[("HEAD", &head)]), &ctx).await },
                 );
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let listener = TcpListener::bind(proxy).await.unwrap();
-            let fwd = tokio::spawn(forward(listener, node.socks5_addr()));
-            tx.send(DaemonState::Ready).unwrap();
+            daemon.come_back(node.socks5_addr()).await;
             let r = check.await.unwrap();
             assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
-            fwd.abort();
         }
     })
     .await

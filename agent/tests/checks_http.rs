@@ -2,41 +2,19 @@
 //! a second real tailscaled as the sandbox whose SOCKS5 proxy the check goes through.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
+mod checks_support;
+
 use std::time::{Duration, Instant};
 
+use checks_support::{
+    FixedHttp, StandInDaemon, TEST_DEADLINE, class, closed_addr, closed_port, ctx, header, layer,
+    sandbox, status,
+};
 use tailbox_agent::checks::http::{BODY_CAP, check_http};
-use tailbox_agent::checks::{DaemonReady, DaemonState, ProxyContext};
 use tailbox_proto::agent::v1::{
     CheckResult, CheckStatus, FailureClass, HttpEvidence, HttpTarget, Layer, check_result,
 };
-use tailbox_testkit::lab::{Binaries, Lab, Node};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
-
-/// Generous: two tailscaleds per test, several tests in parallel on two cores.
-const TEST_DEADLINE: Duration = Duration::from_secs(120);
-
-/// A lab plus a logged-in "sandbox" node that sees the dev-host peer in its netmap.
-async fn sandbox() -> (Lab, Node) {
-    Binaries::locate()
-        .await
-        .expect("the tailnet lab binaries (see lab/README.md)");
-    let lab = Lab::start().await.expect("lab starts");
-    let node = lab
-        .start_logged_in_node("sandbox")
-        .await
-        .expect("sandbox node logs in and sees the peer");
-    (lab, node)
-}
-
-fn ctx(socks_addr: SocketAddr, budget: Duration) -> ProxyContext {
-    ProxyContext {
-        socks_addr,
-        deadline: tokio::time::Instant::now() + budget,
-        daemon: DaemonReady::always(),
-    }
-}
 
 fn target(url: impl Into<String>, expected_status: u32) -> HttpTarget {
     HttpTarget {
@@ -50,28 +28,6 @@ fn evidence(r: &CheckResult) -> &HttpEvidence {
         Some(check_result::Evidence::Http(e)) => e,
         other => panic!("no HTTP evidence: {other:?}"),
     }
-}
-
-fn status(r: &CheckResult) -> CheckStatus {
-    CheckStatus::try_from(r.status).unwrap()
-}
-
-fn class(r: &CheckResult) -> FailureClass {
-    FailureClass::try_from(r.failure_class).unwrap()
-}
-
-fn layer(r: &CheckResult) -> Layer {
-    Layer::try_from(r.layer).unwrap()
-}
-
-/// A loopback port nothing listens on (bound, then released).
-async fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -140,7 +96,9 @@ async fn unexpected_status_fails_and_an_expected_one_passes() {
             &ctx(node.socks5_addr(), Duration::from_secs(30)),
         )
         .await;
+        assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
         assert_eq!(class(&r), FailureClass::HttpStatus, "{r:#?}");
+        assert!(r.detail.contains("expected 204"), "{}", r.detail);
     })
     .await
     .expect("test timed out");
@@ -237,9 +195,7 @@ async fn a_tailnet_ip_without_a_peer_fails_at_the_connection_without_hanging() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_proxy_address_where_nothing_listens_is_socks_refused() {
     timeout(TEST_DEADLINE, async {
-        let closed: SocketAddr = format!("127.0.0.1:{}", closed_port().await)
-            .parse()
-            .unwrap();
+        let closed = closed_addr().await;
         let started = Instant::now();
         let r = check_http(
             &target("http://100.64.0.1:7420/health", 0),
@@ -272,17 +228,32 @@ async fn credentials_in_the_url_appear_nowhere_in_the_result() {
             format!("http://{user}:{password}@{rest}{path}")
         };
         let closed = format!("http://{}:{}", lab.peer_ipv4(), closed_port().await);
+        // A server on the dev host that shows what it was sent.
+        let recording =
+            FixedHttp::start("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .await;
+        let recording_url = format!("http://{}:{}", lab.peer_ipv4(), recording.port);
+        // Passes (one at the recording server), a refusal whose hint is about credentials, and
+        // a failure before any request went out.
         let cases = [
-            (with_creds(&lab.http_base_url(), "/health"), 0),
-            (with_creds(&lab.http_base_url(), "/status/401"), 0),
-            (with_creds(&closed, "/x"), 0),
+            (with_creds(&lab.http_base_url(), "/health"), None),
+            (with_creds(&recording_url, "/private"), None),
+            (
+                with_creds(&lab.http_base_url(), "/status/401"),
+                Some(FailureClass::HttpStatus),
+            ),
+            (with_creds(&closed, "/x"), Some(FailureClass::TcpRefused)),
         ];
-        for (url, expected) in cases {
+        for (url, want) in cases {
             let r = check_http(
-                &target(&url, expected),
+                &target(&url, 0),
                 &ctx(node.socks5_addr(), Duration::from_secs(30)),
             )
             .await;
+            match want {
+                None => assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}"),
+                Some(c) => assert_eq!(class(&r), c, "{r:#?}"),
+            }
             let json = serde_json::to_string(&r).unwrap();
             let debug = format!("{r:?}");
             for text in [&json, &debug] {
@@ -291,6 +262,18 @@ async fn credentials_in_the_url_appear_nowhere_in_the_result() {
             }
             assert!(r.target.contains("****@"), "{}", r.target);
         }
+        // The credentials went to the server as basic auth, and only there.
+        let heads = recording.request_heads();
+        assert_eq!(heads.len(), 1, "{heads:?}");
+        assert!(
+            heads[0].starts_with("GET /private HTTP/1.1\r\n"),
+            "{heads:?}"
+        );
+        assert_eq!(
+            header(&heads[0], "authorization"),
+            Some("Basic Y29va3VzZXI6aHVudGVyMi1TdXAzclNlY3JldA=="),
+            "{heads:?}"
+        );
     })
     .await
     .expect("test timed out");
@@ -318,42 +301,20 @@ async fn a_slow_response_runs_into_the_deadline_on_time() {
     .expect("test timed out");
 }
 
-/// Forwards every connection on `listener` to `to` (a stand-in for tailscaled's proxy port).
-async fn forward(listener: TcpListener, to: SocketAddr) {
-    loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            if let Ok(mut outbound) = TcpStream::connect(to).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
     timeout(TEST_DEADLINE, async {
         let (lab, node) = sandbox().await;
         // The proxy port the check is given, with nothing behind it yet: tailscaled is down and
         // its supervisor says so.
-        let port = closed_port().await;
-        let proxy: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let (tx, rx) = tokio::sync::watch::channel(DaemonState::NotReady);
-        let ctx = ProxyContext {
-            socks_addr: proxy,
-            deadline: tokio::time::Instant::now() + Duration::from_secs(20),
-            daemon: DaemonReady::new(rx),
-        };
+        let mut daemon = StandInDaemon::down().await;
+        let ctx = daemon.ctx(Duration::from_secs(20));
         let health = lab.health_url();
         let check = tokio::spawn(async move { check_http(&target(health, 0), &ctx).await });
 
         // "Restart": the proxy comes back on the same port and the supervisor reports ready.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let listener = TcpListener::bind(proxy).await.unwrap();
-        tokio::spawn(forward(listener, node.socks5_addr()));
-        tx.send(DaemonState::Ready).unwrap();
+        daemon.come_back(node.socks5_addr()).await;
 
         let r = check.await.unwrap();
         assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
@@ -363,58 +324,22 @@ async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
     .expect("test timed out");
 }
 
-/// A stand-in for tailscaled's proxy port that can die (listener and live connections
-/// dropped at once) and come back on the same port.
-struct KillableProxy(tokio::task::JoinHandle<()>);
-
-impl KillableProxy {
-    async fn start(at: SocketAddr, to: SocketAddr) -> Self {
-        let listener = TcpListener::bind(at).await.unwrap();
-        Self(tokio::spawn(async move {
-            // Owned by this task: aborting it drops every connection too.
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }))
-    }
-
-    async fn kill(self) {
-        self.0.abort();
-        let _ = self.0.await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_that_dies_mid_request_and_comes_back_in_time_does_not_fail_the_check() {
     timeout(TEST_DEADLINE, async {
         let (lab, node) = sandbox().await;
-        let at: SocketAddr = format!("127.0.0.1:{}", closed_port().await)
-            .parse()
-            .unwrap();
-        let proxy = KillableProxy::start(at, node.socks5_addr()).await;
-        let (tx, rx) = tokio::sync::watch::channel(DaemonState::Ready);
-        let ctx = ProxyContext {
-            socks_addr: at,
-            deadline: tokio::time::Instant::now() + Duration::from_secs(20),
-            daemon: DaemonReady::new(rx),
-        };
+        let mut daemon = StandInDaemon::up(node.socks5_addr()).await;
+        let ctx = daemon.ctx(Duration::from_secs(20));
         let url = format!("{}/slow?ms=1500", lab.http_base_url());
         let started = Instant::now();
         let check = tokio::spawn(async move { check_http(&target(url, 0), &ctx).await });
 
         // tailscaled dies while the server is still thinking...
         tokio::time::sleep(Duration::from_millis(500)).await;
-        proxy.kill().await;
-        tx.send(DaemonState::NotReady).unwrap();
+        daemon.die().await;
         // ...and its supervisor brings it back a second later.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let _proxy = KillableProxy::start(at, node.socks5_addr()).await;
-        tx.send(DaemonState::Ready).unwrap();
+        daemon.come_back(node.socks5_addr()).await;
 
         let r = check.await.unwrap();
         assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
@@ -451,18 +376,13 @@ async fn tls_to_a_plain_http_port_fails_at_the_http_layer_with_a_tls_hint() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_daemon_that_is_gone_for_good_fails_the_check_at_once() {
     timeout(TEST_DEADLINE, async {
-        let port = closed_port().await;
-        let (tx, rx) = tokio::sync::watch::channel(DaemonState::NotReady);
-        let ctx = ProxyContext {
-            socks_addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            deadline: tokio::time::Instant::now() + Duration::from_secs(20),
-            daemon: DaemonReady::new(rx),
-        };
+        let daemon = StandInDaemon::down().await;
+        let ctx = daemon.ctx(Duration::from_secs(20));
         let started = Instant::now();
         let check =
             tokio::spawn(async move { check_http(&target("http://100.64.0.1:1/", 0), &ctx).await });
         tokio::time::sleep(Duration::from_millis(300)).await;
-        tx.send(DaemonState::Gone).unwrap();
+        daemon.gone();
         let r = check.await.unwrap();
         assert_eq!(class(&r), FailureClass::SocksRefused, "{r:#?}");
         assert!(
