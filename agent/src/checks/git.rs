@@ -117,7 +117,7 @@ pub async fn check_git_with(
     let _ = url.set_password(None);
 
     let budget = ctx.remaining();
-    let attempt = || {
+    loop {
         let settings = CallSettings {
             ctx: ctx.clone(),
             budget,
@@ -127,11 +127,15 @@ pub async fn check_git_with(
             basic_auth: basic_auth.clone(),
             state: Arc::new(Mutex::new(CallState::default())),
         };
-        list(url.as_str(), settings)
-    };
-    match failure::retrying(ctx, attempt).await {
-        Ok(listing) => judge(&outcome, target, &listing, &proxy, &shown),
-        Err(f) => fail(f),
+        match list(url.as_str(), settings).await {
+            Ok(listing) => return judge(&outcome, target, &listing, &proxy, &shown),
+            Err(f) => {
+                if failure::daemon_came_back(ctx, &f).await {
+                    continue;
+                }
+                return fail(f);
+            }
+        }
     }
 }
 

@@ -3,8 +3,7 @@
 //! One GET with reqwest (socks5h: tailscaled resolves names, so MagicDNS works), bounded by the
 //! check's deadline, with a capped body read. When the connection cannot be opened, reqwest's
 //! error says little, so the failure is diagnosed with a second, plain SOCKS5 CONNECT that reports
-//! the proxy's reply code ([`failure::open_tunnel`]); the git check shares that machinery, and
-//! the retries after a transient failure or a daemon restart ([`failure::retrying`]).
+//! the proxy's reply code ([`failure::open_tunnel`]); the git check shares that machinery.
 
 pub(crate) mod failure;
 pub(crate) mod socks;
@@ -70,15 +69,27 @@ pub async fn check_http(target: &HttpTarget, ctx: &ProxyContext) -> CheckResult 
     };
 
     let limit = ctx.remaining();
-    match failure::retrying(ctx, || fetch(&client, &url, &to, ctx, limit)).await {
-        Ok(fetched) => judge(&outcome, target, fetched, &shown, &proxy, &secrets),
-        Err(f) => outcome.fail(
-            f.class,
-            f.layer,
-            secrets.redact(&f.detail),
-            secrets.redact(&f.hint),
-            Some(no_response()),
-        ),
+    let mut retried_transient = false;
+    loop {
+        match fetch(&client, &url, &to, ctx, limit).await {
+            Ok(fetched) => return judge(&outcome, target, fetched, &shown, &proxy, &secrets),
+            Err(f) => {
+                if f.transient && !retried_transient {
+                    retried_transient = true;
+                    continue;
+                }
+                if failure::daemon_came_back(ctx, &f).await {
+                    continue;
+                }
+                return outcome.fail(
+                    f.class,
+                    f.layer,
+                    secrets.redact(&f.detail),
+                    secrets.redact(&f.hint),
+                    Some(no_response()),
+                );
+            }
+        }
     }
 }
 

@@ -63,8 +63,7 @@ pub(crate) struct Failure {
     pub proxy_down: bool,
     /// The failure happened while opening the connection (so a daemon restart could explain it).
     pub connection_level: bool,
-    /// The tunnel failed once and then opened on a second try: worth one more attempt
-    /// ([`retrying`]).
+    /// The tunnel failed once and then opened on a second try: worth one more attempt.
     pub transient: bool,
 }
 
@@ -295,34 +294,9 @@ pub(crate) async fn proxy_went_away(ctx: &ProxyContext) -> Option<Failure> {
     })
 }
 
-/// Runs the attempts of one check until one succeeds or fails in a way another attempt would
-/// not change: a tunnel that failed and then opened ([`Failure::transient`]) gets one more
-/// attempt, and a connection-level failure gets another whenever a restarted tailscaled is ready
-/// again within the deadline.
-pub(crate) async fn retrying<T, A>(
-    ctx: &ProxyContext,
-    mut attempt: impl FnMut() -> A,
-) -> Result<T, Failure>
-where
-    A: Future<Output = Result<T, Failure>>,
-{
-    let mut retried_transient = false;
-    loop {
-        let failure = match attempt().await {
-            Ok(done) => return Ok(done),
-            Err(f) => f,
-        };
-        if failure.transient && !retried_transient {
-            retried_transient = true;
-        } else if !daemon_came_back(ctx, &failure).await {
-            return Err(failure);
-        }
-    }
-}
-
 /// After a connection-level failure: whether tailscaled was (or is being) restarted and is ready
 /// again in time, so the attempt is worth repeating.
-async fn daemon_came_back(ctx: &ProxyContext, failure: &Failure) -> bool {
+pub(crate) async fn daemon_came_back(ctx: &ProxyContext, failure: &Failure) -> bool {
     if !failure.connection_level {
         return false;
     }
@@ -403,34 +377,6 @@ mod tests {
         );
         assert_eq!(f.class, FailureClass::SocksRefused);
         assert!(f.proxy_down);
-    }
-
-    /// Runs [`retrying`] with attempts that all fail with `failure`; returns how many ran.
-    async fn attempts_until_given_up(failure: Failure) -> u32 {
-        let ctx = ProxyContext {
-            socks_addr: proxy(),
-            deadline: tokio::time::Instant::now() + Duration::from_secs(5),
-            daemon: crate::checks::DaemonReady::always(),
-        };
-        let mut attempts = 0;
-        let result: Result<(), Failure> = retrying(&ctx, || {
-            attempts += 1;
-            std::future::ready(Err(failure.clone()))
-        })
-        .await;
-        assert!(result.is_err());
-        attempts
-    }
-
-    #[tokio::test]
-    async fn a_transient_failure_gets_exactly_one_more_attempt() {
-        let transient = Failure {
-            transient: true,
-            ..Failure::new(FailureClass::TcpRefused, Layer::Tcp, "flaky", "retry")
-        };
-        assert_eq!(attempts_until_given_up(transient).await, 2);
-        let answered = Failure::new(FailureClass::HttpStatus, Layer::Http, "500", "server");
-        assert_eq!(attempts_until_given_up(answered).await, 1);
     }
 
     #[test]
