@@ -7,6 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+// The time conversions live with the contract; re-exported for the checks.
+pub use tailbox_proto::convert::{duration, timestamp, to_std_duration};
+
 use tailbox_proto::agent::v1::{
     CheckResult, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase, PhaseFinished,
     PhaseStarted, PhaseTiming, Warning, event,
@@ -27,6 +30,8 @@ struct Inner {
     tx: Option<mpsc::Sender<EventItem>>,
     next_seq: u64,
     record: RunRecord,
+    /// Failed checks so far, so phases can tell whether they failed without copying the record.
+    failed_checks: usize,
 }
 
 /// Everything the final report needs, gathered as events are emitted.
@@ -50,6 +55,7 @@ impl EventSink {
                 tx: Some(tx),
                 next_seq: 1,
                 record: RunRecord::default(),
+                failed_checks: 0,
             })),
         }
     }
@@ -58,7 +64,12 @@ impl EventSink {
     pub async fn emit(&self, kind: event::Kind) {
         let mut inner = self.inner.lock().await;
         match &kind {
-            event::Kind::Check(check) => inner.record.checks.push(check.clone()),
+            event::Kind::Check(check) => {
+                if check.status == CheckStatus::Fail as i32 {
+                    inner.failed_checks += 1;
+                }
+                inner.record.checks.push(check.clone());
+            }
             event::Kind::Warning(warning) => inner.record.warnings.push(warning.clone()),
             event::Kind::PhaseFinished(finished) => inner.record.phases.push(PhaseTiming {
                 phase: finished.phase,
@@ -129,6 +140,11 @@ impl EventSink {
         .await;
     }
 
+    /// How many checks have failed so far.
+    pub async fn failed_checks(&self) -> usize {
+        self.inner.lock().await.failed_checks
+    }
+
     /// A copy of what has been recorded so far.
     pub async fn record(&self) -> RunRecord {
         self.inner.lock().await.record.clone()
@@ -140,35 +156,6 @@ impl EventSink {
         if let Some(tx) = inner.tx.take() {
             let _ = tx.send(Err(status)).await;
         }
-    }
-}
-
-/// Converts a std duration to the protobuf type.
-pub fn duration(d: Duration) -> pbjson_types::Duration {
-    pbjson_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
-/// Converts a protobuf duration to std, treating unset, zero and negative as `None`.
-pub fn to_std_duration(d: Option<&pbjson_types::Duration>) -> Option<Duration> {
-    let d = d?;
-    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
-        return None;
-    }
-    Some(Duration::new(
-        u64::try_from(d.seconds).ok()?,
-        u32::try_from(d.nanos).ok()?,
-    ))
-}
-
-/// Converts a system time to the protobuf type.
-pub fn timestamp(t: SystemTime) -> pbjson_types::Timestamp {
-    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    pbjson_types::Timestamp {
-        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
     }
 }
 
@@ -213,13 +200,5 @@ mod tests {
         })
         .await;
         assert_eq!(sink.record().await.checks.len(), 1);
-    }
-
-    #[test]
-    fn durations_round_trip_and_zero_means_unset() {
-        let d = Duration::from_millis(1500);
-        assert_eq!(to_std_duration(Some(&duration(d))), Some(d));
-        assert_eq!(to_std_duration(Some(&duration(Duration::ZERO))), None);
-        assert_eq!(to_std_duration(None), None);
     }
 }

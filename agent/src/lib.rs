@@ -33,3 +33,18 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Capabilities announced in the handshake.
 pub const FEATURES: &[&str] = &["preflight", "tailnet", "ping", "http", "git", "git-v2"];
+
+/// Renders an error with its sources, skipping sources already contained in the text.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -6,7 +6,7 @@
 //! unix socket and avoids reconnect logic; the IPN bus gets its own long-lived connection.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -189,11 +189,6 @@ impl LocalApi {
         Self {
             socket: socket.into(),
         }
-    }
-
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.socket
     }
 
     async fn send(

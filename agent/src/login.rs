@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tailbox_proto::agent::v1::{FailureClass, Layer, LoginEvidence};
 
+use crate::error_chain;
 use crate::events::duration;
 use crate::localapi::{LocalApi, LocalApiError, Notify, state};
 
@@ -146,9 +147,11 @@ pub async fn login(
 
 /// Sets what `up --reset --accept-dns=false` would set, on top of the daemon's current prefs.
 fn apply_prefs(prefs: &mut serde_json::Value, params: &LoginParams) {
-    let Some(map) = prefs.as_object_mut() else {
+    if !prefs.is_object() {
         *prefs = serde_json::json!({});
-        return apply_prefs(prefs, params);
+    }
+    let Some(map) = prefs.as_object_mut() else {
+        return;
     };
     // Persist is ignored by start and must not be echoed back with its (stripped) keys.
     map.remove("Config");
@@ -302,17 +305,6 @@ async fn probe_control(control_url: &str) -> Option<String> {
         Ok(Err(err)) => Some(err.to_string()),
         Err(_) => Some("no answer within 3s".into()),
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The default hostname: `modal-<first 8 characters of the sandbox id>`, as a valid DNS label.

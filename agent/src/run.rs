@@ -169,9 +169,7 @@ impl TailnetRun<'_> {
             let _ = std::fs::remove_dir_all(&run_dir);
             return (None, None);
         };
-        let proxy = supervisor
-            .proxy()
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 1055)));
+        let proxy = supervisor.proxy();
         let mut info = TailnetInfo {
             tailscale_version: daemon.version.clone(),
             daemon_source: daemon.source,
@@ -610,15 +608,11 @@ fn source_name(source: i32) -> &'static str {
 /// Runs one phase between its started and finished events; the phase fails if any check that
 /// finished during it failed.
 async fn run_phase(sink: &EventSink, phase: Phase, body: impl Future<Output = ()>) {
-    let before = sink.record().await.checks.len();
+    let failed_before = sink.failed_checks().await;
     let started = Instant::now();
     sink.phase_started(phase).await;
     body.await;
-    let record = sink.record().await;
-    let failed = record.checks[before..]
-        .iter()
-        .any(|c| c.status == CheckStatus::Fail as i32);
-    let status = if failed {
+    let status = if sink.failed_checks().await > failed_before {
         CheckStatus::Fail
     } else {
         CheckStatus::Pass

@@ -133,6 +133,15 @@ impl std::fmt::Display for CliError {
 
 impl std::error::Error for CliError {}
 
+/// A gRPC status as an error cause, with URL credentials removed from its message.
+pub fn status_error(status: &tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!(
+        "gRPC status {:?}: {}",
+        status.code(),
+        redact_urls(status.message())
+    )
+}
+
 /// Shorthand for controller results.
 pub type CliResult<T> = Result<T, CliError>;
 

@@ -192,12 +192,12 @@ impl CheckPlan {
             .unwrap_or_else(|| DEFAULT_MODAL_IMAGE.to_owned());
 
         let deadlines = Deadlines {
-            total: Some(proto_duration(args.timeout)),
-            login: args.login_timeout.map(proto_duration),
-            netmap: args.netmap_timeout.map(proto_duration),
-            ping: args.ping_timeout.map(proto_duration),
-            http: args.http_timeout.map(proto_duration),
-            git: args.git_timeout.map(proto_duration),
+            total: Some(tailbox_proto::convert::duration(args.timeout)),
+            login: args.login_timeout.map(tailbox_proto::convert::duration),
+            netmap: args.netmap_timeout.map(tailbox_proto::convert::duration),
+            ping: args.ping_timeout.map(tailbox_proto::convert::duration),
+            http: args.http_timeout.map(tailbox_proto::convert::duration),
+            git: args.git_timeout.map(tailbox_proto::convert::duration),
             ..Default::default()
         };
 
@@ -448,13 +448,6 @@ fn parse_env_pairs(text: &str) -> CliResult<BTreeMap<String, String>> {
             Ok((k.to_owned(), v.to_owned()))
         })
         .collect()
-}
-
-fn proto_duration(d: Duration) -> pbjson_types::Duration {
-    pbjson_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use std::time::Duration;
 use console::{Style, Term};
 use indicatif::{ProgressBar, ProgressStyle};
 use tailbox_proto::agent::v1::{
-    CheckResult, CheckStatus, DaemonRestart, Event, FailureClass, Layer, LogLine, LogSource, Phase,
-    PhaseFinished, PhaseStarted, Report, Warning, event,
+    CheckResult, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase, PhaseFinished,
+    PhaseStarted, Report, Warning, event,
 };
 
 use crate::error::CliResult;
@@ -59,7 +59,7 @@ impl Renderer {
             PhaseFinished {
                 phase: phase as i32,
                 status: status as i32,
-                duration: Some(proto_duration(duration)),
+                duration: Some(tailbox_proto::convert::duration(duration)),
             },
         )))
     }
@@ -94,15 +94,11 @@ impl Renderer {
 
 /// An event the controller emits itself; seq 0 marks it as not from the agent.
 pub fn controller_event(kind: event::Kind) -> Event {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
     Event {
         seq: 0,
-        time: Some(pbjson_types::Timestamp {
-            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
-        }),
+        time: Some(tailbox_proto::convert::timestamp(
+            std::time::SystemTime::now(),
+        )),
         kind: Some(kind),
     }
 }
@@ -396,38 +392,9 @@ pub fn format_duration(d: &pbjson_types::Duration) -> String {
     }
 }
 
-fn proto_duration(d: Duration) -> pbjson_types::Duration {
-    pbjson_types::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
-}
-
 /// True when `report` failed at any layer (for the exit code).
 pub fn report_failed(report: &Report) -> bool {
     report.verdict.as_ref().is_none_or(|v| !v.ok)
-}
-
-/// Human name of a failure class (used in error messages).
-pub fn class_label(class: i32) -> String {
-    FailureClass::try_from(class)
-        .map(|c| {
-            c.as_str_name()
-                .trim_start_matches("FAILURE_CLASS_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// Human name of a layer.
-pub fn layer_label(layer: i32) -> String {
-    Layer::try_from(layer)
-        .map(|l| {
-            l.as_str_name()
-                .trim_start_matches("LAYER_")
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::backend::{AgentExit, AgentProcess};
-use crate::error::{CliError, CliResult};
+use crate::error::{CliError, CliResult, status_error};
 use crate::render::Renderer;
 use crate::secret::redact_urls;
 
@@ -89,7 +89,7 @@ pub async fn run(
             return Err(watch
                 .failure("The agent handshake failed")
                 .await
-                .with_source(status_error(status))
+                .with_source(status_error(&status))
                 .with_hint("the agent may have exited at once; its stderr is above"));
         }
     };
@@ -117,7 +117,7 @@ pub async fn run(
             return Err(watch
                 .failure("The agent refused the run")
                 .await
-                .with_source(status_error(status)));
+                .with_source(status_error(&status)));
         }
     };
 
@@ -141,7 +141,7 @@ pub async fn run(
                     } else {
                         "The connection to the agent broke in the middle of the run"
                     };
-                    return Err(watch.failure(what).await.with_source(status_error(status))
+                    return Err(watch.failure(what).await.with_source(status_error(&status))
                         .with_hint("this is a sandbox or agent problem, not a tailnet one; the agent's stderr is above"));
                 }
             },
@@ -230,14 +230,6 @@ impl AgentWatch {
         }
         err.with_detail(self.tail.render())
     }
-}
-
-fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "gRPC status {:?}: {}",
-        status.code(),
-        redact_urls(status.message())
-    )
 }
 
 fn short(sha: &str) -> &str {

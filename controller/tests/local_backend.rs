@@ -19,6 +19,20 @@ fn tailbox(args: &[&str]) -> Output {
         .expect("run tailbox")
 }
 
+/// `tailbox check --sandbox local --agent <the real agent>` plus `extra`.
+fn check_with_agent(extra: &[&str]) -> Output {
+    let agent = agent_binary();
+    let mut args = vec![
+        "check",
+        "--sandbox",
+        "local",
+        "--agent",
+        agent.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    tailbox(&args)
+}
+
 fn json_lines(output: &Output) -> Vec<Value> {
     String::from_utf8(output.stdout.clone())
         .expect("stdout is UTF-8")
@@ -37,15 +51,7 @@ fn first_line_value(text: &str, key: &str) -> Option<String> {
 
 #[test]
 fn json_report_holds_true_preflight_facts_of_this_machine() {
-    let agent = agent_binary();
-    let output = tailbox(&[
-        "check",
-        "--sandbox",
-        "local",
-        "--json",
-        "--agent",
-        agent.to_str().unwrap(),
-    ]);
+    let output = check_with_agent(&["--json"]);
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -131,14 +137,8 @@ fn json_report_holds_true_preflight_facts_of_this_machine() {
 
 #[test]
 fn tailnet_checks_skip_with_a_reason_without_an_auth_key() {
-    let agent = agent_binary();
-    let output = tailbox(&[
-        "check",
-        "--sandbox",
-        "local",
+    let output = check_with_agent(&[
         "--json",
-        "--agent",
-        agent.to_str().unwrap(),
         "--ping",
         "100.64.0.1",
         "--http",
@@ -170,14 +170,7 @@ fn tailnet_checks_skip_with_a_reason_without_an_auth_key() {
 
 #[test]
 fn human_output_shows_phases_on_stderr_and_a_table_on_stdout() {
-    let agent = agent_binary();
-    let output = tailbox(&[
-        "check",
-        "--sandbox",
-        "local",
-        "--agent",
-        agent.to_str().unwrap(),
-    ]);
+    let output = check_with_agent(&[]);
     assert_eq!(output.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -242,19 +235,9 @@ fn an_agent_that_cannot_start_is_an_infrastructure_error() {
 
 #[test]
 fn report_file_is_written() {
-    let agent = agent_binary();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.json");
-    let output = tailbox(&[
-        "check",
-        "--sandbox",
-        "local",
-        "--quiet",
-        "--agent",
-        agent.to_str().unwrap(),
-        "--report",
-        path.to_str().unwrap(),
-    ]);
+    let output = check_with_agent(&["--quiet", "--report", path.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(0));
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(report["schema_version"], 1);

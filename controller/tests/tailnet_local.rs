@@ -80,6 +80,13 @@ fn base_args(lab: &Lab, key_file: &std::path::Path) -> Vec<String> {
     ]
 }
 
+/// [`base_args`] with the lab's own key in a fresh directory (kept alive by the caller).
+fn lab_args(lab: &Lab) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let args = base_args(lab, &key_file(&dir, lab.auth_key()));
+    (dir, args)
+}
+
 fn tailscaled_env(lab: &Lab) -> String {
     serde_json::to_string(&lab.tailscaled_env()).unwrap()
 }
@@ -141,8 +148,7 @@ fn status(check: &Value) -> &str {
 async fn happy_path_every_check_passes_with_real_evidence() {
     let lab = lab().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        let (_key_dir, mut args) = lab_args(&lab);
         let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
         args.extend([
             "--ping".into(),
@@ -246,8 +252,7 @@ async fn control_stopped_before_login_is_control_unreachable() {
     let mut lab = lab().await;
     lab.stop_control();
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        let (_key_dir, mut args) = lab_args(&lab);
         args.extend(["--login-timeout".into(), "60s".into()]);
         let run = run_tailbox(&lab, args, |_, _| {}).await;
         assert_eq!(run.code, Some(1), "stderr:\n{}", run.stderr);
@@ -273,8 +278,7 @@ async fn control_stopped_before_login_is_control_unreachable() {
 async fn a_target_not_on_the_tailnet_is_peer_not_in_netmap() {
     let lab = lab().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        let (_key_dir, mut args) = lab_args(&lab);
         args.extend([
             "--ping".into(),
             "100.100.100.200".into(),
@@ -309,8 +313,7 @@ async fn a_target_not_on_the_tailnet_is_peer_not_in_netmap() {
 async fn http_500_missing_repo_and_wrong_sha_are_classified() {
     let lab = lab().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        let (_key_dir, mut args) = lab_args(&lab);
         let missing_repo = lab.git_url().replace("lab.git", "no-such-repo.git");
         args.extend([
             "--http".into(),
@@ -358,8 +361,7 @@ async fn http_500_missing_repo_and_wrong_sha_are_classified() {
 async fn tailscaled_killed_mid_run_is_restarted_and_the_checks_finish() {
     let lab = lab().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        let (_key_dir, mut args) = lab_args(&lab);
         // A slow response keeps the HTTP check in flight while tailscaled is killed.
         args.extend([
             "--http".into(),
@@ -519,8 +521,7 @@ async fn the_auth_key_appears_in_no_argv_environment_log_or_report() {
 async fn ctrl_c_still_logs_the_node_out() {
     let lab = lab().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = base_args(&lab, &key_file(&dir, lab.auth_key()));
+        let (_key_dir, mut args) = lab_args(&lab);
         // A slow response holds the run in the checks phase.
         args.extend([
             "--http".into(),

@@ -22,6 +22,7 @@ use tailbox_proto::agent::v1::{
 
 use self::failure::{Endpoint, Failure};
 use super::{Outcome, ProxyContext};
+use crate::error_chain;
 use crate::events::duration;
 use crate::redact::redact_url;
 
@@ -373,21 +374,6 @@ pub(crate) fn parse_url(raw: &str, schemes: &[&str]) -> Result<(Url, Endpoint), 
         .or_else(|| (url.scheme() == "git").then_some(9418))
         .ok_or("the URL has no port")?;
     Ok((url, Endpoint { host, port }))
-}
-
-/// Renders an error with its sources, skipping sources already contained in the text.
-pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let part = s.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = s.source();
-    }
-    text
 }
 
 // ---------------------------------------------------------------------------------------------

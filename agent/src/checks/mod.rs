@@ -71,6 +71,16 @@ impl DaemonReady {
         *self.0.borrow() == DaemonState::Ready
     }
 
+    /// Waits until the supervisor has noticed that tailscaled is down (true), or `until` passes
+    /// (false).
+    pub async fn wait_not_ready(&self, until: tokio::time::Instant) -> bool {
+        let mut rx = self.0.clone();
+        matches!(
+            tokio::time::timeout_at(until, rx.wait_for(|s| *s != DaemonState::Ready)).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// Waits until tailscaled is ready (true) or gone for good (false).
     pub async fn wait(&self) -> bool {
         let mut rx = self.0.clone();

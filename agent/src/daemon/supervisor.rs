@@ -107,16 +107,11 @@ pub type ReloginHook =
 pub struct Supervisor {
     state: watch::Receiver<DaemonState>,
     logs: LogRing,
-    shared: Arc<Mutex<Shared>>,
+    /// The SOCKS5/HTTP proxy listener, fixed for the supervisor's life (restarts reuse it).
+    proxy: SocketAddr,
     stop_tx: mpsc::Sender<StopRequest>,
     relogin: Arc<Mutex<Option<ReloginHook>>>,
     api: LocalApi,
-}
-
-#[derive(Debug, Default)]
-struct Shared {
-    pid: Option<u32>,
-    proxy: Option<SocketAddr>,
 }
 
 /// A running tailscaled process with its parent-death pipe.
@@ -151,18 +146,23 @@ impl Supervisor {
                 )
             })?;
         }
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let forwarder = LogForwarder::start(sink.clone());
+        let (announced_proxy, mut proxy_rx) = watch::channel(None);
+        let output = OutputReader {
+            ring: logs.clone(),
+            forwarder: LogForwarder::start(sink.clone()),
+            secrets: config.secrets.clone().into(),
+            announced_proxy,
+        };
         let api = LocalApi::new(&config.socket);
         let started = Instant::now();
-        let mut running = spawn(&config, &logs, &shared, &forwarder).map_err(|e| fail(e, &logs))?;
+        let mut running = spawn(&config, &output).map_err(|e| fail(e, &logs))?;
         if let Err(err) = wait_ready(&api, &mut running.child, config.ready_timeout).await {
             let _ = running.child.start_kill();
             let _ = running.child.wait().await;
             return Err(fail(err, &logs));
         }
         let time_to_ready = started.elapsed();
-        let proxy = match wait_proxy(&config, &shared, config.ready_timeout).await {
+        let proxy = match wait_proxy(&config, &mut proxy_rx, config.ready_timeout).await {
             Some(proxy) => proxy,
             None => {
                 let _ = running.child.start_kill();
@@ -202,9 +202,7 @@ impl Supervisor {
         let relogin: Arc<Mutex<Option<ReloginHook>>> = Arc::default();
         let watcher = Watcher {
             config,
-            logs: logs.clone(),
-            shared: Arc::clone(&shared),
-            forwarder,
+            output,
             sink,
             state_tx,
             relogin: Arc::clone(&relogin),
@@ -215,7 +213,7 @@ impl Supervisor {
             Self {
                 state,
                 logs,
-                shared,
+                proxy,
                 stop_tx,
                 relogin,
                 api,
@@ -235,13 +233,8 @@ impl Supervisor {
     }
 
     /// The proxy listener (fixed for the supervisor's life: restarts reuse the same address).
-    pub fn proxy(&self) -> Option<SocketAddr> {
-        self.shared.lock().ok().and_then(|s| s.proxy)
-    }
-
-    /// PID of the current process.
-    pub fn pid(&self) -> Option<u32> {
-        self.shared.lock().ok().and_then(|s| s.pid)
+    pub fn proxy(&self) -> SocketAddr {
+        self.proxy
     }
 
     /// The last `n` lines tailscaled wrote.
@@ -270,9 +263,7 @@ impl Supervisor {
 /// The task that owns the child.
 struct Watcher {
     config: SupervisorConfig,
-    logs: LogRing,
-    shared: Arc<Mutex<Shared>>,
-    forwarder: LogForwarder,
+    output: OutputReader,
     sink: EventSink,
     state_tx: watch::Sender<DaemonState>,
     relogin: Arc<Mutex<Option<ReloginHook>>>,
@@ -335,7 +326,7 @@ impl Watcher {
                     attempt: restarts,
                     exit,
                     backoff: Some(duration(delay)),
-                    log_tail: self.logs.tail(LOG_TAIL_LINES),
+                    log_tail: self.output.ring.tail(LOG_TAIL_LINES),
                 })
                 .await;
             tokio::select! {
@@ -345,7 +336,7 @@ impl Watcher {
                     return;
                 }
             }
-            let mut fresh = match spawn(&self.config, &self.logs, &self.shared, &self.forwarder) {
+            let mut fresh = match spawn(&self.config, &self.output) {
                 Ok(fresh) => fresh,
                 Err(err) => {
                     tracing::warn!("restarting tailscaled failed: {err}");
@@ -415,12 +406,7 @@ fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-fn spawn(
-    config: &SupervisorConfig,
-    logs: &LogRing,
-    shared: &Arc<Mutex<Shared>>,
-    forwarder: &LogForwarder,
-) -> Result<Running, StartError> {
+fn spawn(config: &SupervisorConfig, output: &OutputReader) -> Result<Running, StartError> {
     let spawn_error = |source| StartError::Spawn {
         path: config.binary.path.clone(),
         source,
@@ -462,27 +448,12 @@ fn spawn(
     }
     let mut child = cmd.spawn().map_err(spawn_error)?;
     drop(death_read);
-    if let Ok(mut s) = shared.lock() {
-        s.pid = child.id();
-    }
     tracing::info!(pid = child.id(), "started tailscaled");
     if let Some(stdout) = child.stdout.take() {
-        tokio::spawn(read_lines(
-            stdout,
-            logs.clone(),
-            Arc::clone(shared),
-            forwarder.clone(),
-            config.secrets.clone(),
-        ));
+        tokio::spawn(output.clone().read(stdout));
     }
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(read_lines(
-            stderr,
-            logs.clone(),
-            Arc::clone(shared),
-            forwarder.clone(),
-            config.secrets.clone(),
-        ));
+        tokio::spawn(output.clone().read(stderr));
     }
     Ok(Running {
         child,
@@ -532,47 +503,47 @@ async fn wait_ready(api: &LocalApi, child: &mut Child, limit: Duration) -> Resul
 /// Waits for the proxy address: the configured one, or the one tailscaled logs for port 0.
 async fn wait_proxy(
     config: &SupervisorConfig,
-    shared: &Arc<Mutex<Shared>>,
+    announced: &mut watch::Receiver<Option<SocketAddr>>,
     limit: Duration,
 ) -> Option<SocketAddr> {
     if config.proxy_listen.port() != 0 {
-        if let Ok(mut s) = shared.lock() {
-            s.proxy = Some(config.proxy_listen);
-        }
         return Some(config.proxy_listen);
     }
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(addr) = shared.lock().ok().and_then(|s| s.proxy) {
-            return Some(addr);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let announced = tokio::time::timeout(limit, announced.wait_for(Option::is_some)).await;
+    announced.ok()?.ok().and_then(|addr| *addr)
 }
 
-async fn read_lines(
-    stream: impl AsyncRead + Unpin,
-    logs: LogRing,
-    shared: Arc<Mutex<Shared>>,
+/// Where tailscaled's output goes: scrubbed of secrets, into the ring and (without blocking)
+/// the event stream; the SOCKS5 address it announces is published for a port-0 listener.
+#[derive(Clone)]
+struct OutputReader {
+    ring: LogRing,
     forwarder: LogForwarder,
-    secrets: Vec<String>,
-) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = scrub(&line, &secrets);
-        if let Some(addr) = line
-            .split_once("SOCKS5 listening on ")
-            .and_then(|(_, rest)| rest.trim().parse::<SocketAddr>().ok())
-            && let Ok(mut s) = shared.lock()
-            && s.proxy.is_none()
-        {
-            s.proxy = Some(addr);
+    secrets: Arc<[String]>,
+    announced_proxy: watch::Sender<Option<SocketAddr>>,
+}
+
+impl OutputReader {
+    async fn read(self, stream: impl AsyncRead + Unpin) {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line = scrub(&line, &self.secrets);
+            if let Some(addr) = line
+                .split_once("SOCKS5 listening on ")
+                .and_then(|(_, rest)| rest.trim().parse::<SocketAddr>().ok())
+            {
+                // The first announcement wins; a restart pins the same address anyway.
+                self.announced_proxy.send_if_modified(|slot| {
+                    let first = slot.is_none();
+                    if first {
+                        *slot = Some(addr);
+                    }
+                    first
+                });
+            }
+            self.ring.push(line.clone());
+            self.forwarder.forward(line);
         }
-        logs.push(line.clone());
-        forwarder.forward(line);
     }
 }
 

@@ -343,7 +343,7 @@ async fn smart_body(
                     format!(
                         "the ref listing broke off after {} bytes: {}",
                         body.len(),
-                        http_check::error_chain(&e.without_url())
+                        crate::error_chain(&e.without_url())
                     ),
                     "The connection to the git server broke; retry, and check the server.",
                 ));

@@ -306,12 +306,8 @@ pub(crate) async fn daemon_came_back(ctx: &ProxyContext, failure: &Failure) -> b
         }
         // A dead proxy with a "ready" daemon: the supervisor may not have seen the exit yet.
         let grace = tokio::time::Instant::now() + DAEMON_NOTICE_GRACE;
-        let until = grace.min(ctx.deadline);
-        while ctx.daemon.is_ready() {
-            if tokio::time::Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !ctx.daemon.wait_not_ready(grace.min(ctx.deadline)).await {
+            return false;
         }
     }
     tracing::info!("tailscaled is not ready; waiting for it before retrying the check");
