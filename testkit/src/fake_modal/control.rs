@@ -117,7 +117,7 @@ impl ModalClient for ControlPlane {
                 req.app_name
             )));
         }
-        let id = format!("ap-{}", &uuid::Uuid::new_v4().simple().to_string()[..22]);
+        let id = sandbox::short_id("ap");
         world.apps.insert(key, id.clone());
         Ok(Response::new(AppGetOrCreateResponse { app_id: id }))
     }
@@ -156,7 +156,7 @@ impl ModalClient for ControlPlane {
                 "the fake only makes ephemeral, anonymous secrets",
             ));
         }
-        let id = format!("st-{}", &uuid::Uuid::new_v4().simple().to_string()[..22]);
+        let id = sandbox::short_id("st");
         lock(&self.state.world)
             .secrets
             .insert(id.clone(), req.env_dict);
@@ -188,7 +188,7 @@ impl ModalClient for ControlPlane {
             .iter()
             .find(|(_, t)| *t == tag)
             .map(|(id, _)| id.clone())
-            .unwrap_or_else(|| format!("im-{}", &uuid::Uuid::new_v4().simple().to_string()[..22]));
+            .unwrap_or_else(|| sandbox::short_id("im"));
         world.images.insert(id.clone(), tag.to_owned());
         // Built before: answer with the result; else make the client join the build.
         let result = world.built_images.contains(&id).then(|| GenericResult {
@@ -294,7 +294,7 @@ impl ModalClient for ControlPlane {
         self.state.latency("SandboxGetTaskId").await;
         let req = request.into_inner();
         let sandbox = self.sandbox(&req.sandbox_id)?;
-        if sandbox.terminated.load(std::sync::atomic::Ordering::SeqCst) {
+        if sandbox.is_terminated() {
             return Ok(Response::new(SandboxGetTaskIdResponse {
                 task_id: None,
                 task_result: Some(terminated_result()),
@@ -342,9 +342,7 @@ impl ModalClient for ControlPlane {
             .sandboxes
             .values()
             .filter(|s| req.app_id.is_empty() || s.app_id == req.app_id)
-            .filter(|s| {
-                req.include_finished || !s.terminated.load(std::sync::atomic::Ordering::SeqCst)
-            })
+            .filter(|s| req.include_finished || !s.is_terminated())
             .filter(|s| req.before_timestamp == 0.0 || s.created_at < req.before_timestamp)
             .filter(|s| wanted.iter().all(|w| s.tags.contains(w)))
             .cloned()
@@ -381,11 +379,7 @@ impl ModalClient for ControlPlane {
         let Some(sandbox_id) = sandbox_id else {
             return Err(Status::not_found(format!("task {task_id} not found")));
         };
-        if self
-            .sandbox(&sandbox_id)?
-            .terminated
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.sandbox(&sandbox_id)?.is_terminated() {
             return Err(Status::not_found(format!("task {task_id} has finished")));
         }
         let ttl = self

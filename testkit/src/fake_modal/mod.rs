@@ -376,6 +376,12 @@ impl FakeModal {
         *lock(&self.state.faults) = faults;
     }
 
+    /// The faults as they stand (counters such as [`Faults::unavailable`] count down as they
+    /// fire).
+    pub fn faults(&self) -> Faults {
+        self.state.faults()
+    }
+
     /// Changes the faults in place.
     pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) {
         change(&mut lock(&self.state.faults));

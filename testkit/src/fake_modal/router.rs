@@ -72,7 +72,7 @@ impl CommandRouter {
                 .cloned()
         };
         match sandbox {
-            Some(s) if !s.terminated.load(std::sync::atomic::Ordering::SeqCst) => Ok(s),
+            Some(s) if !s.is_terminated() => Ok(s),
             Some(_) => Err(Status::not_found(format!("task {task_id} has finished"))),
             None => Err(Status::not_found(format!("task {task_id} not found"))),
         }
@@ -200,21 +200,14 @@ impl TaskCommandRouter for CommandRouter {
         self.state.latency("TaskExecStdinWrite").await;
         sandbox::write_stdin(
             &self.state,
-            &sandbox,
+            "TaskExecStdinWrite",
             &exec,
             &req.exec_id,
             req.offset,
             &req.data,
             req.eof,
         )
-        .await
-        .map_err(|s| {
-            if s.code() == tonic::Code::OutOfRange {
-                self.state.refuse("TaskExecStdinWrite", s)
-            } else {
-                s
-            }
-        })?;
+        .await?;
         Ok(Response::new(TaskExecStdinWriteResponse {}))
     }
 
@@ -254,21 +247,14 @@ impl TaskCommandRouter for CommandRouter {
                     }
                     sandbox::write_stdin(
                         &self.state,
-                        &sandbox,
+                        "TaskExecStdinWriteStream",
                         &exec,
                         &start.exec_id,
                         offset,
                         data,
                         false,
                     )
-                    .await
-                    .map_err(|s| {
-                        if s.code() == tonic::Code::OutOfRange {
-                            self.state.refuse("TaskExecStdinWriteStream", s)
-                        } else {
-                            s
-                        }
-                    })?;
+                    .await?;
                     offset += data.len() as u64;
                     streamed += data.len();
                     if cut_now {
@@ -278,7 +264,7 @@ impl TaskCommandRouter for CommandRouter {
                 Some(Payload::End(_)) => {
                     sandbox::write_stdin(
                         &self.state,
-                        &sandbox,
+                        "TaskExecStdinWriteStream",
                         &exec,
                         &start.exec_id,
                         offset,

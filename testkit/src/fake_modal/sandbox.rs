@@ -61,6 +61,12 @@ pub(crate) struct Sandbox {
     pub(crate) execs: Mutex<HashMap<String, Arc<Exec>>>,
 }
 
+impl Sandbox {
+    pub(crate) fn is_terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+}
+
 /// How an exec ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Exit {
@@ -111,7 +117,13 @@ impl Output {
 
 enum Sink {
     Child(ChildStdin),
-    Buffer(Vec<u8>),
+    /// fs-tools `WriteFile` of the sandbox path `path` (`host` on this machine): the bytes
+    /// arrive here and are written when stdin closes.
+    WriteFile {
+        path: String,
+        host: Result<PathBuf, String>,
+        data: Vec<u8>,
+    },
     Discard,
 }
 
@@ -155,6 +167,14 @@ impl Exec {
         self.exit.send_replace(Some(exit));
     }
 
+    /// An exec that ended at once with `code`, having printed `stderr`.
+    fn exited(argv: Vec<String>, code: i32, stderr: &str) -> Arc<Self> {
+        let exec = Arc::new(Self::new(argv, Sink::Discard));
+        exec.stderr.push(stderr.as_bytes());
+        exec.finish(Exit::Code(code));
+        exec
+    }
+
     fn fail(&self, code: i32, error_kind: &str, message: &str) {
         let payload =
             serde_json::json!({"error_kind": error_kind, "message": message, "detail": null});
@@ -189,7 +209,8 @@ pub(crate) fn now_secs() -> f64 {
         .as_secs_f64()
 }
 
-fn short_id(prefix: &str) -> String {
+/// A Modal-shaped object id, e.g. `sb-` and 22 hex digits.
+pub(crate) fn short_id(prefix: &str) -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string();
     format!("{prefix}-{}", &hex[..22])
 }
@@ -302,15 +323,14 @@ pub(crate) fn start_exec(
     let exec = if argv.first().map(String::as_str) == Some(FS_TOOLS) {
         start_fs_tools(sandbox, argv)
     } else if let Some(args) = chmod_args(&argv) {
-        let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
         if state.config.image_has_chmod {
+            let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
             chmod(&sandbox.root, args, &exec);
+            exec
         } else {
-            exec.stderr
-                .push(format!("{}: not found\n", argv[0]).as_bytes());
-            exec.finish(Exit::Code(127));
+            let stderr = format!("{}: not found\n", argv[0]);
+            Exec::exited(argv, 127, &stderr)
         }
-        exec
     } else {
         spawn_process(state, sandbox, argv, env)
     };
@@ -357,8 +377,14 @@ fn start_fs_tools(sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
         .and_then(|w| w.get("path"))
         .and_then(|p| p.as_str())
         .map(str::to_owned);
-    if write_path.is_some() {
-        return Arc::new(Exec::new(argv, Sink::Buffer(Vec::new())));
+    if let Some(path) = write_path {
+        let host = map_path(&sandbox.root, &path);
+        let sink = Sink::WriteFile {
+            path,
+            host,
+            data: Vec::new(),
+        };
+        return Arc::new(Exec::new(argv, sink));
     }
     let exec = Arc::new(Exec::new(argv, Sink::Discard));
     let stat_path = op
@@ -427,14 +453,14 @@ fn permissions_string(mode: u32) -> String {
 
 /// `WriteFile` completes when stdin closes: writes the buffer (an existing file keeps its mode,
 /// as when a file is truncated in place).
-fn complete_write_file(state: &State, root: &Path, exec: &Exec, data: Vec<u8>) {
-    let path = serde_json::from_str::<serde_json::Value>(
-        exec.argv.get(1).map(String::as_str).unwrap_or(""),
-    )
-    .ok()
-    .and_then(|o| o["WriteFile"]["path"].as_str().map(str::to_owned))
-    .unwrap_or_default();
-    let result = map_path(root, &path).and_then(|host| {
+fn complete_write_file(
+    state: &State,
+    exec: &Exec,
+    path: String,
+    host: Result<PathBuf, String>,
+    data: Vec<u8>,
+) {
+    let result = host.and_then(|host| {
         if let Some(parent) = host.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
@@ -454,7 +480,7 @@ fn complete_write_file(state: &State, root: &Path, exec: &Exec, data: Vec<u8>) {
             let len = data.len() as u64;
             state.update(|r| {
                 r.bytes_written += len;
-                r.files_written.push(path.clone());
+                r.files_written.push(path);
             });
             exec.finish(Exit::Code(0));
         }
@@ -521,10 +547,7 @@ fn spawn_process(
     exec_env: HashMap<String, String>,
 ) -> Arc<Exec> {
     let Some(first) = argv.first() else {
-        let exec = Arc::new(Exec::new(argv, Sink::Discard));
-        exec.stderr.push(b"empty command\n");
-        exec.finish(Exit::Code(127));
-        return exec;
+        return Exec::exited(argv, 127, "empty command\n");
     };
     // Only absolute commands exist in the fake image (mapped into the root): nothing may touch
     // the host by accident.
@@ -534,11 +557,8 @@ fn spawn_process(
         None
     };
     let Some(program) = program else {
-        let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
-        exec.stderr
-            .push(format!("{first}: not found in the fake image\n").as_bytes());
-        exec.finish(Exit::Code(127));
-        return exec;
+        let stderr = format!("{first}: not found in the fake image\n");
+        return Exec::exited(argv, 127, &stderr);
     };
     let mut env = sandbox.env.clone();
     if let Some(home) = env.get("HOME").cloned()
@@ -587,51 +607,20 @@ fn spawn_process(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
             let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 126
             } else {
                 127
             };
-            exec.stderr.push(format!("{first}: {e}\n").as_bytes());
-            exec.finish(Exit::Code(code));
-            return exec;
+            let stderr = format!("{first}: {e}\n");
+            return Exec::exited(argv, code, &stderr);
         }
     };
     let stdin = child.stdin.take().map_or(Sink::Discard, Sink::Child);
     let exec = Arc::new(Exec::new(argv, stdin));
     *lock(&exec.pgid) = child.id().and_then(|pid| i32::try_from(pid).ok());
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let pump = |exec: Arc<Exec>,
-                which: bool,
-                stream: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| async move {
-        let output = if which { &exec.stdout } else { &exec.stderr };
-        if let Some(mut stream) = stream {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                output.push(&buf[..n]);
-            }
-        }
-        output.finish();
-    };
-    let out_task = tokio::spawn(pump(
-        Arc::clone(&exec),
-        true,
-        stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-    ));
-    let err_task = tokio::spawn(pump(
-        Arc::clone(&exec),
-        false,
-        stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-    ));
+    let out_task = tokio::spawn(pump(Arc::clone(&exec), Fd::Stdout, child.stdout.take()));
+    let err_task = tokio::spawn(pump(Arc::clone(&exec), Fd::Stderr, child.stderr.take()));
     let waiter = Arc::clone(&exec);
     tokio::spawn(async move {
         use std::os::unix::process::ExitStatusExt as _;
@@ -655,10 +644,36 @@ fn spawn_process(
     exec
 }
 
-/// Writes to an exec's stdin at `offset`; duplicates (retries) are dropped, gaps refused.
+/// Which output of an exec.
+#[derive(Clone, Copy)]
+enum Fd {
+    Stdout,
+    Stderr,
+}
+
+/// Copies a process's pipe into the exec's output, then marks that output finished.
+async fn pump(exec: Arc<Exec>, fd: Fd, pipe: Option<impl tokio::io::AsyncRead + Unpin>) {
+    let output = match fd {
+        Fd::Stdout => &exec.stdout,
+        Fd::Stderr => &exec.stderr,
+    };
+    if let Some(mut pipe) = pipe {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = pipe.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            output.push(&buf[..n]);
+        }
+    }
+    output.finish();
+}
+
+/// Writes to an exec's stdin at `offset` for `rpc`; duplicates (retries) are dropped, gaps
+/// refused (and recorded as refusals).
 pub(crate) async fn write_stdin(
     state: &State,
-    sandbox: &Sandbox,
+    rpc: &str,
     exec: &Exec,
     exec_id: &str,
     offset: u64,
@@ -673,10 +688,13 @@ pub(crate) async fn write_stdin(
         return Err(Status::failed_precondition("stdin is already closed"));
     }
     if offset > stdin.written {
-        return Err(Status::out_of_range(format!(
-            "offset {offset} is beyond the {} bytes written so far",
-            stdin.written
-        )));
+        return Err(state.refuse(
+            rpc,
+            Status::out_of_range(format!(
+                "offset {offset} is beyond the {} bytes written so far",
+                stdin.written
+            )),
+        ));
     }
     let skip = usize::try_from(stdin.written - offset).unwrap_or(usize::MAX);
     if skip < data.len() {
@@ -687,7 +705,7 @@ pub(crate) async fn write_stdin(
                     return Err(Status::failed_precondition("the process has exited"));
                 }
             }
-            Sink::Buffer(buf) => buf.extend_from_slice(new),
+            Sink::WriteFile { data, .. } => data.extend_from_slice(new),
             Sink::Discard => {}
         }
         stdin.written += new.len() as u64;
@@ -701,8 +719,8 @@ pub(crate) async fn write_stdin(
     if eof {
         stdin.closed = true;
         let sink = std::mem::replace(&mut stdin.sink, Sink::Discard);
-        if let Sink::Buffer(data) = sink {
-            complete_write_file(state, &sandbox.root, exec, data);
+        if let Sink::WriteFile { path, host, data } = sink {
+            complete_write_file(state, exec, path, host, data);
         }
     }
     Ok(())
