@@ -173,11 +173,10 @@ async fn check_modal(
     config: ModalConfig,
 ) -> CliResult<Report> {
     // Local problems (a dynamic agent, a bad tarball) are found before anything is created.
-    let agent_path = match &plan.agent_path {
-        Some(path) => path.clone(),
-        None => modal_backend::default_agent_path()?,
+    let agent = match &plan.agent_path {
+        Some(path) => modal_backend::load_static_agent(path)?,
+        None => modal_backend::default_static_agent()?,
     };
-    let agent = modal_backend::load_static_agent(&agent_path)?;
     let tailscale = plan
         .tailscale_tarball
         .as_deref()

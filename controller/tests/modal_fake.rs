@@ -13,14 +13,35 @@ use tailbox_testkit::agent::{agent_binary, static_agent_binary};
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal, Faults, Record, TOKEN_SECRET};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 
-/// Bound for one whole test.
+/// Bound for one whole test, once the static agent is built.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Runs a test within [`TEST_TIMEOUT`]. The static agent is built first, outside the bound: on
+/// a cold cache that takes minutes, and the test that happens to build it is not slow itself.
+async fn bounded(test: impl Future<Output = ()>) {
+    tokio::task::spawn_blocking(static_agent_binary)
+        .await
+        .unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .expect("test timed out");
+}
 
 /// Output of one `tailbox` run.
 struct Run {
     stdout: String,
     stderr: String,
     code: Option<i32>,
+}
+
+impl From<std::process::Output> for Run {
+    fn from(output: std::process::Output) -> Self {
+        Self {
+            stdout: String::from_utf8(output.stdout).unwrap(),
+            stderr: String::from_utf8(output.stderr).unwrap(),
+            code: output.status.code(),
+        }
+    }
 }
 
 impl Run {
@@ -55,26 +76,31 @@ impl Run {
     }
 }
 
-/// `tailbox` with a clean environment: the fake's credentials and URL, a HOME without
-/// ~/.modal.toml, and `extra`.
-fn command(
-    fake: &FakeModal,
-    home: &Path,
-    args: &[&str],
-    extra: &[(&str, &str)],
-) -> tokio::process::Command {
+/// `tailbox` with a clean environment: only PATH, `home` as HOME, and NO_COLOR.
+fn tailbox(home: &Path, args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"));
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", home)
         .env("NO_COLOR", "1")
-        .envs(fake.env())
-        .envs(extra.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    cmd
+}
+
+/// [`tailbox`] with the fake's credentials and URL (and a HOME without ~/.modal.toml), and
+/// `extra`.
+fn command(
+    fake: &FakeModal,
+    home: &Path,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut cmd = tailbox(home, args);
+    cmd.envs(fake.env()).envs(extra.iter().copied());
     cmd
 }
 
@@ -84,11 +110,7 @@ async fn run(fake: &FakeModal, args: &[&str], extra: &[(&str, &str)]) -> Run {
         .output()
         .await
         .unwrap();
-    Run {
-        stdout: String::from_utf8(output.stdout).unwrap(),
-        stderr: String::from_utf8(output.stderr).unwrap(),
-        code: output.status.code(),
-    }
+    Run::from(output)
 }
 
 fn static_agent() -> String {
@@ -141,7 +163,7 @@ fn only_sandbox(record: &Record) -> &tailbox_testkit::fake_modal::SandboxRecord 
 async fn check_uploads_the_static_agent_runs_it_and_terminates_the_sandbox() {
     let fake = FakeModal::start().await.unwrap();
     let agent = static_agent_binary();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let run = check(&fake, &[]).await;
         run.assert_code(0);
         let report = run.report();
@@ -203,14 +225,13 @@ async fn check_uploads_the_static_agent_runs_it_and_terminates_the_sandbox() {
         // The token secret is never printed.
         assert!(!run.stdout.contains(TOKEN_SECRET) && !run.stderr.contains(TOKEN_SECRET));
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_pick_modal_and_say_so() {
     let fake = FakeModal::start().await.unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let agent = static_agent();
         let run = run(&fake, &["check", "--agent", &agent], &[]).await;
         run.assert_code(0);
@@ -224,14 +245,13 @@ async fn credentials_pick_modal_and_say_so() {
         assert!(run.stdout.starts_with("CHECK"), "{}", run.stdout);
         assert!(fake.record().sandboxes[0].terminated_at.is_some());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_from_the_modal_config_file_are_used() {
     let fake = FakeModal::start().await.unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let home = tempfile::tempdir().unwrap();
         std::fs::write(
             home.path().join(".modal.toml"),
@@ -243,32 +263,23 @@ async fn credentials_from_the_modal_config_file_are_used() {
         )
         .unwrap();
         let agent = static_agent();
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
-            .args(["check", "--json", "--agent", &agent])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", home.path())
-            .stdin(Stdio::null())
+        // No MODAL_* variables: everything comes from the file.
+        let output = tailbox(home.path(), &["check", "--json", "--agent", &agent])
             .output()
             .await
             .unwrap();
-        let run = Run {
-            stdout: String::from_utf8(output.stdout).unwrap(),
-            stderr: String::from_utf8(output.stderr).unwrap(),
-            code: output.status.code(),
-        };
+        let run = Run::from(output);
         run.assert_code(0);
         assert_eq!(run.report()["sandbox"]["backend"], "modal");
         assert!(fake.record().sandboxes[0].terminated_at.is_some());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kept_sandbox_is_reused_without_uploading_and_swept_at_the_end() {
     let fake = FakeModal::start().await.unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let first = check(&fake, &["--keep"]).await;
         first.assert_code(0);
         let id = first.report()["sandbox"]["sandbox_id"]
@@ -324,8 +335,7 @@ async fn a_kept_sandbox_is_reused_without_uploading_and_swept_at_the_end() {
         assert!(record.sandbox(&id).unwrap().terminated_at.is_some());
         assert!(record.sandbox(&foreign).unwrap().terminated_at.is_none());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -336,7 +346,7 @@ async fn sweep_pages_through_many_sandboxes() {
     })
     .await
     .unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         // Five kept sandboxes in the app, listed two per page.
         for _ in 0..5 {
             check(&fake, &["--keep"]).await.assert_code(0);
@@ -351,8 +361,7 @@ async fn sweep_pages_through_many_sandboxes() {
             "paging used one page"
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -362,7 +371,7 @@ async fn every_event_arrives_exactly_once_when_stdout_is_cut_again_and_again() {
         cut_stdio_after: Some(64),
         ..Faults::default()
     });
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let run = check(&fake, &[]).await;
         run.assert_code(0);
         assert_agent_seqs_dense(&run);
@@ -371,8 +380,7 @@ async fn every_event_arrives_exactly_once_when_stdout_is_cut_again_and_again() {
         assert!(record.stdio_cuts >= 10, "only {} cuts", record.stdio_cuts);
         assert!(record.sandboxes[0].terminated_at.is_some());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -380,11 +388,27 @@ async fn retries_keep_one_idempotency_key_and_count_attempts() {
     let fake = FakeModal::start().await.unwrap();
     fake.update_faults(|f| {
         f.unavailable.insert("SandboxCreate".into(), 2);
+        // These hit the first stdin close of the upload's fs-tools execs.
         f.unavailable.insert("TaskExecStdinWrite".into(), 3);
     });
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        let run = check(&fake, &[]).await;
+    bounded(async {
+        let (run, ()) = tokio::join!(check(&fake, &[]), async {
+            // Now lose some of the agent's: every stdin write after it starts carries its gRPC.
+            fake.wait_for(Duration::from_secs(120), |r| {
+                !r.agent_execs().is_empty() || r.sandboxes.iter().any(|s| s.terminated_at.is_some())
+            })
+            .await
+            .unwrap();
+            fake.update_faults(|f| {
+                f.unavailable.insert("TaskExecStdinWrite".into(), 3);
+            });
+        });
         run.assert_code(0);
+        assert_eq!(
+            fake.faults().unavailable["TaskExecStdinWrite"],
+            0,
+            "the agent's stdin lost no writes"
+        );
         let record = fake.record();
         let creates = record.calls_of("SandboxCreate");
         assert_eq!(creates.len(), 3);
@@ -410,8 +434,7 @@ async fn retries_keep_one_idempotency_key_and_count_attempts() {
         assert_eq!(record.sandboxes.len(), 1);
         assert_agent_seqs_dense(&run);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -426,7 +449,7 @@ async fn a_broken_upload_resumes_and_an_expired_router_jwt_is_refreshed() {
             .insert("TaskExecStart".into(), Duration::from_millis(2500));
         f.unscheduled_polls = 2;
     });
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let run = check(&fake, &[]).await;
         run.assert_code(0);
         assert_agent_seqs_dense(&run);
@@ -454,8 +477,7 @@ async fn a_broken_upload_resumes_and_an_expired_router_jwt_is_refreshed() {
             .unwrap();
         assert_eq!(sha256_of(&host), sha);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -489,7 +511,7 @@ async fn the_tailscale_tarball_is_unpacked_here_and_pushed() {
         }
         tar.into_inner().unwrap().finish().unwrap();
     }
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let run = check(&fake, &["--tailscale-tarball", tarball.to_str().unwrap()]).await;
         run.assert_code(0);
         let record = fake.record();
@@ -527,15 +549,14 @@ async fn the_tailscale_tarball_is_unpacked_here_and_pushed() {
             size.to_string()
         );
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dynamically_linked_agent_is_refused_before_anything_is_created() {
     let fake = FakeModal::start().await.unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
-        let dynamic = agent_binary();
+    let dynamic = tokio::task::spawn_blocking(agent_binary).await.unwrap();
+    bounded(async {
         let run = run(
             &fake,
             &[
@@ -559,8 +580,7 @@ async fn a_dynamically_linked_agent_is_refused_before_anything_is_created() {
         );
         assert!(fake.record().calls.is_empty());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -571,7 +591,7 @@ async fn an_image_without_chmod_is_an_infrastructure_error_and_still_cleaned_up(
     })
     .await
     .unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let run = check(&fake, &[]).await;
         run.assert_code(3);
         assert!(run.stderr.contains("executable"), "{}", run.stderr);
@@ -582,14 +602,13 @@ async fn an_image_without_chmod_is_an_infrastructure_error_and_still_cleaned_up(
         );
         assert!(fake.record().sandboxes[0].terminated_at.is_some());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_credentials_are_a_usage_error_that_never_shows_the_secret() {
     let fake = FakeModal::start().await.unwrap();
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         let agent = static_agent();
         let run = run(
             &fake,
@@ -606,8 +625,7 @@ async fn wrong_credentials_are_a_usage_error_that_never_shows_the_secret() {
         assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
         assert!(fake.record().sandboxes.is_empty());
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// Holds one phase open with fake latency, sends SIGINT once the fake sees that phase, and
@@ -673,56 +691,51 @@ async fn signal_during(signal: i32, rpc: &str, reached: impl Fn(&Record) -> bool
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_while_the_create_response_is_in_flight_terminates_the_sandbox() {
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         // The sandbox exists but its id never reached tailbox: it is found by the run's tag.
         interrupt_during("SandboxCreate", |r| !r.sandboxes.is_empty()).await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_while_waiting_for_scheduling_terminates_the_sandbox() {
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         interrupt_during("SandboxGetTaskId", |r| {
             !r.calls_of("SandboxGetTaskId").is_empty()
         })
         .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_during_the_upload_terminates_the_sandbox() {
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         interrupt_during("TaskExecStdinWriteStream", |r| {
             !r.calls_of("TaskExecStdinWriteStream").is_empty()
         })
         .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_while_the_agent_runs_terminates_the_sandbox() {
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         // The agent is running; its output is held back, so the handshake is pending.
         interrupt_during("TaskExecStdioRead", |r| !r.agent_execs().is_empty()).await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_while_the_agent_runs_terminates_the_sandbox() {
-    tokio::time::timeout(TEST_TIMEOUT, async {
+    bounded(async {
         signal_during(libc::SIGTERM, "TaskExecStdioRead", |r| {
             !r.agent_execs().is_empty()
         })
         .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

@@ -155,7 +155,8 @@ async fn live_check_terminates_its_sandbox() {
         let report = report(&stdout);
         assert_eq!(code, Some(0), "stderr:\n{stderr}\nreport:\n{report:#}");
         let id = report["sandbox"]["sandbox_id"].as_str().unwrap().to_owned();
-        let (_, listed, _) = tailbox(&env, &["sandbox", "sweep", "--dry-run"]).await;
+        let (code, listed, stderr) = tailbox(&env, &["sandbox", "sweep", "--dry-run"]).await;
+        assert_eq!(code, Some(0), "{stderr}");
         assert!(!listed.contains(&id), "{id} was left running");
     })
     .await

@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
 
 use super::{AgentExit, AgentProcess};
-use crate::error::{CliError, CliResult};
+use crate::error::{CliError, CliResult, status_error};
 use crate::modal::client::ModalClient;
-use crate::modal::fs::{self, Pushed};
+use crate::modal::fs;
 use crate::modal::router::{Router, router_error};
 use crate::modal::stdio::{ExecReader, ExecWriter, Fd};
 
@@ -58,21 +58,25 @@ impl LocalBinary {
 /// Reads the agent to upload and checks it can run in any Linux sandbox: a static x86_64 ELF
 /// (no program interpreter), since images need not have a loader at all.
 pub fn load_static_agent(path: &Path) -> CliResult<LocalBinary> {
+    let hint = || {
+        format!(
+            "build the static agent with `{STATIC_BUILD}` and pass --agent target/x86_64-unknown-linux-musl/release/tailbox-agent (or set TAILBOX_AGENT)"
+        )
+    };
     let bytes = std::fs::read(path).map_err(|err| {
-        CliError::usage(format!("Failed to read the agent binary {}", path.display()))
-            .with_source(err)
-            .with_hint(format!(
-                "build the static agent with `{STATIC_BUILD}` and pass --agent target/x86_64-unknown-linux-musl/release/tailbox-agent (or set TAILBOX_AGENT)"
-            ))
+        CliError::usage(format!(
+            "Failed to read the agent binary {}",
+            path.display()
+        ))
+        .with_source(err)
+        .with_hint(hint())
     })?;
     if let Err(why) = check_static_x86_64(&bytes) {
         return Err(CliError::usage(format!(
             "The agent {} cannot run in a Modal sandbox: {why}",
             path.display()
         ))
-        .with_hint(format!(
-            "build the static agent with `{STATIC_BUILD}` and pass --agent target/x86_64-unknown-linux-musl/release/tailbox-agent (or set TAILBOX_AGENT)"
-        )));
+        .with_hint(hint()));
     }
     Ok(LocalBinary::new(path.to_path_buf(), bytes))
 }
@@ -232,11 +236,8 @@ impl ModalSandbox {
     /// Pushes `binary` as `<name>-<sha256>` (skipped when already there); returns its path.
     pub async fn push(&mut self, binary: &LocalBinary, name: &str) -> CliResult<String> {
         let path = binary.sandbox_path(name);
-        let Pushed {
-            path,
-            uploaded_bytes,
-        } = fs::push_executable(&self.router, &path, binary.bytes.clone()).await?;
-        self.uploaded_bytes += uploaded_bytes;
+        self.uploaded_bytes +=
+            fs::push_executable(&self.router, &path, binary.bytes.clone()).await?;
         Ok(path)
     }
 
@@ -271,7 +272,7 @@ impl ModalSandbox {
         let exit = async move {
             match router.wait(&exec_id).await {
                 Ok(exit) => exit,
-                Err(status) => AgentExit::Unknown(crate::modal::status_error(&status).to_string()),
+                Err(status) => AgentExit::Unknown(status_error(&status).to_string()),
             }
         }
         .boxed();
@@ -296,16 +297,17 @@ impl ModalSandbox {
     }
 }
 
-/// The first *static* agent where [`super::default_agent_candidates`] looks, for upload: a
-/// dynamically linked agent next to `tailbox` (a plain `cargo build`) is passed over in favour
-/// of the musl build.
-pub fn default_agent_path() -> CliResult<PathBuf> {
+/// The first *static* agent where [`super::default_agent_candidates`] looks, read for upload
+/// (each candidate is read once): a dynamically linked agent next to `tailbox` (a plain
+/// `cargo build`) is passed over in favour of the musl build.
+pub fn default_static_agent() -> CliResult<LocalBinary> {
     super::default_agent_candidates()
         .into_iter()
-        .find(|path| {
-            std::fs::read(path)
-                .map(|bytes| check_static_x86_64(&bytes).is_ok())
-                .unwrap_or(false)
+        .find_map(|path| {
+            let bytes = std::fs::read(&path).ok()?;
+            check_static_x86_64(&bytes)
+                .is_ok()
+                .then(|| LocalBinary::new(path, bytes))
         })
         .ok_or_else(|| {
             CliError::usage("Failed to find a static tailbox-agent to upload next to tailbox")

@@ -23,7 +23,7 @@ use tonic::{Code, Request, Response, Status};
 use super::config::ModalConfig;
 use super::retry::{Backoff, is_transient, server_retry_after};
 use super::{channel, jwt};
-use crate::error::{CliError, CliResult};
+use crate::error::{CliError, CliResult, status_error};
 use crate::secret::Secret;
 
 /// `x-modal-client-type`: CLIENT_TYPE_LIBMODAL_GO. The server knows no Rust client type; we
@@ -550,7 +550,7 @@ impl ModalClient {
     /// An error for a failed control-plane call: bad credentials are the user's to fix (usage),
     /// anything else is infrastructure.
     pub fn rpc_error(&self, what: &str, status: Status) -> CliError {
-        let source = super::status_error(&status);
+        let source = status_error(&status);
         match status.code() {
             Code::Unauthenticated | Code::PermissionDenied => CliError::usage(what.to_owned())
                 .with_source(source)
@@ -579,13 +579,8 @@ fn insert(metadata: &mut tonic::metadata::MetadataMap, key: &'static str, value:
 }
 
 fn insert_secret(metadata: &mut tonic::metadata::MetadataMap, key: &'static str, value: &Secret) {
-    match MetadataValue::try_from(value.expose()) {
-        Ok(mut v) => {
-            // Sensitive values stay out of HTTP/2 header compression tables and debug output.
-            v.set_sensitive(true);
-            metadata.insert(key, v);
-        }
-        Err(_) => tracing::warn!("header {key} is not valid ASCII; not sent"),
+    if let Some(value) = super::sensitive_header(key, value.expose()) {
+        metadata.insert(key, value);
     }
 }
 

@@ -130,11 +130,17 @@ struct FsToolsError {
     message: String,
 }
 
+impl FsToolsError {
+    /// The error fs-tools printed on stderr, if it printed one.
+    fn of(output: &ExecOutput) -> Option<Self> {
+        serde_json::from_str(String::from_utf8_lossy(&output.stderr).trim()).ok()
+    }
+}
+
 fn fs_failure(what: &str, output: &ExecOutput) -> CliError {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let reason = match serde_json::from_str::<FsToolsError>(stderr.trim()) {
-        Ok(e) => format!("{}: {}", e.error_kind, e.message),
-        Err(_) => stderr.trim().to_owned(),
+    let reason = match FsToolsError::of(output) {
+        Some(e) => format!("{}: {}", e.error_kind, e.message),
+        None => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
     };
     CliError::infra(what.to_owned()).with_source(anyhow::anyhow!(
         "modal-sandbox-fs-tools ended with {}: {reason}",
@@ -157,10 +163,7 @@ pub async fn stat(router: &Router, path: &str) -> CliResult<Option<FileInfo>> {
     .await
     .map_err(|s| router_error(&what, s))?;
     if !output.exit.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        if serde_json::from_str::<FsToolsError>(stderr.trim())
-            .is_ok_and(|e| e.error_kind == "NotFound")
-        {
+        if FsToolsError::of(&output).is_some_and(|e| e.error_kind == "NotFound") {
             return Ok(None);
         }
         return Err(fs_failure(&what, &output));
@@ -199,17 +202,18 @@ const CHMODS: &[&[&str]] = &[
     &["/bin/busybox", "chmod"],
 ];
 
-/// Makes `path` executable (0755) when it is not already; see the module docs.
-async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliResult<()> {
+/// Makes `path` executable (0755) when it is not already; see the module docs. Whether a chmod
+/// ran.
+async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliResult<bool> {
     if info.executable() == Some(true) {
-        return Ok(());
+        return Ok(false);
     }
     let mut tried = Vec::new();
     for chmod in CHMODS {
         let mut argv: Vec<String> = chmod.iter().map(|s| (*s).to_owned()).collect();
         argv.extend(["0755".to_owned(), path.to_owned()]);
         match run(router, argv, None).await {
-            Ok(output) if output.exit.success() => return Ok(()),
+            Ok(output) if output.exit.success() => return Ok(true),
             Ok(output) => tried.push(format!("{}: {}", chmod.join(" "), output.exit)),
             Err(status) => tried.push(format!("{}: {}", chmod.join(" "), status.message())),
         }
@@ -226,29 +230,18 @@ async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliR
     )
 }
 
-/// An executable pushed to a content-addressed path.
-#[derive(Debug, Clone)]
-pub struct Pushed {
-    /// Where it is in the sandbox.
-    pub path: String,
-    /// Bytes sent (0 when the same content was already there).
-    pub uploaded_bytes: u64,
-}
-
 /// Puts `data` at `path` as an executable, unless a file of that size is already there and
-/// executable. The path names the content's sha256, so the size check guards against an
-/// interrupted earlier upload; the agent's handshake (its own sha256) is the real proof.
-pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliResult<Pushed> {
+/// executable; returns the bytes sent (0 when the same content was already there). The path
+/// names the content's sha256, so the size check guards against an interrupted earlier upload;
+/// the agent's handshake (its own sha256) is the real proof.
+pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliResult<u64> {
     let len = data.len() as u64;
     if let Some(info) = stat(router, path).await?
         && info.kind == "file"
         && info.size == len
     {
         ensure_executable(router, path, &info).await?;
-        return Ok(Pushed {
-            path: path.to_owned(),
-            uploaded_bytes: 0,
-        });
+        return Ok(0);
     }
     write_file(router, path, data).await?;
     let info = stat(router, path).await?.ok_or_else(|| {
@@ -262,8 +255,9 @@ pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliRes
                 .with_hint("run again; the upload resumes from scratch"),
         );
     }
-    ensure_executable(router, path, &info).await?;
-    if let Some(after) = stat(router, path).await?
+    // A chmod that succeeded without effect is caught here rather than when the file is run.
+    if ensure_executable(router, path, &info).await?
+        && let Some(after) = stat(router, path).await?
         && after.executable() == Some(false)
     {
         return Err(
@@ -274,10 +268,7 @@ pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliRes
                 .with_hint("the sandbox's /tmp may be mounted noexec"),
         );
     }
-    Ok(Pushed {
-        path: path.to_owned(),
-        uploaded_bytes: len,
-    })
+    Ok(len)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod stdio;
 
 use std::time::Duration;
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::error::{CliError, CliResult};
@@ -63,11 +64,17 @@ pub fn channel(url: &str, plaintext_ok: bool) -> CliResult<Channel> {
     Ok(endpoint.connect_lazy())
 }
 
-/// A gRPC status as an error cause (code and message, never metadata).
-pub fn status_error(status: &tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "gRPC status {:?}: {}",
-        status.code(),
-        redact_urls(status.message())
-    )
+/// A header value for a secret, marked sensitive (kept out of HTTP/2 header compression tables
+/// and printed as `Sensitive` by `Debug`); `None`, with a warning, when it is not valid ASCII.
+pub(crate) fn sensitive_header(key: &str, value: &str) -> Option<MetadataValue<Ascii>> {
+    match MetadataValue::try_from(value) {
+        Ok(mut value) => {
+            value.set_sensitive(true);
+            Some(value)
+        }
+        Err(_) => {
+            tracing::warn!("header {key} is not valid ASCII; not sent");
+            None
+        }
+    }
 }

@@ -16,14 +16,14 @@ use tailbox_proto::modal::task_command_router::{
     TaskExecStdinWriteRequest, TaskExecStdinWriteStreamEnd, TaskExecStdinWriteStreamRequest,
     TaskExecStdinWriteStreamStart, TaskExecStdoutConfig, TaskExecWaitRequest,
 };
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::client::ModalClient;
 use super::retry::{Backoff, is_transient};
 use crate::backend::AgentExit;
-use crate::error::{CliError, CliResult};
+use crate::error::{CliError, CliResult, status_error};
 use crate::secret::Secret;
 
 /// Size of each message of a streamed stdin write (what the SDKs use).
@@ -31,8 +31,8 @@ pub const UPLOAD_CHUNK: usize = 256 * 1024;
 /// How many times in a row a broken streamed stdin write is resumed without progress (the SDKs
 /// allow 9 in all; counting only resumes without progress lets a long upload survive a flaky link).
 const UPLOAD_RESUMES: u32 = 9;
-/// How many JWT refreshes in a row one call may trigger before giving up.
-const AUTH_REFRESHES: u32 = 3;
+/// How many JWT refreshes in a row one call (or one output stream) may trigger before giving up.
+pub(super) const AUTH_REFRESHES: u32 = 3;
 /// Per-call timeout of `TaskExecWait`, which is retried until the process exits.
 const WAIT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Per-attempt timeout of other unary router calls.
@@ -53,7 +53,9 @@ struct Inner {
 
 #[derive(Clone)]
 struct Access {
-    jwt: Secret,
+    /// `Bearer <jwt>`, built once per JWT; `None` when the JWT is not valid ASCII (the router
+    /// then answers UNAUTHENTICATED, and a fresh JWT is fetched).
+    bearer: Option<MetadataValue<Ascii>>,
     url: String,
     client: TaskCommandRouterClient<Channel>,
     generation: u64,
@@ -81,7 +83,7 @@ impl Router {
                 control,
                 task_id,
                 access: RwLock::new(Access {
-                    jwt,
+                    bearer: bearer(&jwt),
                     url,
                     client,
                     generation: 0,
@@ -96,29 +98,27 @@ impl Router {
         &self.inner.task_id
     }
 
-    fn access(&self) -> Access {
-        match self.inner.access.read() {
-            Ok(access) => access.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+    fn access(&self) -> std::sync::RwLockReadGuard<'_, Access> {
+        self.inner
+            .access
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A request carrying the bearer JWT, the client to send it with, and the JWT generation
-    /// (for [`Router::refresh`]).
+    /// (for [`Router::refresh`]). Called for every stdio read and write: it only clones.
     pub(crate) fn authorized<T>(
         &self,
         message: T,
     ) -> (Request<T>, TaskCommandRouterClient<Channel>, u64) {
-        let access = self.access();
         let mut request = Request::new(message);
-        match MetadataValue::try_from(format!("Bearer {}", access.jwt.expose())) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                request.metadata_mut().insert("authorization", value);
-            }
-            Err(_) => tracing::warn!("the router JWT is not valid ASCII; sending no authorization"),
+        let access = self.access();
+        if let Some(bearer) = &access.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.clone());
         }
-        (request, access.client, access.generation)
+        (request, access.client.clone(), access.generation)
     }
 
     /// Fetches a fresh JWT, unless another caller already replaced generation `seen`.
@@ -132,19 +132,20 @@ impl Router {
             .control
             .command_router_access(&self.inner.task_id)
             .await?;
-        let mut access = self.access();
+        let mut access = self.access().clone();
         if url != access.url {
             tracing::warn!("the command router moved to a new URL; reconnecting");
             access.client = router_client(&url, self.inner.control.config().plaintext())
                 .map_err(|e| Status::unavailable(e.message))?;
             access.url = url;
         }
-        access.jwt = jwt;
+        access.bearer = bearer(&jwt);
         access.generation = seen + 1;
-        match self.inner.access.write() {
-            Ok(mut slot) => *slot = access,
-            Err(poisoned) => *poisoned.into_inner() = access,
-        }
+        *self
+            .inner
+            .access
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = access;
         tracing::debug!("refreshed the command router JWT");
         Ok(())
     }
@@ -228,7 +229,8 @@ impl Router {
             task_id: self.inner.task_id.clone(),
             exec_id: exec_id.to_owned(),
             offset,
-            data: data.to_vec(),
+            // No copy when `data` is the only handle on its buffer (the stdin pump's batches).
+            data: Vec::from(data),
             eof,
         };
         self.unary(
@@ -252,24 +254,26 @@ impl Router {
             let start = usize::try_from(offset)
                 .unwrap_or(data.len())
                 .min(data.len());
-            let mut messages = vec![TaskExecStdinWriteStreamRequest {
-                payload: Some(Payload::Start(TaskExecStdinWriteStreamStart {
-                    task_id: self.inner.task_id.clone(),
-                    exec_id: exec_id.to_owned(),
-                    offset,
-                })),
-            }];
-            let mut at = start;
-            while at < data.len() {
-                let end = (at + UPLOAD_CHUNK).min(data.len());
-                messages.push(TaskExecStdinWriteStreamRequest {
-                    payload: Some(Payload::Data(data.slice(at..end).to_vec())),
-                });
-                at = end;
-            }
-            messages.push(TaskExecStdinWriteStreamRequest {
-                payload: Some(Payload::End(TaskExecStdinWriteStreamEnd {})),
+            // Chunks are copied into messages as the stream is sent, not all up front.
+            let chunks = {
+                let data = data.clone();
+                (start..data.len()).step_by(UPLOAD_CHUNK).map(move |at| {
+                    let end = (at + UPLOAD_CHUNK).min(data.len());
+                    Payload::Data(data[at..end].to_vec())
+                })
+            };
+            let start = Payload::Start(TaskExecStdinWriteStreamStart {
+                task_id: self.inner.task_id.clone(),
+                exec_id: exec_id.to_owned(),
+                offset,
             });
+            let end = Payload::End(TaskExecStdinWriteStreamEnd {});
+            let messages = std::iter::once(start)
+                .chain(chunks)
+                .chain(std::iter::once(end))
+                .map(|payload| TaskExecStdinWriteStreamRequest {
+                    payload: Some(payload),
+                });
             let (request, mut client, generation) = self.authorized(tokio_stream::iter(messages));
             let status = match client.task_exec_stdin_write_stream(request).await {
                 Ok(_) => return Ok(Upload::Complete),
@@ -284,23 +288,24 @@ impl Router {
                     if code == Code::Unauthenticated {
                         self.refresh(generation).await?;
                     }
-                    let written = self.stdin_status(exec_id).await?;
+                    let (written, closed) = self.stdin_status(exec_id).await?;
                     tracing::debug!(
                         resumes,
-                        written = written.0,
+                        written,
                         total,
                         "streamed stdin write broke; resuming"
                     );
-                    if written.1 && written.0 == total {
-                        return Ok(Upload::Complete);
+                    if closed {
+                        return Ok(if written == total {
+                            Upload::Complete
+                        } else {
+                            Upload::ExitedEarly
+                        });
                     }
-                    if written.1 {
-                        return Ok(Upload::ExitedEarly);
-                    }
-                    if written.0 > offset {
+                    if written > offset {
                         resumes = 0;
                     }
-                    offset = written.0.min(total);
+                    offset = written.min(total);
                 }
                 _ => return Err(status),
             }
@@ -359,6 +364,10 @@ impl Router {
     }
 }
 
+fn bearer(jwt: &Secret) -> Option<MetadataValue<Ascii>> {
+    super::sensitive_header("authorization", &format!("Bearer {}", jwt.expose()))
+}
+
 fn router_client(url: &str, plaintext_ok: bool) -> CliResult<TaskCommandRouterClient<Channel>> {
     let channel = super::channel(url, plaintext_ok).map_err(|e| {
         e.with_hint("the control plane handed out a command router URL tailbox cannot use")
@@ -370,7 +379,7 @@ fn router_client(url: &str, plaintext_ok: bool) -> CliResult<TaskCommandRouterCl
 
 /// An error for a failed router call.
 pub fn router_error(what: &str, status: Status) -> CliError {
-    let source = super::status_error(&status);
+    let source = status_error(&status);
     let err = CliError::infra(what.to_owned()).with_source(source);
     match status.code() {
         Code::NotFound => err.with_hint("the sandbox may have stopped (timed out or terminated)"),

@@ -24,12 +24,13 @@ use tokio_util::sync::PollSender;
 use tonic::Code;
 
 use super::retry::{Backoff, is_transient};
-use super::router::Router;
+use super::router::{AUTH_REFRESHES, Router};
+use crate::error::status_error;
 
 /// Largest single stdin write (bytes coalesced while the previous write is in flight).
 const MAX_WRITE: usize = 1024 * 1024;
-/// Chunks buffered between the network and the reader.
-const READ_BUFFER: usize = 64;
+/// Chunks queued between the network and the reader or writer.
+const QUEUED_CHUNKS: usize = 64;
 
 /// Which output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +59,7 @@ pub struct ExecReader {
 impl ExecReader {
     /// Starts reading `fd` of `exec_id` from offset 0.
     pub fn new(router: Router, exec_id: String, fd: Fd) -> Self {
-        let (tx, rx) = mpsc::channel(READ_BUFFER);
+        let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
         let task = tokio::spawn(pump_output(router, exec_id, fd, tx));
         Self {
             inner: StreamReader::new(ReceiverStream::new(rx)),
@@ -117,7 +118,7 @@ async fn pump_output(router: Router, exec_id: String, fd: Fd, tx: mpsc::Sender<i
             }
             Err(status) => status,
         };
-        if status.code() == Code::Unauthenticated && refreshes < 3 {
+        if status.code() == Code::Unauthenticated && refreshes < AUTH_REFRESHES {
             refreshes += 1;
             if let Err(refresh) = router.refresh(generation).await {
                 let _ = tx.send(Err(io_error(&refresh))).await;
@@ -141,7 +142,7 @@ fn io_error(status: &tonic::Status) -> io::Error {
         Code::NotFound | Code::FailedPrecondition | Code::Aborted => io::ErrorKind::BrokenPipe,
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, super::status_error(status).to_string())
+    io::Error::new(kind, status_error(status).to_string())
 }
 
 /// Ordered, offset-correct writer of an exec's stdin. Shutting it down or dropping it closes
@@ -154,7 +155,7 @@ pub struct ExecWriter {
 impl ExecWriter {
     /// A writer for `exec_id`'s stdin, starting at offset 0.
     pub fn new(router: Router, exec_id: String) -> Self {
-        let (tx, rx) = mpsc::channel(READ_BUFFER);
+        let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
         let failure = Arc::new(Mutex::new(None));
         // Not aborted on drop: it ends by itself once it has delivered the queue and the EOF.
         tokio::spawn(pump_input(router, exec_id, rx, Arc::clone(&failure)));
@@ -226,19 +227,19 @@ async fn pump_input(
             }
             return;
         };
-        // Coalesce what queued up while the previous write was in flight.
-        let mut batch = BytesMut::from(first.as_ref());
+        // Coalesce what queued up while the previous write was in flight. A lone chunk goes out
+        // as it is, and a batch grows in place: neither is copied here.
+        let mut batch = first;
         while batch.len() < MAX_WRITE {
-            match rx.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
-                Err(_) => break,
-            }
+            let Ok(more) = rx.try_recv() else { break };
+            let mut grown = BytesMut::from(batch);
+            grown.extend_from_slice(&more);
+            batch = grown.freeze();
         }
-        let batch = batch.freeze();
         let len = batch.len() as u64;
         if let Err(status) = router.stdin_write(&exec_id, offset, batch, false).await {
             if let Ok(mut slot) = failure.lock() {
-                *slot = Some(super::status_error(&status).to_string());
+                *slot = Some(status_error(&status).to_string());
             }
             // Dropping the receiver fails every later write.
             return;
