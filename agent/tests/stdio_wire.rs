@@ -95,12 +95,7 @@ async fn only_grpc_reaches_stdout_while_the_agent_logs_heavily() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr_task = tokio::spawn(async move {
-            let mut text = String::new();
-            stderr.read_to_string(&mut text).await.unwrap();
-            text
-        });
+        let stderr_task = tailbox_testkit::collect_stderr(&mut child);
         let copy = Arc::new(Mutex::new(Vec::new()));
         let mut client = connect(&mut child, copy.clone()).await;
 

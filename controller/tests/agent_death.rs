@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tailbox_testkit::agent::agent_binary;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// A stand-in tailscaled that never opens its LocalAPI, so the agent stays in the daemon phase
 /// (mid-stream) until killed. Like the real one, it exits when TS_PARENT_DEATH_FD closes.
@@ -54,12 +54,7 @@ async fn a_killed_agent_is_an_infrastructure_error_with_its_stderr_tail() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let stderr_task = tokio::spawn(async move {
-            let mut text = String::new();
-            stderr.read_to_string(&mut text).await.unwrap();
-            text
-        });
+        let stderr_task = tailbox_testkit::collect_stderr(&mut child);
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut agent_pid = None;
         let mut killed_at = None;

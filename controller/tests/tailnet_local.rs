@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tailbox_testkit::agent::agent_binary;
 use tailbox_testkit::lab::{Binaries, Lab};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// Generous bound for one whole test; the lab needs a few seconds, runs well under ten.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
@@ -111,12 +111,7 @@ async fn run_tailbox(lab: &Lab, args: Vec<String>, mut on_event: impl FnMut(&Val
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr_task = tokio::spawn(async move {
-        let mut text = String::new();
-        stderr.read_to_string(&mut text).await.unwrap();
-        text
-    });
+    let stderr_task = tailbox_testkit::collect_stderr(&mut child);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut events = Vec::new();
     while let Some(line) = lines.next_line().await.unwrap() {

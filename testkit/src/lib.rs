@@ -11,3 +11,16 @@ pub mod agent;
 pub mod fake_modal;
 pub mod lab;
 pub mod modal_descriptors;
+
+/// Reads a child's whole stderr in the background (so the child never blocks on a full pipe);
+/// the task yields the text once the child closes it.
+pub fn collect_stderr(child: &mut tokio::process::Child) -> tokio::task::JoinHandle<String> {
+    let stderr = child.stderr.take();
+    tokio::spawn(async move {
+        let mut text = String::new();
+        if let Some(mut stderr) = stderr {
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        }
+        text
+    })
+}
