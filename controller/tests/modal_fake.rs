@@ -572,9 +572,8 @@ async fn a_dynamically_linked_agent_is_refused_before_anything_is_created() {
         run.assert_code(2);
         assert!(run.stderr.contains("dynamically linked"), "{}", run.stderr);
         assert!(
-            run.stderr.contains(
-                "cargo build --release --target x86_64-unknown-linux-musl -p tailbox-agent"
-            ),
+            run.stderr
+                .contains("hint: Build it with `cargo xtask static-agent`"),
             "{}",
             run.stderr
         );
@@ -596,7 +595,7 @@ async fn an_image_without_chmod_is_an_infrastructure_error_and_still_cleaned_up(
         run.assert_code(3);
         assert!(run.stderr.contains("executable"), "{}", run.stderr);
         assert!(
-            run.stderr.contains("hint: use an image that has chmod"),
+            run.stderr.contains("hint: Use an image that has `chmod`"),
             "{}",
             run.stderr
         );
