@@ -371,6 +371,7 @@ impl ModalClient {
             environment_name: self.inner.config.environment.clone(),
             object_creation_type: ObjectCreationType::Ephemeral as i32,
             env_dict: env.clone(),
+            ..Default::default()
         };
         let response = self
             .unary(
