@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Creates the virtualenv with Modal's official Python client that the modal_official_client test
-runs (testkit/tests/modal_official_client.rs).
+runs (controller/tests/modal_official_client.rs).
 
     ${TAILBOX_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tailbox}/modal-official-client/venv
 

@@ -1,5 +1,5 @@
 """Modal's official Python client (modal==1.6.4) through the spike's flow, against whatever
-MODAL_SERVER_URL points at: the fake Modal, in testkit/tests/modal_official_client.rs.
+MODAL_SERVER_URL points at: the fake Modal, in controller/tests/modal_official_client.rs.
 
 Every step asserts what the client saw. The last stdout line is a JSON object of what the Rust
 side checks against the fake's record (ids, the pid of a background process). Run with the

@@ -2,7 +2,7 @@
 //! outlive their exec, stdout that ends only when every holder has closed it, exit codes and
 //! signals, `timeout_secs`, stdout and stderr configurations, and what ending a sandbox does to
 //! its execs. Driven with raw RPCs ([`FakeClient`]); Modal's own client checks the same through
-//! the fake in `modal_official_client.rs`.
+//! the fake in `controller/tests/modal_official_client.rs`.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::time::Duration;

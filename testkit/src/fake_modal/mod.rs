@@ -1,7 +1,7 @@
 //! A fake Modal for tests: the control plane (`modal.client.ModalClient`) and the Task Command
 //! Router (`modal.task_command_router.TaskCommandRouter`) on loopback, over real tonic, built on
 //! the server traits of our proto subset (RPCs we do not implement answer Unimplemented). Modal's
-//! own Python client drives it too (`testkit/tests/modal_official_client.rs`). The README next to
+//! own Python client drives it too (`controller/tests/modal_official_client.rs`). The README next to
 //! this file lists every behaviour it models, the source of each, and what is out of scope.
 //!
 //! - **Sandboxes** are local process trees, each in a network namespace of its own that reaches

@@ -22,9 +22,12 @@ use tailbox_testkit::process_is_alive;
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/python/official_client_flow.py"
+    "/../testkit/python/official_client_flow.py"
 );
-const REQUIREMENTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/python/requirements.txt");
+const REQUIREMENTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../testkit/python/requirements.txt"
+);
 
 /// The venv's python, if `testkit/python/make_venv.py` installed exactly today's pins; else a
 /// loud failure that says how to get it (never a skip).
