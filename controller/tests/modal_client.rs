@@ -216,6 +216,10 @@ fn control_request<T>(
     let md = request.metadata_mut();
     md.insert("x-modal-client-type", "9".parse().unwrap());
     md.insert("x-modal-client-version", "1.0.0".parse().unwrap());
+    md.insert(
+        "x-modal-libmodal-version",
+        "modal-go/0.10.1".parse().unwrap(),
+    );
     if with_credentials {
         md.insert("x-modal-token-id", TOKEN_ID.parse().unwrap());
         md.insert("x-modal-token-secret", TOKEN_SECRET.parse().unwrap());
@@ -248,20 +252,26 @@ async fn the_fake_refuses_what_modal_refuses() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
-        // Credentials but no auth token on a unary call.
-        let err = control
+        // A client identity no official SDK sends.
+        let mut unknown = control_request(app(), None, true);
+        unknown
+            .metadata_mut()
+            .insert("x-modal-libmodal-version", "tailbox/0.1.0".parse().unwrap());
+        let err = control.app_get_or_create(unknown).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        // No auth token is fine (the Python SDK sends none on these calls)...
+        control
             .app_get_or_create(control_request(app(), None, true))
             .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated);
-        // A made-up auth token.
+            .unwrap();
+        // ...but a made-up one is not.
         let err = control
             .app_get_or_create(control_request(app(), Some("a.b.c"), true))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
 
-        // The router: no bearer, DEVNULL stdout, offsets beyond what exists.
+        // The router: no bearer, arguments over 64 KiB, offsets beyond what exists.
         let (_client, _id, router) = sandbox(&fake).await;
         let task_id = router.task_id().to_owned();
         let channel = tonic::transport::Endpoint::from_shared(fake.router_url())
@@ -270,24 +280,28 @@ async fn the_fake_refuses_what_modal_refuses() {
             .await
             .unwrap();
         let mut raw = TaskCommandRouterClient::new(channel);
-        let start = |stdout: TaskExecStdoutConfig| TaskExecStartRequest {
+        let start = |argv: Vec<String>| TaskExecStartRequest {
             task_id: task_id.clone(),
             exec_id: uuid::Uuid::new_v4().to_string(),
-            command_args: vec!["/bin/true".into()],
-            stdout_config: stdout as i32,
+            command_args: argv,
+            stdout_config: TaskExecStdoutConfig::Pipe as i32,
             stderr_config: 1,
             ..Default::default()
         };
         let err = raw
-            .task_exec_start(start(TaskExecStdoutConfig::Pipe))
+            .task_exec_start(start(vec!["/bin/true".into()]))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
 
-        // With the JWT the fake granted for this task.
+        // With the JWT the fake granted for this task: one byte over 2^16 of arguments.
         let jwt = fake.router_jwt(&task_id).unwrap();
+        let long = vec![
+            "/bin/echo".into(),
+            "x".repeat((1 << 16) - "/bin/echo".len() + 1),
+        ];
         let err = raw
-            .task_exec_start(with_bearer(start(TaskExecStdoutConfig::Devnull), &jwt))
+            .task_exec_start(with_bearer(start(long), &jwt))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

@@ -26,14 +26,18 @@ use super::retry::{Attempts, Backoff, Next, is_transient};
 use super::{channel, jwt};
 use crate::secret::Secret;
 
-/// `x-modal-client-type`: CLIENT_TYPE_LIBMODAL_GO. The server knows no Rust client type; we
-/// behave like the Go SDK, so we say so.
+/// `x-modal-client-type`: CLIENT_TYPE_LIBMODAL_GO. Modal knows no Rust client type; tailbox
+/// speaks the protocol the way the Go SDK does, so it sends exactly the Go SDK's identity.
 pub const CLIENT_TYPE: &str = "9";
-/// `x-modal-client-version`: the Python SDK version the Go SDK says it behaves like.
+/// `x-modal-client-version`: what the Go SDK sends (the Python SDK version it behaves like).
 pub const CLIENT_VERSION: &str = "1.0.0";
-/// `x-modal-libmodal-version`: our own name, so Modal can tell tailbox's traffic apart. If the
-/// server ever rejects it, this is the one value to change (to `modal-go/0.9.0`).
-pub const LIBMODAL_VERSION: &str = concat!("tailbox/", env!("CARGO_PKG_VERSION"));
+/// `x-modal-libmodal-version`: the newest released Go SDK's value (`go/version.go` of
+/// modal-labs/modal-client, 0.10.1 of 2026-09-10), never a name of our own, so a live run does
+/// not depend on Modal accepting an SDK it has never seen. Move it with new Go SDK releases.
+pub const LIBMODAL_VERSION: &str = "modal-go/0.10.1";
+/// `user-agent`: the one place tailbox names itself, since a user agent is informational (the
+/// Go SDK sends grpc-go's, the Python SDK its own). tonic appends `tonic/<version>`.
+pub const USER_AGENT: &str = concat!("tailbox/", env!("CARGO_PKG_VERSION"));
 
 /// Assumed lifetime of an auth token without an `exp` claim (as the Go SDK assumes).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(20 * 60);
@@ -165,6 +169,7 @@ impl ModalClient {
         insert(metadata, "x-modal-client-type", CLIENT_TYPE);
         insert(metadata, "x-modal-client-version", CLIENT_VERSION);
         insert(metadata, "x-modal-libmodal-version", LIBMODAL_VERSION);
+        insert(metadata, "user-agent", USER_AGENT);
         insert(metadata, "x-modal-token-id", &config.token_id);
         insert_secret(metadata, "x-modal-token-secret", &config.token_secret);
         if let Some(token) = auth {
@@ -369,6 +374,7 @@ impl ModalClient {
             environment_name: self.inner.config.environment.clone(),
             object_creation_type: ObjectCreationType::Ephemeral as i32,
             env_dict: env.clone(),
+            ..Default::default()
         };
         let response = self
             .call(

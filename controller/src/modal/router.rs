@@ -229,6 +229,7 @@ impl Router {
             timeout_secs: None,
             workdir: None,
             env,
+            ..Default::default()
         };
         self.unary(
             "TaskExecStart",
