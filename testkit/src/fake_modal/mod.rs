@@ -3,7 +3,8 @@
 //! the server traits of our proto subset (RPCs we do not implement answer Unimplemented).
 //!
 //! - **Sandboxes** are local process trees, each with its own temp root. Absolute sandbox paths
-//!   map into that root, consistently for `modal-sandbox-fs-tools` (emulated: `WriteFile`, `Stat`)
+//!   map into that root, consistently for `modal-sandbox-fs-tools` (emulated: `WriteFile`,
+//!   `ReadFile`, `Stat`)
 //!   and for an exec's `argv[0]`. Execs run in the test machine's network namespace (the agent
 //!   in a fake sandbox must reach the lab's control server on 127.0.0.1) and see its filesystem
 //!   outside `argv[0]`; `HOME` and `TMPDIR` point into the root. When the tests run as root,
@@ -33,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
+use tailbox_proto::arch::Arch;
 use tailbox_proto::modal::client::modal_client_server::ModalClientServer;
 use tailbox_proto::modal::task_command_router::task_command_router_server::TaskCommandRouterServer;
 use tokio::sync::{oneshot, watch};
@@ -57,6 +59,11 @@ pub struct FakeConfig {
     pub list_page_size: usize,
     /// PATH of processes in sandboxes; `None` is this machine's PATH.
     pub path: Option<String>,
+    /// The sandboxes' CPU architecture (default: this machine's). fs-tools' own binary
+    /// (`ReadFile` of `/proc/self/exe`) is an ELF for it, and only ELF executables for it run:
+    /// others fail as the kernel fails them (`Exec format error`). One that is not this
+    /// machine's runs under qemu-user through binfmt_misc ([`crate::qemu`]).
+    pub arch: Arch,
 }
 
 impl Default for FakeConfig {
@@ -67,6 +74,7 @@ impl Default for FakeConfig {
             auth_token_ttl: Duration::from_secs(3600),
             list_page_size: 100,
             path: None,
+            arch: Arch::host().unwrap_or(Arch::X86_64),
         }
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use tailbox_proto::arch::Arch;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::ChildStdin;
 use tokio::sync::watch;
@@ -321,7 +322,7 @@ pub(crate) fn start_exec(
         }
     }
     let exec = if argv.first().map(String::as_str) == Some(FS_TOOLS) {
-        start_fs_tools(sandbox, argv)
+        start_fs_tools(state, sandbox, argv)
     } else if let Some(args) = chmod_args(&argv) {
         if state.config.image_has_chmod {
             let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
@@ -368,16 +369,18 @@ fn chmod(root: &Path, args: &[String], exec: &Exec) {
     }
 }
 
-/// The fs-tools operations tailbox uses: `Stat` at once, `WriteFile` when stdin closes.
-fn start_fs_tools(sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
+/// The fs-tools operations tailbox uses: `Stat` and `ReadFile` at once, `WriteFile` when stdin
+/// closes.
+fn start_fs_tools(state: &State, sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
     let op: Option<serde_json::Value> = argv.get(1).and_then(|a| serde_json::from_str(a).ok());
-    let write_path = op
-        .as_ref()
-        .and_then(|o| o.get("WriteFile"))
-        .and_then(|w| w.get("path"))
-        .and_then(|p| p.as_str())
-        .map(str::to_owned);
-    if let Some(path) = write_path {
+    let path_of = |name: &str| {
+        op.as_ref()
+            .and_then(|o| o.get(name))
+            .and_then(|w| w.get("path"))
+            .and_then(|p| p.as_str())
+            .map(str::to_owned)
+    };
+    if let Some(path) = path_of("WriteFile") {
         let host = map_path(&sandbox.root, &path);
         let sink = Sink::WriteFile {
             path,
@@ -386,21 +389,61 @@ fn start_fs_tools(sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
         };
         return Arc::new(Exec::new(argv, sink));
     }
+    let (stat_path, read_path) = (path_of("Stat"), path_of("ReadFile"));
     let exec = Arc::new(Exec::new(argv, Sink::Discard));
-    let stat_path = op
-        .as_ref()
-        .and_then(|o| o.get("Stat"))
-        .and_then(|w| w.get("path"))
-        .and_then(|p| p.as_str());
-    match stat_path {
-        Some(path) => stat(&sandbox.root, path, &exec),
-        None => exec.fail(
+    match (stat_path, read_path) {
+        (Some(path), _) => stat(&sandbox.root, &path, &exec),
+        (None, Some(path)) => read_file(state.config.arch, &sandbox.root, &path, &exec),
+        (None, None) => exec.fail(
             1,
             "NotSupported",
-            "the fake fs-tools knows only WriteFile and Stat",
+            "the fake fs-tools knows only WriteFile, ReadFile and Stat",
         ),
     }
     exec
+}
+
+/// `ReadFile`: the file's bytes on stdout. `/proc/self/exe` is fs-tools' own binary, which the
+/// fake stands in for with an ELF header for the sandbox's architecture.
+fn read_file(arch: Arch, root: &Path, path: &str, exec: &Exec) {
+    if path == "/proc/self/exe" {
+        exec.stdout.push(&arch.elf_header());
+        exec.finish(Exit::Code(0));
+        return;
+    }
+    let host = match map_path(root, path) {
+        Ok(host) => host,
+        Err(e) => return exec.fail(1, "InvalidPath", &e),
+    };
+    match std::fs::read(&host) {
+        Ok(bytes) => {
+            exec.stdout.push(&bytes);
+            exec.finish(Exit::Code(0));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            exec.fail(1, "NotFound", &format!("{path}: no such file or directory"));
+        }
+        Err(e) if host.is_dir() => exec.fail(1, "IsDirectory", &format!("{path}: {e}")),
+        Err(e) => exec.fail(1, "PermissionDenied", &e.to_string()),
+    }
+}
+
+/// Why `program` cannot run in a sandbox of `arch`, the way the kernel refuses it: an ELF for
+/// another machine is an `Exec format error`. Scripts and unreadable files are left to spawn.
+fn foreign_executable(arch: Arch, program: &Path) -> Option<String> {
+    let mut header = [0u8; tailbox_proto::arch::ELF_MACHINE_PREFIX_LEN];
+    let mut file = std::fs::File::open(program).ok()?;
+    std::io::Read::read_exact(&mut file, &mut header).ok()?;
+    if !header.starts_with(b"\x7fELF") {
+        return None;
+    }
+    match Arch::from_elf_header(&header) {
+        Ok(found) if found == arch => None,
+        Ok(found) => Some(format!(
+            "Exec format error (an {found} ELF in an {arch} sandbox)"
+        )),
+        Err(why) => Some(format!("Exec format error ({why})")),
+    }
 }
 
 fn stat(root: &Path, path: &str, exec: &Exec) {
@@ -560,6 +603,10 @@ fn spawn_process(
         let stderr = format!("{first}: not found in the fake image\n");
         return Exec::exited(argv, 127, &stderr);
     };
+    if let Some(why) = foreign_executable(state.config.arch, &program) {
+        let stderr = format!("{first}: cannot execute binary file: {why}\n");
+        return Exec::exited(argv, 126, &stderr);
+    }
     let mut env = sandbox.env.clone();
     if let Some(home) = env.get("HOME").cloned()
         && let Ok(mapped) = map_path(&sandbox.root, &home)
