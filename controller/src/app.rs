@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use tailbox_proto::agent::v1::{CheckStatus, Phase, Report, event};
 
+use crate::arch::AgentSet;
 use crate::backend::local::LocalSandbox;
 use crate::backend::modal::{
-    self as modal_backend, CREATED_BY_TAG, LocalBinary, ModalSandbox, RUN_TAG, SandboxSpec,
-    TailscaleBinaries,
+    self as modal_backend, CREATED_BY_TAG, ModalSandbox, RUN_TAG, SandboxSpec, TailscaleBinaries,
 };
 use crate::cli::{CheckArgs, Cli, Command, SandboxCommand, SandboxKind, SweepArgs};
 use crate::env::{self, Env};
@@ -135,7 +135,7 @@ async fn check_local(
 ) -> CliResult<Report> {
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
-    let sandbox = LocalSandbox::prepare(plan.agent_path.as_deref())?;
+    let sandbox = LocalSandbox::prepare(&plan.agent_paths)?;
     let agent = sandbox.launch_agent(agent_log_filter(plan))?;
     agent_pid.store(agent.pid.unwrap_or(0), Ordering::SeqCst);
     renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, started.elapsed())?;
@@ -173,9 +173,10 @@ async fn check_modal(
     config: ModalConfig,
 ) -> CliResult<Report> {
     // Local problems (a dynamic agent, a bad tarball) are found before anything is created.
-    let agent = match &plan.agent_path {
-        Some(path) => modal_backend::load_static_agent(path)?,
-        None => modal_backend::default_static_agent()?,
+    let agents = if plan.agent_paths.is_empty() {
+        AgentSet::find_default()?
+    } else {
+        AgentSet::load(&plan.agent_paths)?
     };
     let tailscale = plan
         .tailscale_tarball
@@ -187,7 +188,7 @@ async fn check_modal(
     let cleanup = Cleanup::new(client.clone(), plan, &run_id);
 
     let (result, interrupted) = tokio::select! {
-        result = modal_run(plan, renderer, &client, &cleanup, &agent, tailscale.as_ref(), &run_id) => (result, false),
+        result = modal_run(plan, renderer, &client, &cleanup, &agents, tailscale.as_ref(), &run_id) => (result, false),
         () = interrupted() => (Err(CliError::interrupted()), true),
     };
     // The work future is gone (dropped mid-flight on Ctrl-C); what it created is in `cleanup`.
@@ -205,7 +206,7 @@ async fn modal_run(
     renderer: &mut Renderer,
     client: &ModalClient,
     cleanup: &Cleanup,
-    agent: &LocalBinary,
+    agents: &AgentSet,
     tailscale: Option<&TailscaleBinaries>,
     run_id: &str,
 ) -> CliResult<Report> {
@@ -238,9 +239,16 @@ async fn modal_run(
 
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Upload)?;
+    // The agent (and tailscale) must match the sandbox's CPU: ask it first (see arch.rs).
+    let arch = sandbox.arch().await?;
+    let agent = agents.for_arch(arch)?;
+    renderer.note(&format!(
+        "sandbox is {arch}: uploading {}",
+        agent.path.display()
+    ));
     let agent_in_sandbox = sandbox.push(agent, "tailbox-agent").await?;
     let pushed_tailscaled = match tailscale {
-        Some(binaries) => Some(sandbox.push_tailscale(binaries).await?),
+        Some(binaries) => Some(sandbox.push_tailscale(binaries, arch).await?),
         None => None,
     };
     renderer.note(&format!(

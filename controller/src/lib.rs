@@ -5,11 +5,13 @@
 //!   environment variable; [`secret`]: redaction.
 //! - [`app`]: subcommands; [`session`]: handshake, `Run` and the event stream with one agent;
 //!   [`transport`]: gRPC over a byte stream; [`backend`]: where the agent runs (this machine or
-//!   a Modal sandbox); [`modal`]: a native client for Modal's gRPC API.
+//!   a Modal sandbox); [`arch`]: the sandbox's CPU and the agent for it; [`modal`]: a native
+//!   client for Modal's gRPC API.
 //! - [`render`]: progress, tables and JSON; [`output`]: the only stdout writer; [`error`]: errors
 //!   with hints and exit codes.
 
 pub mod app;
+pub mod arch;
 pub mod backend;
 pub mod cli;
 pub mod env;

@@ -83,8 +83,8 @@ pub struct CheckPlan {
     pub git: Vec<String>,
     /// Refs every git target must advertise.
     pub expected_refs: Vec<(String, String)>,
-    /// Agent binary override.
-    pub agent_path: Option<PathBuf>,
+    /// Agents named by `--agent` or `TAILBOX_AGENT` (files or directories); empty: the default.
+    pub agent_paths: Vec<PathBuf>,
     /// Tailscale release tarball to push into the sandbox.
     pub tailscale_tarball: Option<PathBuf>,
     /// Modal app of the sandbox.
@@ -164,10 +164,13 @@ impl CheckPlan {
         };
         let tailscaled_env =
             parse_env_pairs(&env.var(env::TAILBOX_TAILSCALED_ENV).unwrap_or_default())?;
-        let agent_path = args
-            .agent
-            .clone()
-            .or_else(|| env.non_empty(env::TAILBOX_AGENT).map(PathBuf::from));
+        let agent_paths = if args.agent.is_empty() {
+            env.non_empty(env::TAILBOX_AGENT)
+                .map(|list| std::env::split_paths(&list).collect())
+                .unwrap_or_default()
+        } else {
+            args.agent.clone()
+        };
         let tailscale_tarball = args.tailscale_tarball.clone().or_else(|| {
             env.non_empty(env::TAILBOX_TAILSCALE_TARBALL)
                 .map(PathBuf::from)
@@ -225,7 +228,7 @@ impl CheckPlan {
             http,
             git,
             expected_refs,
-            agent_path,
+            agent_paths,
             tailscale_tarball,
             modal_app,
             modal_image,

@@ -105,6 +105,22 @@ impl Arch {
         Arch::from_elf_machine(machine).ok_or(ElfArchError::UnknownMachine(machine))
     }
 
+    /// A 64-byte ELF64 little-endian executable header for this architecture with no program
+    /// headers: the first bytes of a static binary for it, for tests and fakes.
+    pub fn elf_header(self) -> Vec<u8> {
+        let mut header = b"\x7fELF".to_vec();
+        // ELFCLASS64, ELFDATA2LSB, EV_CURRENT, System V ABI, padding.
+        header.extend([2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        header.extend(2u16.to_le_bytes()); // e_type: ET_EXEC
+        header.extend(self.elf_machine().to_le_bytes());
+        header.extend(1u32.to_le_bytes()); // e_version
+        header.extend([0u8; 24]); // e_entry, e_phoff, e_shoff
+        header.extend(0u32.to_le_bytes()); // e_flags
+        header.extend(64u16.to_le_bytes()); // e_ehsize
+        header.extend([0u8; 10]); // e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+        header
+    }
+
     /// The architecture this program was compiled for, when it has an agent build.
     pub fn host() -> Option<Arch> {
         std::env::consts::ARCH.parse().ok()
@@ -155,6 +171,8 @@ mod tests {
                 assert_eq!(name.parse::<Arch>().unwrap(), arch);
             }
             assert_eq!(Arch::from_elf_machine(arch.elf_machine()), Some(arch));
+            assert_eq!(Arch::from_elf_header(&arch.elf_header()), Ok(arch));
+            assert_eq!(arch.elf_header().len(), 64);
             assert!(arch.nix_system().starts_with(arch.name()));
         }
         assert!("riscv64".parse::<Arch>().is_err());

@@ -90,9 +90,10 @@ async fn run(cli: Cli) -> Result<()> {
                 .map(PathBuf::from)
                 .context("xtask lives inside the workspace")?;
             if targets.is_empty() {
-                targets.push(Arch::host().context(
-                    "this machine's architecture has no agent build; pass --target",
-                )?);
+                targets
+                    .push(Arch::host().context(
+                        "this machine's architecture has no agent build; pass --target",
+                    )?);
             }
             for arch in targets {
                 let binary = static_agent::build_and_verify(&workspace, arch)?;

@@ -155,9 +155,16 @@ fn the_flake_parses_and_takes_its_facts_from_workspace_nix() {
     // Facts live in one place: no version or target literal in flake.nix itself.
     let flake = std::fs::read_to_string(workspace_root().join("nix/flake.nix")).unwrap();
     for arch in Arch::ALL {
-        assert!(!flake.contains(arch.rust_target()), "{}", arch.rust_target());
+        assert!(
+            !flake.contains(arch.rust_target()),
+            "{}",
+            arch.rust_target()
+        );
     }
-    assert!(!flake.contains("Cargo.lock\""), "Cargo.lock is named in workspace.nix");
+    assert!(
+        !flake.contains("Cargo.lock\""),
+        "Cargo.lock is named in workspace.nix"
+    );
 }
 
 #[test]

@@ -7,9 +7,11 @@ use std::process::Stdio;
 use futures::FutureExt as _;
 use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
+use tailbox_proto::arch::Arch;
 use tokio::process::Command;
 
 use super::{AgentExit, AgentProcess};
+use crate::arch::AgentSet;
 use crate::error::{CliError, CliResult};
 
 /// A "sandbox" that is this machine.
@@ -21,11 +23,19 @@ pub struct LocalSandbox {
 }
 
 impl LocalSandbox {
-    /// Finds and hashes the agent binary.
-    pub fn prepare(agent_override: Option<&Path>) -> CliResult<Self> {
-        let agent_path = match agent_override {
-            Some(path) => path.to_path_buf(),
-            None => default_agent_path()?,
+    /// Finds and hashes the agent binary: the one file named, else the agent for this machine's
+    /// architecture among those named (files or directories, as for Modal), else the default.
+    pub fn prepare(agent_paths: &[PathBuf]) -> CliResult<Self> {
+        let agent_path = match agent_paths {
+            [] => default_agent_path()?,
+            [path] if !path.is_dir() => path.clone(),
+            paths => {
+                let host = Arch::host().ok_or_else(|| {
+                    CliError::usage("This machine's CPU architecture has no agent build")
+                        .with_hint("Pass one agent binary with `--agent`.")
+                })?;
+                AgentSet::load(paths)?.for_arch(host)?.path.clone()
+            }
         };
         let agent_sha256 = sha256_file(&agent_path).map_err(|err| {
             CliError::usage(format!(
@@ -145,11 +155,15 @@ const SAFE_ENV: &[&str] = &[
     "SSL_CERT_DIR",
 ];
 
-/// The first agent found where [`super::default_agent_candidates`] looks.
+/// The first agent found where `tailbox` looks by default ([`super::default_agent_dirs`]):
+/// `tailbox-agent` in one of them, else the static build for this machine.
 fn default_agent_path() -> CliResult<PathBuf> {
-    super::default_agent_candidates()
-        .into_iter()
-        .next()
+    let dirs = super::default_agent_dirs();
+    let static_build = Arch::host().map(|a| format!("{}/release/tailbox-agent", a.rust_target()));
+    dirs.iter()
+        .map(|d| d.join("tailbox-agent"))
+        .chain(dirs.iter().filter_map(|d| Some(d.join(static_build.as_ref()?))))
+        .find(|p| p.is_file())
         .ok_or_else(|| {
             CliError::usage("Failed to find tailbox-agent next to tailbox")
                 .with_hint("build it with `cargo xtask static-agent` (or `cargo build -p tailbox-agent`), or pass --agent <PATH> (or set TAILBOX_AGENT)")

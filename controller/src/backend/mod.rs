@@ -56,27 +56,25 @@ impl fmt::Display for AgentExit {
     }
 }
 
-/// Where cargo puts the static agent, relative to a profile directory such as `target/release`.
-const STATIC_AGENT_FROM_PROFILE_DIR: &str = "../x86_64-unknown-linux-musl/release/tailbox-agent";
-
-/// Candidate agent binaries when none is named: next to the running `tailbox` (a release
-/// archive, or a cargo profile directory; test binaries sit one level deeper in `deps/`), then
-/// the static build `cargo xtask static-agent` produces in the same target directory.
-pub fn default_agent_candidates() -> Vec<std::path::PathBuf> {
+/// Directories where `tailbox` looks for agents when none is named: its own (a release archive,
+/// or a cargo profile directory; test binaries sit one level deeper in `deps/`), then the
+/// target directory above, where `cargo xtask static-agent` puts `<target>/release/tailbox-agent`.
+pub fn default_agent_dirs() -> Vec<std::path::PathBuf> {
     let Ok(exe) = std::env::current_exe() else {
         return Vec::new();
     };
     let mut dirs = Vec::new();
-    if let Some(dir) = exe.parent() {
-        dirs.push(dir.to_path_buf());
-        if dir.file_name().is_some_and(|n| n == "deps")
-            && let Some(parent) = dir.parent()
-        {
-            dirs.push(parent.to_path_buf());
+    let mut dir = exe.parent();
+    if let Some(d) = dir {
+        dirs.push(d.to_path_buf());
+        if d.file_name().is_some_and(|n| n == "deps") {
+            dir = d.parent();
+            dirs.extend(dir.map(std::path::Path::to_path_buf));
         }
     }
-    let mut candidates: Vec<_> = dirs.iter().map(|d| d.join("tailbox-agent")).collect();
-    candidates.extend(dirs.iter().map(|d| d.join(STATIC_AGENT_FROM_PROFILE_DIR)));
-    candidates.retain(|p| p.is_file());
-    candidates
+    dirs.extend(
+        dir.and_then(std::path::Path::parent)
+            .map(std::path::Path::to_path_buf),
+    );
+    dirs
 }

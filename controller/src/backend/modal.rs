@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::FutureExt as _;
 use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
+use tailbox_proto::arch::Arch;
 
 use super::{AgentExit, AgentProcess};
 use crate::error::{CliError, CliResult, status_error};
@@ -24,10 +25,6 @@ pub const SANDBOX_BIN_DIR: &str = "/tmp/tailbox/bin";
 pub const CREATED_BY_TAG: (&str, &str) = ("created-by", "tailbox");
 /// The tag naming the run that created a sandbox (to find it after an interrupted create).
 pub const RUN_TAG: &str = "tailbox-run";
-/// The static build command, for hints.
-pub const STATIC_BUILD: &str =
-    "cargo build --release --target x86_64-unknown-linux-musl -p tailbox-agent";
-
 /// A local binary to push: its bytes and their sha256.
 #[derive(Clone)]
 pub struct LocalBinary {
@@ -40,7 +37,8 @@ pub struct LocalBinary {
 }
 
 impl LocalBinary {
-    fn new(path: PathBuf, bytes: Vec<u8>) -> Self {
+    /// Wraps `bytes` read from `path`.
+    pub fn new(path: PathBuf, bytes: Vec<u8>) -> Self {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         Self {
             path,
@@ -55,64 +53,21 @@ impl LocalBinary {
     }
 }
 
-/// Reads the agent to upload and checks it can run in any Linux sandbox: a static x86_64 ELF
-/// (no program interpreter), since images need not have a loader at all.
-pub fn load_static_agent(path: &Path) -> CliResult<LocalBinary> {
-    let hint = || {
-        format!(
-            "build the static agent with `{STATIC_BUILD}` and pass --agent target/x86_64-unknown-linux-musl/release/tailbox-agent (or set TAILBOX_AGENT)"
-        )
-    };
-    let bytes = std::fs::read(path).map_err(|err| {
-        CliError::usage(format!(
-            "Failed to read the agent binary {}",
-            path.display()
-        ))
-        .with_source(err)
-        .with_hint(hint())
-    })?;
-    if let Err(why) = check_static_x86_64(&bytes) {
-        return Err(CliError::usage(format!(
-            "The agent {} cannot run in a Modal sandbox: {why}",
-            path.display()
-        ))
-        .with_hint(hint()));
-    }
-    Ok(LocalBinary::new(path.to_path_buf(), bytes))
-}
-
-/// `Ok` for a static x86_64 ELF executable; otherwise why not.
-pub fn check_static_x86_64(bytes: &[u8]) -> Result<(), String> {
-    use goblin::elf::Elf;
-    use goblin::elf::header::{EM_X86_64, ET_DYN, ET_EXEC};
-    let elf = Elf::parse(bytes).map_err(|e| format!("it is not an ELF executable ({e})"))?;
-    if elf.header.e_machine != EM_X86_64 || !elf.is_64 {
-        return Err(format!(
-            "it is built for machine {} (need x86_64)",
-            goblin::elf::header::machine_to_str(elf.header.e_machine)
-        ));
-    }
-    if !matches!(elf.header.e_type, ET_EXEC | ET_DYN) {
-        return Err("it is not an executable".into());
-    }
-    if let Some(interp) = elf.interpreter {
-        return Err(format!(
-            "it is dynamically linked (program interpreter {interp}), and sandbox images need not have that loader"
-        ));
-    }
-    Ok(())
-}
-
 /// The tailscale binaries from a release tarball (`tailscale_<ver>_<arch>.tgz`), unpacked here on
 /// the host since the image may have no tar or gzip.
 pub struct TailscaleBinaries {
+    /// The tarball they came from.
+    pub tarball: PathBuf,
+    /// What they are built for (both agree; checked against the sandbox before pushing).
+    pub arch: Arch,
     /// `tailscaled`.
     pub tailscaled: LocalBinary,
     /// `tailscale` (the CLI), when the tarball has it.
     pub tailscale: Option<LocalBinary>,
 }
 
-/// Unpacks `tailscaled` and `tailscale` from a release tarball.
+/// Unpacks `tailscaled` and `tailscale` from a release tarball, and learns their architecture
+/// from their ELF headers.
 pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
     let failed = |err: std::io::Error| {
         CliError::usage(format!(
@@ -121,7 +76,7 @@ pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
         ))
         .with_source(err)
         .with_hint(
-            "pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com",
+            "pass a release tarball such as tailscale_1.x.y_amd64.tgz or tailscale_1.x.y_arm64.tgz from pkgs.tailscale.com",
         )
     };
     let file = std::fs::File::open(path).map_err(failed)?;
@@ -145,12 +100,15 @@ pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
     }
     let tailscaled = found.remove("tailscaled").ok_or_else(|| {
         CliError::usage(format!("The tarball {} has no tailscaled", path.display())).with_hint(
-            "pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com",
+            "pass a release tarball such as tailscale_1.x.y_amd64.tgz or tailscale_1.x.y_arm64.tgz from pkgs.tailscale.com",
         )
     })?;
+    let tailscale = found.remove("tailscale");
     Ok(TailscaleBinaries {
+        tarball: path.to_path_buf(),
+        arch: crate::arch::tailscale_arch(path, &tailscaled, tailscale.as_ref())?,
         tailscaled,
-        tailscale: found.remove("tailscale"),
+        tailscale,
     })
 }
 
@@ -228,6 +186,11 @@ impl ModalSandbox {
         &self.id
     }
 
+    /// The sandbox's CPU architecture, learned with no tool in the image ([`crate::arch`]).
+    pub async fn arch(&self) -> CliResult<Arch> {
+        crate::arch::sandbox_arch(&self.router).await
+    }
+
     /// Bytes uploaded so far.
     pub fn uploaded_bytes(&self) -> u64 {
         self.uploaded_bytes
@@ -241,8 +204,14 @@ impl ModalSandbox {
         Ok(path)
     }
 
-    /// Pushes the tailscale binaries; returns the sandbox path of tailscaled.
-    pub async fn push_tailscale(&mut self, binaries: &TailscaleBinaries) -> CliResult<String> {
+    /// Pushes the tailscale binaries, once their architecture is checked against the
+    /// sandbox's; returns the sandbox path of tailscaled.
+    pub async fn push_tailscale(
+        &mut self,
+        binaries: &TailscaleBinaries,
+        sandbox_arch: Arch,
+    ) -> CliResult<String> {
+        crate::arch::check_tailscale_fits(&binaries.tarball, binaries.arch, sandbox_arch)?;
         let tailscaled = self.push(&binaries.tailscaled, "tailscaled").await?;
         if let Some(cli) = &binaries.tailscale {
             self.push(cli, "tailscale").await?;
@@ -295,24 +264,4 @@ impl ModalSandbox {
             uploaded_bytes: self.uploaded_bytes,
         }
     }
-}
-
-/// The first *static* agent where [`super::default_agent_candidates`] looks, read for upload
-/// (each candidate is read once): a dynamically linked agent next to `tailbox` (a plain
-/// `cargo build`) is passed over in favour of the musl build.
-pub fn default_static_agent() -> CliResult<LocalBinary> {
-    super::default_agent_candidates()
-        .into_iter()
-        .find_map(|path| {
-            let bytes = std::fs::read(&path).ok()?;
-            check_static_x86_64(&bytes)
-                .is_ok()
-                .then(|| LocalBinary::new(path, bytes))
-        })
-        .ok_or_else(|| {
-            CliError::usage("Failed to find a static tailbox-agent to upload next to tailbox")
-                .with_hint(format!(
-                    "build it with `cargo xtask static-agent` (or `{STATIC_BUILD}`), or pass --agent <PATH> (or set TAILBOX_AGENT)"
-                ))
-        })
 }
