@@ -111,7 +111,7 @@ pub async fn execute(request: RunRequest, sink: EventSink, ctx: RunContext) {
                 for result in dependent_checks(
                     &request,
                     "no auth key was given, so the sandbox did not join the tailnet",
-                    "set TS_AUTHKEY (an ephemeral, pre-authorized key) to join the tailnet",
+                    "Set `TS_AUTHKEY` (an ephemeral, pre-authorized key) to join the tailnet.",
                 ) {
                     sink.check(result).await;
                 }
@@ -290,7 +290,7 @@ impl TailnetRun<'_> {
                 FailureClass::InvalidInput,
                 Layer::Daemon,
                 why,
-                "pass the proxy listener as IP:port, e.g. 127.0.0.1:1055",
+                "Pass the proxy listener as IP:port, e.g. `127.0.0.1:1055`.",
                 None,
             ))
         })?;
@@ -298,8 +298,8 @@ impl TailnetRun<'_> {
             .await
             .map_err(|err| {
                 let hint = match err {
-                    ProvisionError::NotFound { .. } => "bake tailscale into the sandbox image, pass --tailscaled <PATH>, or let the controller push the binaries",
-                    ProvisionError::Unusable { .. } => "use a static tailscaled (the official tarballs are static) or one built for this sandbox",
+                    ProvisionError::NotFound { .. } => "Bake tailscale into the sandbox image, pass `--tailscaled PATH`, or let tailbox push the binaries (`--tailscale-tarball`).",
+                    ProvisionError::Unusable { .. } => "Use a static tailscaled (the official tarballs are static) or one built for this sandbox.",
                 };
                 Box::new(outcome.fail(FailureClass::DaemonNotFound, Layer::Daemon, err.to_string(), hint, None))
             })?;
@@ -321,7 +321,7 @@ impl TailnetRun<'_> {
                     FailureClass::DaemonFailed,
                     Layer::Daemon,
                     err.to_string(),
-                    "see tailscaled's log tail below; in a restricted sandbox, netlink or the state directory may be unavailable",
+                    "See tailscaled's log tail below; in a restricted sandbox, netlink or the state directory may be unavailable.",
                     None,
                 );
                 result.log_tail = log_tail;
@@ -531,7 +531,7 @@ impl TailnetRun<'_> {
 
     async fn skip_rest(&self, reason: &str) {
         run_phase(self.sink, Phase::Checks, async {
-            for result in dependent_checks(self.request, reason, "fix the failure above first") {
+            for result in dependent_checks(self.request, reason, "Fix the failure above first.") {
                 self.sink.check(result).await;
             }
         })

@@ -138,9 +138,8 @@ pub struct CheckArgs {
     #[arg(long = "advertise-tag", value_name = "TAG")]
     pub advertise_tags: Vec<String>,
 
-    /// Tailscale release tarball (tailscale_<version>_amd64.tgz, or _arm64 for aarch64 sandboxes)
-    /// whose tailscaled and tailscale are pushed into the sandbox, for images without them
-    /// [env: TAILBOX_TAILSCALE_TARBALL].
+    /// Tailscale release tarball (tailscale_<version>_amd64.tgz) whose tailscaled and tailscale
+    /// are pushed into the sandbox, for images without them [env: TAILBOX_TAILSCALE_TARBALL].
     #[arg(long, value_name = "TGZ")]
     pub tailscale_tarball: Option<PathBuf>,
 
@@ -149,11 +148,9 @@ pub struct CheckArgs {
     #[arg(long, value_name = "ADDR")]
     pub proxy_listen: Option<std::net::SocketAddr>,
 
-    /// tailbox-agent to run or upload: a binary, or a directory holding one per architecture
-    /// (e.g. cargo's `target`); repeat for several. The sandbox's architecture picks one
-    /// [env: TAILBOX_AGENT, `:`-separated; default: next to `tailbox`].
+    /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
     #[arg(long, value_name = "PATH")]
-    pub agent: Vec<PathBuf>,
+    pub agent: Option<PathBuf>,
 
     /// Attach to this existing Modal sandbox instead of creating one.
     #[arg(long, value_name = "ID")]
