@@ -2,6 +2,10 @@
 # Builds the tailnet lab's binaries, or reuses them from the cache:
 #   tailscaled, tailscale  - real Tailscale, at the version lab/go.mod pins (the one source of truth)
 #   tailbox-lab            - our control/DERP/STUN and dev-host program (this directory)
+#   linux-amd64/, linux-arm64/
+#                          - tailscaled and tailscale for each architecture with an agent build,
+#                            from the same pin: the host's are links to the ones above, the other
+#                            is cross-built (GOARCH) for the tests that run it under qemu-user
 #
 # Usage: lab/build.sh [--check]
 #   --check  do not build; succeed only if the binaries for the current inputs are cached
@@ -49,8 +53,12 @@ key=$(
 )
 out="$cache_root/lab/$key"
 
+goarches=(amd64 arm64)
 cached() {
-  [[ -f "$out/complete" && -x "$out/bin/tailscaled" && -x "$out/bin/tailscale" && -x "$out/bin/tailbox-lab" ]]
+  [[ -f "$out/complete" && -x "$out/bin/tailscaled" && -x "$out/bin/tailscale" && -x "$out/bin/tailbox-lab" ]] || return 1
+  for goarch in "${goarches[@]}"; do
+    [[ -x "$out/bin/linux-$goarch/tailscaled" && -x "$out/bin/linux-$goarch/tailscale" ]] || return 1
+  done
 }
 
 if cached; then
@@ -83,10 +91,23 @@ trap 'rm -rf "$tmp"' EXIT
 
 # Stamp the version the way Tailscale's release builds do; a plain `go build` of a dependency
 # would report "<version>-ERR-BuildInfo".
-go build -trimpath -buildvcs=false \
-  -ldflags "-X tailscale.com/version.longStamp=$ts_version -X tailscale.com/version.shortStamp=$ts_version" \
-  -o "$tmp/bin/" tailscale.com/cmd/tailscaled tailscale.com/cmd/tailscale
+build_tailscale() { # OUT_DIR [env...]
+  local dir=$1
+  shift
+  env "$@" go build -trimpath -buildvcs=false \
+    -ldflags "-X tailscale.com/version.longStamp=$ts_version -X tailscale.com/version.shortStamp=$ts_version" \
+    -o "$dir/" tailscale.com/cmd/tailscaled tailscale.com/cmd/tailscale
+}
+build_tailscale "$tmp/bin"
 go build -trimpath -buildvcs=false -o "$tmp/bin/tailbox-lab" .
+for goarch in "${goarches[@]}"; do
+  mkdir -p "$tmp/bin/linux-$goarch"
+  if [[ $goarch == "$(go env GOARCH)" ]]; then
+    ln -s ../tailscaled ../tailscale "$tmp/bin/linux-$goarch/"
+  else
+    build_tailscale "$tmp/bin/linux-$goarch" GOOS=linux GOARCH="$goarch"
+  fi
+done
 
 "$tmp/bin/tailscaled" --version >&2
 cat >"$tmp/complete" <<EOF

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use tailbox_testkit::agent::agent_binary;
+use sha2::Digest as _;
+use tailbox_proto::arch::Arch;
+use tailbox_testkit::agent::{agent_binary, static_agent_binary_for};
 
 /// Runs `tailbox` with a clean environment (no credentials or targets leak in from the host).
 fn tailbox(args: &[&str]) -> Output {
@@ -43,6 +45,24 @@ fn json_lines(output: &Output) -> Vec<Value> {
         .collect()
 }
 
+/// The report of a `--json` run that must have exited 0.
+fn passing_report(output: &Output) -> Value {
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let events = json_lines(output);
+    let report = events.last().expect("at least one event")["report"].clone();
+    assert!(
+        report.is_object(),
+        "the last line is the report: {:?}",
+        events.last()
+    );
+    report
+}
+
 fn first_line_value(text: &str, key: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix(key))
@@ -52,19 +72,8 @@ fn first_line_value(text: &str, key: &str) -> Option<String> {
 #[test]
 fn json_report_holds_true_preflight_facts_of_this_machine() {
     let output = check_with_agent(&["--json"]);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let report = &passing_report(&output);
     let events = json_lines(&output);
-    let report = &events.last().expect("at least one event")["report"];
-    assert!(
-        report.is_object(),
-        "the last line is the report: {:?}",
-        events.last()
-    );
     assert_eq!(report["schema_version"], 1);
     assert_eq!(report["verdict"]["ok"], true);
     assert_eq!(report["sandbox"]["backend"], "local");
@@ -133,6 +142,40 @@ fn json_report_holds_true_preflight_facts_of_this_machine() {
         preflight["ca_bundle_present"],
         !preflight["ca_bundle_path"].as_str().unwrap().is_empty()
     );
+}
+
+/// The static aarch64 agent, run under qemu-user on this machine (through binfmt_misc), sees an
+/// aarch64 CPU: its preflight reports the architecture it runs on, not the one tailbox runs on.
+#[test]
+fn the_aarch64_agent_under_qemu_reports_aarch64_in_its_preflight() {
+    let agent = static_agent_binary_for(Arch::Aarch64);
+    tailbox_testkit::qemu::require_runnable(Arch::Aarch64, &agent);
+    let output = tailbox(&[
+        "check",
+        "--sandbox",
+        "local",
+        "--agent",
+        agent.to_str().unwrap(),
+        "--json",
+    ]);
+    let report = &passing_report(&output);
+    let preflight = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "preflight")
+        .expect("a preflight check");
+    assert_eq!(preflight["status"], "CHECK_STATUS_PASS", "{preflight:#}");
+    assert_eq!(preflight["preflight"]["arch"], "aarch64");
+    assert_eq!(preflight["preflight"]["uname"]["machine"], "aarch64");
+    assert!(
+        preflight["detail"].as_str().unwrap().contains("aarch64"),
+        "{preflight:#}"
+    );
+    // The handshake checked the sha256 the agent computed of itself, under emulation.
+    let agent_bytes = std::fs::read(&agent).unwrap();
+    let sha256 = hex::encode(sha2::Sha256::digest(&agent_bytes));
+    assert_eq!(report["agent"]["sha256"], sha256, "{report:#}");
 }
 
 #[test]

@@ -4,12 +4,13 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tailbox_testkit::agent::agent_binary;
+use tailbox_proto::arch::Arch;
+use tailbox_testkit::agent::{agent_binary, static_agent_binary_for};
 use tailbox_testkit::lab::{Binaries, Lab};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
@@ -142,8 +143,40 @@ fn status(check: &Value) -> &str {
 #[tokio::test(flavor = "multi_thread")]
 async fn happy_path_every_check_passes_with_real_evidence() {
     let lab = lab().await;
+    let run = every_check(&lab, &agent_binary(), &lab.bins().tailscaled()).await;
+    assert_eq!(preflight_arch(&run), std::env::consts::ARCH);
+}
+
+/// The aarch64 static agent and an arm64 tailscaled (cross-built from the lab's pin) run under
+/// qemu-user on this machine, against the same real lab, and every check passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_aarch64_agent_and_tailscaled_under_qemu_pass_every_check() {
+    let lab = lab().await;
+    let agent = tokio::task::spawn_blocking(|| static_agent_binary_for(Arch::Aarch64))
+        .await
+        .unwrap();
+    let tailscaled = lab.bins().tailscaled_for(Arch::Aarch64).unwrap();
+    tailbox_testkit::qemu::require_runnable(Arch::Aarch64, &agent);
+    tailbox_testkit::qemu::require_runnable(Arch::Aarch64, &tailscaled);
+    let run = every_check(&lab, &agent, &tailscaled).await;
+    assert_eq!(preflight_arch(&run), "aarch64");
+    let preflight = &run.check("preflight")["preflight"];
+    assert_eq!(preflight["uname"]["machine"], "aarch64");
+}
+
+fn preflight_arch(run: &Run) -> &str {
+    run.check("preflight")["preflight"]["arch"]
+        .as_str()
+        .unwrap()
+}
+
+/// Runs `agent` with `tailscaled` against every target of the lab and checks that each check
+/// passed with real evidence.
+async fn every_check(lab: &Lab, agent: &Path, tailscaled: &Path) -> Run {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let (_key_dir, mut args) = lab_args(&lab);
+        let (_key_dir, mut args) = lab_args(lab);
+        set_flag(&mut args, "--agent", agent);
+        set_flag(&mut args, "--tailscaled", tailscaled);
         let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
         args.extend([
             "--ping".into(),
@@ -155,7 +188,7 @@ async fn happy_path_every_check_passes_with_real_evidence() {
             "--expect-ref".into(),
             format!("main={main_sha}"),
         ]);
-        let run = run_tailbox(&lab, args, |_, _| {}).await;
+        let run = run_tailbox(lab, args, |_, _| {}).await;
         assert_eq!(
             run.code,
             Some(0),
@@ -210,9 +243,16 @@ async fn happy_path_every_check_passes_with_real_evidence() {
             report["teardown"]
         );
         assert_eq!(report["teardown"]["daemon_stop"], "sigterm");
+        run
     })
     .await
-    .expect("test timed out");
+    .expect("test timed out")
+}
+
+/// Replaces the value after `flag` in `args`.
+fn set_flag(args: &mut [String], flag: &str, value: &Path) {
+    let at = args.iter().position(|a| a == flag).unwrap() + 1;
+    args[at] = value.display().to_string();
 }
 
 #[tokio::test(flavor = "multi_thread")]

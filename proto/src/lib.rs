@@ -6,6 +6,7 @@ pub const PROTO_VERSION: u32 = 1;
 /// Layout version of the JSON report (`Report.schema_version`).
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
 
+pub mod arch;
 pub mod convert;
 
 /// `tailbox.agent.v1`: the controller ↔ agent contract.

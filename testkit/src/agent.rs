@@ -3,54 +3,79 @@
 //! Cargo only builds a package's own binaries for its integration tests, so tests of the
 //! controller ask cargo for the agent here (a no-op when it is fresh).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use tailbox_proto::arch::Arch;
 
 /// Path of a freshly built `tailbox-agent` (debug profile, for this machine). Panics with the
 /// build output if the build fails: a missing agent must fail the test, never skip it.
 pub fn agent_binary() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| build_agent(&[], "tailbox-agent"))
+    PATH.get_or_init(build_debug_agent).clone()
+}
+
+/// Path of a freshly built static `tailbox-agent` for this machine's architecture (musl, release
+/// profile), the binary that is uploaded into sandboxes. See [`static_agent_binary_for`].
+pub fn static_agent_binary() -> PathBuf {
+    static_agent_binary_for(Arch::host().expect("tests run on an architecture with an agent build"))
+}
+
+/// Path of a freshly built and verified static `tailbox-agent` for `arch`, built by the command
+/// CI runs, `cargo xtask static-agent --target <arch's musl target>` (a no-op when fresh). The
+/// host's architecture needs the musl target and `musl-tools`; another also needs the pinned
+/// zig toolchain (`scripts/setup` installs all of them). Panics with the build output if the
+/// build fails: a missing agent must fail the test, never skip it.
+pub fn static_agent_binary_for(arch: Arch) -> PathBuf {
+    static PATHS: Mutex<BTreeMap<Arch, PathBuf>> = Mutex::new(BTreeMap::new());
+    let mut paths = PATHS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    paths
+        .entry(arch)
+        .or_insert_with(|| build_static_agent(arch))
         .clone()
 }
 
-/// Path of a freshly built static `tailbox-agent` for x86_64 Linux (musl, release profile),
-/// the binary that is uploaded into sandboxes:
-/// `cargo build --release --target x86_64-unknown-linux-musl -p tailbox-agent`.
-/// Needs the musl target (`rustup target add x86_64-unknown-linux-musl`) and `musl-tools`.
-/// Panics with the build output if the build fails.
-pub fn static_agent_binary() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        build_agent(
-            &["--release", "--target", "x86_64-unknown-linux-musl"],
-            "the static tailbox-agent (is the x86_64-unknown-linux-musl target installed, and musl-tools?)",
-        )
-    })
-    .clone()
+fn build_static_agent(arch: Arch) -> PathBuf {
+    let output = cargo(
+        &[
+            "run",
+            "--quiet",
+            "--locked",
+            "--package",
+            "xtask",
+            "--",
+            "static-agent",
+            "--target",
+            arch.rust_target(),
+        ],
+        &format!("the static {arch} agent (scripts/setup installs what its build needs)"),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("cargo xtask static-agent printed no path for {arch}"));
+    PathBuf::from(path.trim())
 }
 
-/// Runs `cargo build` for the agent with `extra` flags and returns the executable cargo reports.
-fn build_agent(extra: &[&str], what: &str) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .args(["build", "--quiet"])
-        .args(extra)
-        .args([
+/// Runs `cargo build` for the agent and returns the executable cargo reports.
+fn build_debug_agent() -> PathBuf {
+    let what = "tailbox-agent";
+    let output = cargo(
+        &[
+            "build",
+            "--quiet",
             "--package",
             "tailbox-agent",
             "--bin",
             "tailbox-agent",
             "--message-format=json",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap_or_else(|err| panic!("run cargo to build {what}: {err}"));
-    assert!(
-        output.status.success(),
-        "building {what} failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
+        what,
     );
     String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -59,4 +84,20 @@ fn build_agent(extra: &[&str], what: &str) -> PathBuf {
         .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
         .find(|path| path.file_name().is_some_and(|n| n == "tailbox-agent"))
         .unwrap_or_else(|| panic!("cargo reported no executable for {what}"))
+}
+
+/// Runs cargo with `args` in the workspace; panics with its stderr unless it succeeds.
+fn cargo(args: &[&str], what: &str) -> Output {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|err| panic!("run cargo to build {what}: {err}"));
+    assert!(
+        output.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }

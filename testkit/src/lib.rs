@@ -6,11 +6,13 @@
 //! - [`fake_modal`]: Modal's control plane and Task Command Router on loopback, over real tonic,
 //!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
+//! - [`qemu`]: running another architecture's binaries (through qemu-user and binfmt_misc).
 
 pub mod agent;
 pub mod fake_modal;
 pub mod lab;
 pub mod modal_descriptors;
+pub mod qemu;
 
 /// Reads a child's whole stderr in the background (so the child never blocks on a full pipe);
 /// the task yields the text once the child closes it.

@@ -3,8 +3,9 @@
 //! - `cargo xtask lab up`: start the local tailnet lab in the foreground and print what to
 //!   export to point tailbox (or the spike) at it; Ctrl-C tears it down. See `lab/README.md`.
 //! - `cargo xtask lab build`: build or find the lab binaries and print their directory.
-//! - `cargo xtask static-agent`: build the static (musl) agent and verify it has no ELF
-//!   interpreter; prints its path.
+//! - `cargo xtask static-agent [--target T]...`: build the static (musl) agent for each target
+//!   (default: this machine's architecture) and verify it is static and built for that
+//!   architecture; prints one path per target.
 
 mod static_agent;
 
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use tailbox_proto::arch::Arch;
 use tailbox_testkit::lab::{BIN_DIR_ENV, Binaries, Lab};
 
 #[derive(Parser)]
@@ -30,8 +32,14 @@ enum Command {
         #[command(subcommand)]
         command: LabCommand,
     },
-    /// Build the static x86_64 musl agent and verify that it is static; prints its path
-    StaticAgent,
+    /// Build the static musl agent and verify it; prints one path per target
+    StaticAgent {
+        /// Target to build: `x86_64-unknown-linux-musl` or `aarch64-unknown-linux-musl` (an
+        /// architecture name such as `aarch64` or `arm64` also works); repeat for several.
+        /// Default: this machine's architecture
+        #[arg(long = "target", value_name = "TARGET")]
+        targets: Vec<Arch>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,15 +84,25 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Lab {
             command: LabCommand::Up { env_file },
         } => lab_up(env_file).await,
-        Command::StaticAgent => {
+        Command::StaticAgent { mut targets } => {
             let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .parent()
                 .map(PathBuf::from)
                 .context("xtask lives inside the workspace")?;
-            let binary = static_agent::build_and_verify(&workspace)?;
-            let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
-            eprintln!("static agent OK: no ELF interpreter, no shared libraries ({size} bytes)");
-            println!("{}", binary.display());
+            if targets.is_empty() {
+                targets
+                    .push(Arch::host().context(
+                        "this machine's architecture has no agent build; pass --target",
+                    )?);
+            }
+            for arch in targets {
+                let binary = static_agent::build_and_verify(&workspace, arch)?;
+                let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
+                eprintln!(
+                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries ({size} bytes)"
+                );
+                println!("{}", binary.display());
+            }
             Ok(())
         }
     }

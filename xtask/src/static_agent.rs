@@ -1,55 +1,103 @@
-//! `cargo xtask static-agent`: build tailbox-agent as a static x86_64 Linux binary and prove it.
+//! `cargo xtask static-agent`: build tailbox-agent as a static Linux binary for each architecture
+//! asked for, and prove it.
 //!
 //! The sandbox image may have no FHS loader (the Nix image has none), so the agent must not
-//! need one: no PT_INTERP, and `file` must say it is statically linked.
+//! need one: no PT_INTERP, no shared libraries, `file` must say it is statically linked, and its
+//! ELF machine must be the architecture it was built for.
+//!
+//! The host's architecture builds with plain cargo (C code through `musl-gcc` from musl-tools).
+//! Any other needs a C cross compiler for libgit2 and mimalloc: zig, driven by cargo-zigbuild,
+//! both pinned in `scripts/cross-requirements.txt` and installed by `scripts/cross-toolchain`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use tailbox_proto::arch::Arch;
 
-/// The target the agent ships for.
-pub const TARGET: &str = "x86_64-unknown-linux-musl";
-
-/// Builds (release, musl) and verifies; returns the binary's path.
-pub fn build_and_verify(workspace: &Path) -> Result<PathBuf> {
+/// Builds the release agent for `arch` and verifies it; returns the binary's path.
+pub fn build_and_verify(workspace: &Path, arch: Arch) -> Result<PathBuf> {
+    let target = arch.rust_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(workspace)
+    let mut command = Command::new(&cargo);
+    command.current_dir(workspace);
+    let cross = Arch::host() != Some(arch);
+    if cross {
+        let bin_dir = cross_toolchain(workspace)?;
+        // cargo finds the `zigbuild` subcommand on PATH; cargo-zigbuild finds zig as the
+        // `ziglang` module of that venv's python.
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(
+            std::iter::once(bin_dir.clone()).chain(std::env::split_paths(&path)),
+        )
+        .context("put the cross toolchain on PATH")?;
+        command
+            .env("PATH", path)
+            .env("CARGO_ZIGBUILD_PYTHON_PATH", bin_dir.join("python"))
+            .arg("zigbuild");
+    } else {
+        command.arg("build");
+    }
+    let status = command
         .args([
-            "build",
             "--locked",
             "--release",
             "--package",
             "tailbox-agent",
             "--target",
-            TARGET,
+            target,
         ])
         .status()
         .context("run cargo build for the static agent")?;
     if !status.success() {
+        let needs = if cross {
+            "the pinned zig toolchain (scripts/cross-toolchain)"
+        } else {
+            "the musl-tools package"
+        };
         bail!(
-            "building the static agent failed ({status}); it needs `rustup target add {TARGET}` and the musl-tools package (scripts/setup installs both)"
+            "building the static {arch} agent failed ({status}); it needs `rustup target add {target}` and {needs}; scripts/setup installs both"
         );
     }
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
     let binary = target_dir
-        .join(TARGET)
+        .join(target)
         .join("release")
         .join("tailbox-agent");
-    verify(&binary)?;
+    verify(&binary, arch)?;
     Ok(binary)
 }
 
-/// Fails unless `binary` is a static x86_64 ELF executable.
-pub fn verify(binary: &Path) -> Result<()> {
+/// The bin dir of the pinned cross toolchain, which `scripts/setup` installs.
+fn cross_toolchain(workspace: &Path) -> Result<PathBuf> {
+    let script = workspace.join("scripts/cross-toolchain");
+    let output = Command::new(&script)
+        .arg("--check")
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().last() {
+        Some(dir) if output.status.success() => Ok(PathBuf::from(dir.trim())),
+        _ => bail!(
+            "the C cross toolchain for the static agent is missing: {}run scripts/setup",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+/// Fails unless `binary` is a static ELF executable for `arch`.
+pub fn verify(binary: &Path, arch: Arch) -> Result<()> {
     let bytes = std::fs::read(binary).with_context(|| format!("read {}", binary.display()))?;
     let elf = goblin::elf::Elf::parse(&bytes)
         .with_context(|| format!("{} is not an ELF file", binary.display()))?;
-    if elf.header.e_machine != goblin::elf::header::EM_X86_64 {
-        bail!("{} is not an x86_64 binary", binary.display());
+    if elf.header.e_machine != arch.elf_machine() {
+        bail!(
+            "{} is built for ELF machine {}, not {arch}",
+            binary.display(),
+            goblin::elf::header::machine_to_str(elf.header.e_machine)
+        );
     }
     if let Some(interp) = elf.interpreter {
         bail!(
@@ -80,13 +128,19 @@ pub fn verify(binary: &Path) -> Result<()> {
 mod tests {
     use std::path::Path;
 
+    use tailbox_proto::arch::Arch;
+
     use super::verify;
+
+    fn host() -> Arch {
+        Arch::host().expect("tests run on an architecture with an agent build")
+    }
 
     #[test]
     fn a_dynamically_linked_binary_is_refused() {
-        // Test binaries for the host (x86_64 glibc) have an ELF interpreter.
+        // Test binaries for the host (glibc) have an ELF interpreter.
         let me = std::env::current_exe().unwrap();
-        let err = verify(&me).expect_err("this test binary is dynamically linked");
+        let err = verify(&me, host()).expect_err("this test binary is dynamically linked");
         assert!(
             format!("{err:#}").contains("has an ELF interpreter"),
             "{err:#}"
@@ -94,9 +148,20 @@ mod tests {
     }
 
     #[test]
+    fn a_binary_for_another_architecture_is_refused() {
+        let me = std::env::current_exe().unwrap();
+        let other = Arch::ALL.into_iter().find(|&a| a != host()).unwrap();
+        let err = verify(&me, other).expect_err("this test binary is for the host");
+        assert!(
+            format!("{err:#}").contains(&format!("not {other}")),
+            "{err:#}"
+        );
+    }
+
+    #[test]
     fn a_file_that_is_not_elf_is_refused() {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let err = verify(&manifest).expect_err("Cargo.toml is not a binary");
+        let err = verify(&manifest, host()).expect_err("Cargo.toml is not a binary");
         assert!(format!("{err:#}").contains("is not an ELF file"), "{err:#}");
     }
 }

@@ -5,6 +5,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
+use tailbox_proto::arch::Arch;
 
 use super::process::require_executable;
 
@@ -83,6 +84,31 @@ impl Binaries {
 
     pub fn tailscale(&self) -> PathBuf {
         self.dir.join("tailscale")
+    }
+
+    /// `tailscaled` built for `arch` from the same pin (`lab/build.sh` cross-builds the
+    /// architectures this machine is not), checked to exist.
+    pub fn tailscaled_for(&self, arch: Arch) -> Result<PathBuf> {
+        self.for_arch(arch, "tailscaled")
+    }
+
+    /// `tailscale` (the CLI) built for `arch`, checked to exist.
+    pub fn tailscale_for(&self, arch: Arch) -> Result<PathBuf> {
+        self.for_arch(arch, "tailscale")
+    }
+
+    fn for_arch(&self, arch: Arch, name: &str) -> Result<PathBuf> {
+        let path = self
+            .dir
+            .join(format!("linux-{}", arch.go_arch()))
+            .join(name);
+        require_executable(&path).with_context(|| {
+            format!(
+                "the lab has no {arch} {name}; run {} (it builds one per architecture)",
+                build_script().display()
+            )
+        })?;
+        Ok(path)
     }
 
     /// Our control/DERP/STUN and dev-host program.
