@@ -14,6 +14,7 @@
 //!   panic hook.
 #![deny(clippy::print_stdout, clippy::disallowed_methods)]
 
+pub mod bringup;
 pub mod checks;
 pub mod daemon;
 pub mod events;
@@ -26,13 +27,24 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod stdio;
+pub mod targets;
 pub mod verdict;
 
 /// Version of this agent, from Cargo.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Capabilities announced in the handshake.
-pub const FEATURES: &[&str] = &["preflight", "tailnet", "ping", "http", "git", "git-v2"];
+/// Capabilities announced in the handshake. "sidecar": the `sidecar` and `attach` commands and
+/// the `Sidecar` service exist; "grpc-health": the sidecar serves `grpc.health.v1`.
+pub const FEATURES: &[&str] = &[
+    "preflight",
+    "tailnet",
+    "ping",
+    "http",
+    "git",
+    "git-v2",
+    "sidecar",
+    "grpc-health",
+];
 
 /// Renders an error with its sources, skipping sources already contained in the text.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
