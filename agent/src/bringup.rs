@@ -62,10 +62,15 @@ pub struct Started {
 impl Bringup<'_> {
     /// The hostname the node registers with.
     pub fn hostname(&self) -> String {
-        if self.tailnet.hostname.is_empty() {
-            login::default_hostname(self.sandbox_id)
+        Self::hostname_for(self.tailnet, self.sandbox_id)
+    }
+
+    /// The hostname a node joining with `tailnet` in sandbox `sandbox_id` registers with.
+    pub fn hostname_for(tailnet: &TailnetConfig, sandbox_id: &str) -> String {
+        if tailnet.hostname.is_empty() {
+            login::default_hostname(sandbox_id)
         } else {
-            login::sanitize_label(&self.tailnet.hostname)
+            login::sanitize_label(&tailnet.hostname)
         }
     }
 

@@ -16,16 +16,19 @@
 
 pub mod bringup;
 pub mod checks;
+pub mod commands;
 pub mod daemon;
 pub mod events;
 pub mod localapi;
 pub mod logging;
 pub mod login;
+pub mod output;
 pub mod preflight;
 pub mod redact;
 pub mod run;
 pub mod server;
 pub mod service;
+pub mod sidecar;
 pub mod stdio;
 pub mod targets;
 pub mod verdict;
