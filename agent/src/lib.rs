@@ -4,7 +4,11 @@
 //! - [`stdio`]: takes fds 0/1 for the gRPC wire and points them at /dev/null and stderr.
 //! - [`server`]: serves the tonic service over one duplex byte stream (HTTP/2 via hyper).
 //! - [`service`]: the `tailbox.agent.v1.Agent` implementation (handshake and `Run`).
-//! - [`run`]: one job from request to report: phases, checks, verdict ([`verdict`]).
+//! - [`run`]: one job from request to report: phases, checks, verdict ([`verdict`]);
+//!   [`bringup`] (daemon, login, teardown) and [`targets`] (the checks runner) are shared with
+//!   the sidecar.
+//! - [`sidecar`]: the long-lived agent that keeps the sandbox on the tailnet; [`commands`]: its
+//!   commands for scripts, whose data goes to stdout through [`output`] only.
 //! - [`events`]: the ordered event stream and the record the final report is built from.
 //! - [`preflight`]: facts about the sandbox.
 //! - [`daemon`]: finding tailscaled (and a loader if needed), supervising and restarting it.

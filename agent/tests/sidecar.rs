@@ -579,9 +579,44 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
     let sidecar = Sidecar::new();
     tokio::time::timeout(TEST_TIMEOUT, async {
         let pid = sidecar.start().await;
+        // A wrong key: the login check says why, tailscaled is stopped again, and the sidecar
+        // waits for a better Up.
+        let mut wrong = up_request(&lab, "sidecar-killed");
+        wrong.tailnet.as_mut().unwrap().auth_key = tailbox_testkit::lab::random_auth_key();
+        let refused = sidecar
+            .sidecar()
+            .await
+            .up(wrong)
+            .await
+            .unwrap()
+            .into_inner();
+        let status = refused.status.unwrap();
+        assert_eq!(state(&status), SidecarState::Idle, "{status:#?}");
+        assert!(!status.last_error.is_empty());
+        let login = refused.checks.iter().find(|c| c.name == "login").unwrap();
+        assert_eq!(login.status, CheckStatus::Fail as i32, "{login:#?}");
+        assert_eq!(
+            login.failure_class,
+            tailbox_proto::agent::v1::FailureClass::AuthInvalid as i32
+        );
+        let stray = processes_mentioning(&sidecar.state_dir.display().to_string()).unwrap();
+        assert!(
+            stray.iter().all(|(_, cmd)| !cmd.contains("tailscaled")),
+            "{stray:#?}"
+        );
+
         let up = sidecar.up(&lab, "sidecar-killed").await;
         let status = up.status.unwrap();
         assert_eq!(state(&status), SidecarState::Running, "{:#?}", up.checks);
+        // Up with other settings while up is refused, and changes nothing.
+        let other = sidecar
+            .sidecar()
+            .await
+            .up(up_request(&lab, "another-name"))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other:?}");
+        assert_eq!(sidecar.status().await.tailscaled_pid, status.tailscaled_pid);
 
         // SIGHUP (the session that started it ending) is ignored.
         kill(pid, nix::sys::signal::Signal::SIGHUP);
@@ -609,6 +644,50 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
         );
         let restarted = sidecar.start().await;
         assert_ne!(restarted, pid);
+        let up = sidecar.up(&lab, "sidecar-killed").await;
+        assert_eq!(
+            state(up.status.as_ref().unwrap()),
+            SidecarState::Running,
+            "{:#?}",
+            up.checks
+        );
+
+        // A tailscaled that outlives its sidecar (hung, so it never notices the parent-death
+        // pipe; a real one started without that pipe stands in for it) would hold the proxy
+        // port: the next start finds it by its socket argument and kills it.
+        kill(restarted, nix::sys::signal::Signal::SIGKILL);
+        wait_gone(restarted, "the second sidecar").await;
+        let tailscaled_dir = sidecar.state_dir.join("tailscaled");
+        let mut stale = Command::new(lab.bins().tailscaled())
+            .arg("--tun=userspace-networking")
+            .arg("--state=mem:")
+            .arg(format!(
+                "--statedir={}",
+                tailscaled_dir.join("stale").display()
+            ))
+            .arg(format!(
+                "--socket={}",
+                tailscaled_dir.join("tailscaled.sock").display()
+            ))
+            .arg("--socks5-server=127.0.0.1:0")
+            .envs(lab.tailscaled_env())
+            .env("TS_LOGS_DIR", tailscaled_dir.join("stale-logs"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stale_pid = stale.id().unwrap();
+        let restarted = sidecar.start().await;
+        let reaped = tokio::time::timeout(Duration::from_secs(10), stale.wait())
+            .await
+            .expect("the stale tailscaled was killed")
+            .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&reaped),
+            Some(9),
+            "pid {stale_pid}"
+        );
         let up = sidecar.up(&lab, "sidecar-killed").await;
         assert_eq!(
             state(up.status.as_ref().unwrap()),

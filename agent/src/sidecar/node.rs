@@ -233,7 +233,10 @@ impl Node {
                         |c| c.detail.clone(),
                     );
                 self.update(|s| {
-                    s.state = SidecarState::Idle as i32;
+                    // Down may have cut this Up short: then the sidecar is stopping, not idle.
+                    if s.state != SidecarState::Stopping as i32 {
+                        s.state = SidecarState::Idle as i32;
+                    }
                     s.last_error = why;
                 })
                 .await;
