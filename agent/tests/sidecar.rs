@@ -13,11 +13,12 @@ use std::time::Duration;
 use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
 use tailbox_proto::agent::v1::{
-    CheckRequest, CheckStatus, DaemonConfig, ExpectedRef, GitTarget, HelloRequest, HttpTarget,
-    PingTarget, RunRequest, ServeMode, SidecarState, SidecarStatus, StatusRequest, TailnetConfig,
-    UpRequest, UpResponse, WatchEvent, WatchRequest, event, watch_event,
+    CheckRequest, CheckStatus, DaemonConfig, ExpectedRef, GitTarget, HelloRequest, HelloResponse,
+    HttpTarget, PingTarget, RunRequest, ServeMode, SidecarState, SidecarStatus, StatusRequest,
+    TailnetConfig, UpRequest, UpResponse, WatchEvent, WatchRequest, event, watch_event,
 };
 use tailbox_testkit::lab::{Lab, LabConfig, processes_mentioning};
+use tailbox_testkit::scan::{ProcessScanner, contains};
 use tokio::process::Command;
 use tonic::transport::Channel;
 
@@ -57,13 +58,24 @@ impl Sidecar {
             .arg(&self.state_dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        clear_proxy_env(&mut command);
+        isolate(&mut command);
         command
     }
 
     /// Runs a sidecar command of the agent under test to completion.
     async fn run(&self, args: &[&str]) -> Output {
         self.run_with(AGENT, args).await
+    }
+
+    /// Runs a command to completion and checks its exit code.
+    async fn expect(&self, args: &[&str], code: i32) -> Output {
+        self.expect_with(AGENT, args, code).await
+    }
+
+    async fn expect_with(&self, agent: &str, args: &[&str], code: i32) -> Output {
+        let out = self.run_with(agent, args).await;
+        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+        out
     }
 
     async fn run_with(&self, agent: &str, args: &[&str]) -> Output {
@@ -76,8 +88,7 @@ impl Sidecar {
     /// Starts the sidecar as a script would, and checks that the start returned at once with
     /// its stdout closed (the detached sidecar holds none of the exec's pipes).
     async fn start(&self) -> u32 {
-        let out = self.run(&["sidecar"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let out = self.expect(&["sidecar"], 0).await;
         assert!(out.stdout.is_empty(), "{}", text(&out));
         self.pid()
     }
@@ -119,6 +130,19 @@ impl Sidecar {
             .into_inner()
     }
 
+    /// Up, which must leave the node Running; returns the status.
+    async fn up_running(&self, lab: &Lab, hostname: &str) -> SidecarStatus {
+        let up = self.up(lab, hostname).await;
+        let status = up.status.unwrap();
+        assert_eq!(
+            state(&status),
+            SidecarState::Running,
+            "{status:#?}\n{:#?}",
+            up.checks
+        );
+        status
+    }
+
     async fn up(&self, lab: &Lab, hostname: &str) -> UpResponse {
         self.sidecar()
             .await
@@ -142,20 +166,17 @@ impl Drop for Sidecar {
     }
 }
 
-fn clear_proxy_env(command: &mut Command) {
-    for name in [
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "TAILBOX_SIDECAR_DIR",
-    ] {
-        command.env_remove(name);
-    }
+/// No proxy or git settings from the host, and no `TAILBOX_SIDECAR_DIR` (tests pass the dir).
+fn isolate(command: &mut Command) {
+    tailbox_testkit::isolate_client(command.as_std_mut()).env_remove("TAILBOX_SIDECAR_DIR");
+}
+
+fn stderr_says(out: &Output, needle: &str) {
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(needle),
+        "{needle:?} missing from\n{}",
+        text(out)
+    );
 }
 
 fn text(out: &Output) -> String {
@@ -224,13 +245,8 @@ async fn with_sidecar_env(sidecar: &Sidecar, script: &str) -> Output {
         sidecar.state_dir.display()
     );
     let mut command = Command::new("sh");
-    command
-        .args(["-c", &env])
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .kill_on_drop(true);
-    clear_proxy_env(&mut command);
+    command.args(["-c", &env]).kill_on_drop(true);
+    isolate(&mut command);
     tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
         .expect("the script did not finish")
@@ -285,17 +301,16 @@ async fn wait_for_event(
 /// A tonic channel over a child's stdin/stdout (the way the controller talks to an exec).
 async fn channel_over(child: &mut tokio::process::Child) -> Channel {
     let io = tokio::io::join(child.stdout.take().unwrap(), child.stdin.take().unwrap());
-    let io = Arc::new(Mutex::new(Some(io)));
-    tonic::transport::Endpoint::from_static("http://attach")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let io = io.lock().unwrap().take();
-            async move {
-                io.map(hyper_util::rt::TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("the attach stream is single-use"))
-            }
-        }))
+    tailbox_testkit::agent::channel_over(io).await
+}
+
+/// Says hello over `channel` (a clone of it).
+async fn say_hello(channel: Channel) -> HelloResponse {
+    AgentClient::new(channel)
+        .hello(HelloRequest::default())
         .await
         .unwrap()
+        .into_inner()
 }
 
 fn attach(sidecar: &Sidecar) -> tokio::process::Child {
@@ -327,11 +342,9 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
     tokio::time::timeout(TEST_TIMEOUT, async {
         let pid = sidecar.start().await;
         // Before Up there is nothing to hand out, and the node is not Running.
-        let out = sidecar.run(&["env"]).await;
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("hint: Bring the node up first"));
-        let out = sidecar.run(&["status", "--json"]).await;
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        let out = sidecar.expect(&["env"], 1).await;
+        stderr_says(&out, "hint: Bring the node up first");
+        sidecar.expect(&["status", "--json"], 1).await;
 
         // Up with the lab's key: daemon, login and status pass, and the node is Running.
         let hostname = "sidecar-e2e";
@@ -348,11 +361,9 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
         assert_eq!(again.status.unwrap().tailscaled_pid, status.tailscaled_pid);
 
         // The scripts' view.
-        let out = sidecar.run(&["status", "--wait", "30s"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let out = sidecar.expect(&["status", "--wait", "30s"], 0).await;
         assert!(String::from_utf8_lossy(&out.stdout).contains("running"), "{}", text(&out));
-        let out = sidecar.run(&["status", "--json"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let out = sidecar.expect(&["status", "--json"], 0).await;
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["state"], "SIDECAR_STATE_RUNNING", "{json:#}");
         assert_eq!(json["backend_state"], "Running");
@@ -361,8 +372,7 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
         assert_eq!(json["hostname"], hostname);
         assert_eq!(json["pid"], pid);
 
-        let out = sidecar.run(&["env", "--json"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let out = sidecar.expect(&["env", "--json"], 0).await;
         let env: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(env["ALL_PROXY"], status.proxy_url);
         assert_eq!(env["all_proxy"], status.proxy_url);
@@ -525,13 +535,8 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
 
         // Down: logged out, nothing of ours left, and control heard the logout.
         let tailscaled = after.tailscaled_pid;
-        let out = sidecar.run(&["down"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("logged the node out"),
-            "{}",
-            text(&out)
-        );
+        let out = sidecar.expect(&["down"], 0).await;
+        stderr_says(&out, "logged the node out");
         wait_gone(pid, "the sidecar").await;
         wait_gone(tailscaled, "tailscaled").await;
         let left = processes_mentioning(&sidecar.state_dir.display().to_string()).unwrap();
@@ -545,11 +550,9 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
             lab.log_tails()
         );
         // Down again: nothing to do, and that is fine.
-        let out = sidecar.run(&["down"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        sidecar.expect(&["down"], 0).await;
         // Nothing answers now.
-        let out = sidecar.run(&["status"]).await;
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        sidecar.expect(&["status"], 3).await;
     })
     .await
     .expect("test timed out");
@@ -605,9 +608,7 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
             "{stray:#?}"
         );
 
-        let up = sidecar.up(&lab, "sidecar-killed").await;
-        let status = up.status.unwrap();
-        assert_eq!(state(&status), SidecarState::Running, "{:#?}", up.checks);
+        let status = sidecar.up_running(&lab, "sidecar-killed").await;
         // Up with other settings while up is refused, and changes nothing.
         let other = sidecar
             .sidecar()
@@ -635,22 +636,11 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
         );
 
         // The next start takes the lock, replaces the socket and pidfile, and serves.
-        let out = sidecar.run(&["status"]).await;
-        assert_eq!(
-            out.status.code(),
-            Some(3),
-            "a stale socket answers nothing: {}",
-            text(&out)
-        );
+        // A stale socket answers nothing.
+        sidecar.expect(&["status"], 3).await;
         let restarted = sidecar.start().await;
         assert_ne!(restarted, pid);
-        let up = sidecar.up(&lab, "sidecar-killed").await;
-        assert_eq!(
-            state(up.status.as_ref().unwrap()),
-            SidecarState::Running,
-            "{:#?}",
-            up.checks
-        );
+        sidecar.up_running(&lab, "sidecar-killed").await;
 
         // A tailscaled that outlives its sidecar (hung, so it never notices the parent-death
         // pipe; a real one started without that pipe stands in for it) would hold the proxy
@@ -688,13 +678,7 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
             Some(9),
             "pid {stale_pid}"
         );
-        let up = sidecar.up(&lab, "sidecar-killed").await;
-        assert_eq!(
-            state(up.status.as_ref().unwrap()),
-            SidecarState::Running,
-            "{:#?}",
-            up.checks
-        );
+        sidecar.up_running(&lab, "sidecar-killed").await;
 
         // SIGTERM: a bounded logout, then stop.
         let tailscaled = sidecar.status().await.tailscaled_pid;
@@ -708,24 +692,6 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
     })
     .await
     .expect("test timed out");
-}
-
-/// Every process's argv and environment, as raw bytes.
-fn process_texts() -> Vec<(u32, Vec<u8>)> {
-    let mut texts = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let mut text = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        text.extend(std::fs::read(entry.path().join("environ")).unwrap_or_default());
-        texts.push((pid, text));
-    }
-    texts
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Every file under `dir`, recursively.
@@ -754,30 +720,9 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
     let key = lab.auth_key().to_owned();
     tokio::time::timeout(TEST_TIMEOUT, async {
         // Scan every process on the machine, repeatedly, for as long as the sidecar works.
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let scanner = {
-            let stop = Arc::clone(&stop);
-            let key = key.clone();
-            std::thread::spawn(move || {
-                let (mut scans, mut pids) = (0, std::collections::BTreeSet::new());
-                let mut hits = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for (pid, text) in process_texts() {
-                        pids.insert(pid);
-                        if contains(&text, key.as_bytes()) {
-                            hits.push((pid, String::from_utf8_lossy(&text).replace('\0', " ")));
-                        }
-                    }
-                    scans += 1;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                (scans, pids, hits)
-            })
-        };
+        let scanner = ProcessScanner::start(&key);
         let pid = sidecar.start().await;
-        let up = sidecar.up(&lab, "sidecar-secret").await;
-        let status = up.status.unwrap();
-        assert_eq!(state(&status), SidecarState::Running, "{:#?}", up.checks);
+        let status = sidecar.up_running(&lab, "sidecar-secret").await;
         // A restart logs in again with the key held in memory.
         kill(status.tailscaled_pid, nix::sys::signal::Signal::SIGKILL);
         for _ in 0..400 {
@@ -789,18 +734,19 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
         }
         let restarted = sidecar.status().await;
         assert_eq!(state(&restarted), SidecarState::Running, "{restarted:#?}");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (scans, pids, hits) = scanner.join().unwrap();
+        let scan = scanner.stop();
         assert!(
-            scans > 5,
-            "the scanner ran while the sidecar worked ({scans} scans)"
+            scan.scans > 5,
+            "the scanner ran while the sidecar worked ({} scans)",
+            scan.scans
         );
         for seen in [pid, status.tailscaled_pid, restarted.tailscaled_pid] {
-            assert!(pids.contains(&seen), "the scanner saw pid {seen}");
+            assert!(scan.pids_seen.contains(&seen), "the scanner saw pid {seen}");
         }
         assert!(
-            hits.is_empty(),
-            "auth key in a process's argv or environment: {hits:#?}"
+            scan.hits.is_empty(),
+            "auth key in a process's argv or environment: {:#?}",
+            scan.hits
         );
 
         // No file of the sidecar holds the key, the log included; none is open to others.
@@ -835,11 +781,7 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
         };
         let out = as_nobody().output().await.unwrap();
         assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
-            "{}",
-            text(&out)
-        );
+        stderr_says(&out, "Permission denied");
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
         std::fs::set_permissions(
             dir.parent().unwrap(),
@@ -849,16 +791,11 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
         let out = as_nobody().output().await.unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         assert_eq!(out.status.code(), Some(3), "{}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
-            "{}",
-            text(&out)
-        );
+        stderr_says(&out, "Permission denied");
         // We still can.
         assert_eq!(state(&sidecar.status().await), SidecarState::Running);
 
-        let out = sidecar.run(&["down"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        sidecar.expect(&["down"], 0).await;
     })
     .await
     .expect("test timed out");
@@ -879,13 +816,8 @@ async fn one_sidecar_per_state_dir_reached_through_attach_and_replaced_only_on_r
         assert_eq!(b.status.code(), Some(0), "{}", text(&b));
         let pid = sidecar.pid();
         // A third finds it and reuses it.
-        let out = sidecar.run(&["sidecar"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("already serving"),
-            "{}",
-            text(&out)
-        );
+        let out = sidecar.expect(&["sidecar"], 0).await;
+        stderr_says(&out, "already serving");
         assert_eq!(sidecar.pid(), pid);
         let ours = processes_mentioning(&sidecar.state_dir.display().to_string()).unwrap();
         assert_eq!(ours.len(), 1, "{ours:#?}");
@@ -893,11 +825,7 @@ async fn one_sidecar_per_state_dir_reached_through_attach_and_replaced_only_on_r
         // attach reaches it exactly as `serve --stdio` is reached: Hello says who answered.
         let mut bridge = attach(&sidecar);
         let channel = channel_over(&mut bridge).await;
-        let hello = AgentClient::new(channel.clone())
-            .hello(HelloRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let hello = say_hello(channel.clone()).await;
         assert_eq!(hello.serve_mode, ServeMode::Sidecar as i32);
         assert_eq!(hello.pid, pid);
         assert_eq!(hello.agent_sha256, sha256_hex(Path::new(AGENT)));
@@ -933,11 +861,7 @@ async fn one_sidecar_per_state_dir_reached_through_attach_and_replaced_only_on_r
         // A later attach works, and ends cleanly when the controller closes its side.
         let mut bridge = attach(&sidecar);
         let channel = channel_over(&mut bridge).await;
-        let hello = AgentClient::new(channel.clone())
-            .hello(HelloRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let hello = say_hello(channel.clone()).await;
         assert_eq!(hello.pid, pid);
         drop(channel);
         let exit = tokio::time::timeout(Duration::from_secs(10), bridge.wait())
@@ -957,38 +881,22 @@ async fn one_sidecar_per_state_dir_reached_through_attach_and_replaced_only_on_r
             .write_all(b"another build")
             .unwrap();
         let other = other.display().to_string();
-        let out = sidecar.run_with(&other, &["sidecar"]).await;
-        assert_eq!(out.status.code(), Some(4), "{}", text(&out));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("error: Another version of the sidecar runs"),
-            "{stderr}"
-        );
-        assert!(
-            stderr.contains("hint: Run `tailbox-agent sidecar --replace`"),
-            "{stderr}"
-        );
+        let out = sidecar.expect_with(&other, &["sidecar"], 4).await;
+        stderr_says(&out, "error: Another version of the sidecar runs");
+        stderr_says(&out, "hint: Run `tailbox-agent sidecar --replace`");
         assert!(is_alive(pid));
-        let out = sidecar.run_with(&other, &["sidecar", "--replace"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        sidecar
+            .expect_with(&other, &["sidecar", "--replace"], 0)
+            .await;
         wait_gone(pid, "the replaced sidecar").await;
         let replacement = sidecar.pid();
         assert_ne!(replacement, pid);
-        let hello = AgentClient::new(sidecar.channel().await)
-            .hello(HelloRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
+        let hello = say_hello(sidecar.channel().await).await;
         assert_eq!(hello.agent_sha256, sha256_hex(Path::new(&other)));
         assert_eq!(hello.pid, replacement);
 
-        let out = sidecar.run(&["down"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("the node was not up"),
-            "{}",
-            text(&out)
-        );
+        let out = sidecar.expect(&["down"], 0).await;
+        stderr_says(&out, "the node was not up");
         wait_gone(replacement, "the sidecar after down").await;
     })
     .await
