@@ -193,12 +193,11 @@ impl Bringup<'_> {
     /// The login phase: logs the node in, reports login and status, and on success installs the
     /// hook that logs a restarted tailscaled in again with the same settings. Returns whether the
     /// node is Running.
-    pub async fn login(&self, started: &mut Started) -> bool {
+    pub async fn login(&self, supervisor: &Supervisor, info: &mut TailnetInfo) -> bool {
         let sink = self.sink;
-        let supervisor = &started.supervisor;
         let params = LoginParams {
             auth_key: self.tailnet.auth_key.clone(),
-            hostname: started.info.hostname.clone(),
+            hostname: info.hostname.clone(),
             control_url: Some(self.tailnet.control_url.clone()).filter(|u| !u.is_empty()),
             advertise_tags: self.tailnet.advertise_tags.clone(),
         };
@@ -254,7 +253,7 @@ impl Bringup<'_> {
             }
         })
         .await;
-        started.info.self_ips = self_ips;
+        info.self_ips = self_ips;
         if ok {
             // A restarted daemon (state mem:) is a new node: log it in again the same way.
             let params = Arc::new(params);

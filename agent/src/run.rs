@@ -203,7 +203,8 @@ async fn tailnet_run(
             .await;
         return (None, None);
     };
-    let logged_in = !ctx.cancel.is_cancelled() && bringup.login(&mut started).await;
+    let logged_in =
+        !ctx.cancel.is_cancelled() && bringup.login(&started.supervisor, &mut started.info).await;
     if logged_in && !ctx.cancel.is_cancelled() {
         let checks = budget.checks(deadline);
         targets

@@ -619,6 +619,46 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
         assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other:?}");
         assert_eq!(sidecar.status().await.tailscaled_pid, status.tailscaled_pid);
 
+        // Logged out behind the sidecar's back (the real CLI on its tailscaled): the status and
+        // the health say so, and Up logs the same tailscaled in again.
+        let socket = sidecar.state_dir.join("tailscaled").join("tailscaled.sock");
+        let logout = Command::new(lab.bins().tailscale())
+            .arg(format!("--socket={}", socket.display()))
+            .arg("logout")
+            .output()
+            .await
+            .unwrap();
+        assert!(logout.status.success(), "{}", text(&logout));
+        let mut degraded = sidecar.status().await;
+        for _ in 0..200 {
+            if state(&degraded) == SidecarState::Degraded {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            degraded = sidecar.status().await;
+        }
+        assert_eq!(state(&degraded), SidecarState::Degraded, "{degraded:#?}");
+        assert_eq!(degraded.backend_state, "NeedsLogin");
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(sidecar.channel().await);
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.status(),
+            tonic_health::pb::health_check_response::ServingStatus::NotServing
+        );
+        let relogin = sidecar.up(&lab, "sidecar-killed").await;
+        assert!(!relogin.already_up);
+        let back = relogin.status.unwrap();
+        assert_eq!(state(&back), SidecarState::Running, "{:#?}", relogin.checks);
+        assert_eq!(
+            back.tailscaled_pid, status.tailscaled_pid,
+            "the same tailscaled"
+        );
+
         // SIGHUP (the session that started it ending) is ignored.
         kill(pid, nix::sys::signal::Signal::SIGHUP);
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tailbox_proto::agent::v1::{
-    CheckRequest, DaemonRestart, EnvResponse, Event, SidecarState, SidecarStatus, TailnetConfig,
-    TailnetInfo, Teardown, UpRequest, UpResponse, WatchEvent, event, watch_event,
+    CheckRequest, CheckStatus, DaemonRestart, EnvResponse, Event, SidecarState, SidecarStatus,
+    TailnetConfig, TailnetInfo, Teardown, UpRequest, UpResponse, WatchEvent, event, watch_event,
 };
 use tokio::sync::{Mutex as AsyncMutex, OwnedRwLockReadGuard, RwLock, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,6 +44,8 @@ const STATUS_REFRESH: Duration = Duration::from_secs(15);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Watch events kept for slow readers before the oldest are dropped.
 const WATCH_BUFFER: usize = 1024;
+/// Backend states in which Up logs the node in again rather than answering "already up".
+const LOGGED_OUT_STATES: &[&str] = &["NeedsLogin", "NoState", "Stopped"];
 /// Grace for Down when the request does not say.
 pub const DEFAULT_DOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -162,14 +164,45 @@ impl Node {
         };
         let mut slot = self.inner.slot.clone().write_owned().await;
         self.refuse_if_stopping()?;
-        if let Some(up) = slot.as_ref() {
+        let budget = Budget::from(request.deadlines.as_ref());
+        let sink = EventSink::recording();
+        let run_dir = self.inner.state_dir.tailscaled_dir();
+        let bringup = Bringup {
+            tailnet: &tailnet,
+            sandbox_id: &request.sandbox_id,
+            run_dir: &run_dir,
+            path_var: self.inner.ctx.path_var.as_deref(),
+            host: &self.inner.ctx.host,
+            sink: &sink,
+            daemon_events: self.inner.daemon_events.clone(),
+            daemon_start: budget.daemon_start,
+            login: budget.login,
+            deadline: tokio::time::Instant::now() + budget.daemon_start + budget.login,
+            cancel: &self.inner.ctx.cancel,
+        };
+        if let Some(up) = slot.as_mut() {
             if up.settings != settings {
                 return Err(Status::failed_precondition(format!(
                     "the node is already up as {} with other settings; call Down first (`tailbox-agent down`)",
                     up.info.hostname
                 )));
             }
-            if *up.supervisor.state_changes().borrow() != DaemonState::Gone {
+            let daemon = *up.supervisor.state_changes().borrow();
+            let backend = self.inner.status.borrow().backend_state.clone();
+            if daemon == DaemonState::Ready && LOGGED_OUT_STATES.contains(&backend.as_str()) {
+                // Logged out behind our back (or expired): log the same node in again.
+                tracing::info!(backend_state = %backend, "Up on a logged-out node: logging in again");
+                let api = up.supervisor.api().clone();
+                bringup.login(&up.supervisor, &mut up.info).await;
+                drop(slot);
+                self.refresh(&api).await;
+                return Ok(UpResponse {
+                    status: Some(self.status()),
+                    already_up: false,
+                    checks: sink.record().await.checks,
+                });
+            }
+            if daemon != DaemonState::Gone {
                 return Ok(UpResponse {
                     status: Some(self.status()),
                     already_up: true,
@@ -190,58 +223,40 @@ impl Node {
             s.control_url = redact_url(&tailnet.control_url);
         })
         .await;
-        let budget = Budget::from(request.deadlines.as_ref());
-        let sink = EventSink::recording();
-        let run_dir = self.inner.state_dir.tailscaled_dir();
-        let bringup = Bringup {
-            tailnet: &tailnet,
-            sandbox_id: &request.sandbox_id,
-            run_dir: &run_dir,
-            path_var: self.inner.ctx.path_var.as_deref(),
-            host: &self.inner.ctx.host,
-            sink: &sink,
-            daemon_events: self.inner.daemon_events.clone(),
-            daemon_start: budget.daemon_start,
-            login: budget.login,
-            deadline: tokio::time::Instant::now() + budget.daemon_start + budget.login,
-            cancel: &self.inner.ctx.cancel,
-        };
-        let mut started = bringup.start_daemon().await;
-        let logged_in = match started.as_mut() {
-            Some(started) => bringup.login(started).await,
+        let logged_in = match bringup.start_daemon().await {
+            Some(mut started) => {
+                let ok = bringup.login(&started.supervisor, &mut started.info).await;
+                if ok {
+                    let api = started.supervisor.api().clone();
+                    *slot = Some(self.adopt(started, settings));
+                    drop(slot);
+                    // The answer says Running only once tailscaled says so.
+                    self.refresh(&api).await;
+                } else {
+                    bringup::teardown(started.supervisor, budget.teardown, &sink).await;
+                }
+                ok
+            }
             None => false,
         };
         let checks = sink.record().await.checks;
-        match started {
-            Some(started) if logged_in => {
-                let api = started.supervisor.api().clone();
-                *slot = Some(self.adopt(started, settings));
-                drop(slot);
-                // The answer says Running only once tailscaled says so.
-                self.refresh(&api).await;
-            }
-            started => {
-                if let Some(started) = started {
-                    bringup::teardown(started.supervisor, budget.teardown, &sink).await;
+        if !logged_in {
+            let why = checks
+                .iter()
+                .rev()
+                .find(|c| c.status == CheckStatus::Fail as i32)
+                .map_or_else(
+                    || "the node did not come up".to_owned(),
+                    |c| c.detail.clone(),
+                );
+            self.update(|s| {
+                // Down may have cut this Up short: then the sidecar is stopping, not idle.
+                if s.state != SidecarState::Stopping as i32 {
+                    s.state = SidecarState::Idle as i32;
                 }
-                let why = checks
-                    .iter()
-                    .rev()
-                    .find(|c| c.status == tailbox_proto::agent::v1::CheckStatus::Fail as i32)
-                    .map_or_else(
-                        || "the node did not come up".to_owned(),
-                        |c| c.detail.clone(),
-                    );
-                self.update(|s| {
-                    // Down may have cut this Up short: then the sidecar is stopping, not idle.
-                    if s.state != SidecarState::Stopping as i32 {
-                        s.state = SidecarState::Idle as i32;
-                    }
-                    s.last_error = why;
-                })
-                .await;
-                drop(slot);
-            }
+                s.last_error = why;
+            })
+            .await;
         }
         Ok(UpResponse {
             status: Some(self.status()),
