@@ -20,6 +20,8 @@ use crate::stdio::{self, Wire};
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// How often `status --wait` tries again to reach a sidecar that does not answer yet.
 const RETRY: Duration = Duration::from_millis(100);
+/// How long `status` and `env` wait for an answer; a sidecar that takes longer is hung.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failed command, rendered as `error:`, `Caused by:` lines, context, and `hint:`.
 #[derive(Debug)]
@@ -112,8 +114,39 @@ async fn connect(state_dir: &StateDir) -> Result<Clients, Failure> {
         .map_err(|err| no_sidecar(state_dir, &err))
 }
 
-fn rpc_failure(what: &str, status: &tonic::Status) -> Failure {
-    Failure::plain(exit::FAILED, what, status.message().to_owned())
+/// Waits up to `limit` for a call to the sidecar. A refusal becomes a failure with the
+/// sidecar's message as its cause (`hint` may add a hint for it); no answer is a failure that
+/// names the sidecar's log.
+async fn answer<T>(
+    state_dir: &StateDir,
+    what: &str,
+    limit: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    hint: impl FnOnce(&tonic::Status) -> Option<&'static str>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => {
+            let failure = Failure::plain(exit::FAILED, what, status.message().to_owned());
+            Err(match hint(&status) {
+                Some(hint) => failure.hint(hint),
+                None => failure,
+            })
+        }
+        Err(_) => Err(Failure::plain(
+            exit::FAILED,
+            what,
+            format!("the sidecar did not answer within {}", humanize(limit)),
+        )
+        .hint(format!(
+            "See the sidecar's log, {}.",
+            state_dir.log().display()
+        ))),
+    }
+}
+
+fn no_hint(_: &tonic::Status) -> Option<&'static str> {
+    None
 }
 
 /// `tailbox-agent sidecar`: start (or reuse) the sidecar and return once it serves.
@@ -159,12 +192,14 @@ pub async fn status(
 ) -> Result<u8, Failure> {
     let Some(wait) = wait else {
         let mut clients = connect(state_dir).await?;
-        let status = clients
-            .sidecar
-            .status(StatusRequest {})
-            .await
-            .map_err(|s| rpc_failure("Failed to read the sidecar's status", &s))?
-            .into_inner();
+        let status = answer(
+            state_dir,
+            "Failed to read the sidecar's status",
+            ANSWER_TIMEOUT,
+            clients.sidecar.status(StatusRequest {}),
+            no_hint,
+        )
+        .await?;
         print_status(&status, json)?;
         return Ok(if is_running(&status) {
             exit::OK
@@ -338,19 +373,17 @@ fn humanize(d: Duration) -> String {
 /// `tailbox-agent env`: the proxy variables, as `export` lines or (`json`) one JSON object.
 pub async fn env(state_dir: &StateDir, json: bool) -> Result<u8, Failure> {
     let mut clients = connect(state_dir).await?;
-    let env = clients
-        .sidecar
-        .env(EnvRequest {})
-        .await
-        .map_err(|status| {
-            let failure = rpc_failure("The sidecar cannot hand out the proxy yet", &status);
-            if status.code() == tonic::Code::FailedPrecondition {
-                failure.hint("Bring the node up first: `tailbox up` does it from the dev host.")
-            } else {
-                failure
-            }
-        })?
-        .into_inner();
+    let env = answer(
+        state_dir,
+        "The sidecar cannot hand out the proxy yet",
+        ANSWER_TIMEOUT,
+        clients.sidecar.env(EnvRequest {}),
+        |status| {
+            (status.code() == tonic::Code::FailedPrecondition)
+                .then_some("Bring the node up first: `tailbox up` does it from the dev host.")
+        },
+    )
+    .await?;
     let vars: std::collections::BTreeMap<_, _> = env.vars.into_iter().collect();
     let text = if json {
         let line = serde_json::to_string(&vars).map_err(|err| Failure::new(exit::FAILED, &err))?;
@@ -383,16 +416,18 @@ pub async fn down(state_dir: &StateDir, grace: Duration) -> Result<u8, Failure> 
         }
         Err(err) => return Err(no_sidecar(state_dir, &err)),
     };
-    let teardown = clients
-        .sidecar
-        .down(DownRequest {
+    let teardown = answer(
+        state_dir,
+        "Failed to take the sidecar down",
+        grace + EXIT_WAIT,
+        clients.sidecar.down(DownRequest {
             grace: Some(duration(grace)),
-        })
-        .await
-        .map_err(|s| rpc_failure("Failed to take the sidecar down", &s))?
-        .into_inner()
-        .teardown
-        .unwrap_or_default();
+        }),
+        no_hint,
+    )
+    .await?
+    .teardown
+    .unwrap_or_default();
     drop(clients);
     let deadline = tokio::time::Instant::now() + EXIT_WAIT;
     while start::lock_is_held(state_dir) {

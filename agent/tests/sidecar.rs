@@ -862,6 +862,13 @@ async fn one_sidecar_per_state_dir_reached_through_attach_and_replaced_only_on_r
         let ours = processes_mentioning(&sidecar.state_dir.display().to_string()).unwrap();
         assert_eq!(ours.len(), 1, "{ours:#?}");
 
+        // A hung sidecar (stopped here) makes the commands fail in bounded time, not hang.
+        kill(pid, nix::sys::signal::Signal::SIGSTOP);
+        let out = sidecar.expect(&["status"], 1).await;
+        stderr_says(&out, "Caused by: the sidecar did not answer within");
+        stderr_says(&out, "hint: See the sidecar's log");
+        kill(pid, nix::sys::signal::Signal::SIGCONT);
+
         // attach reaches it exactly as `serve --stdio` is reached: Hello says who answered.
         let mut bridge = attach(&sidecar);
         let channel = channel_over(&mut bridge).await;

@@ -24,6 +24,14 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
+    /// Something accepted the connection but did not answer in time (a hung sidecar).
+    #[error("the sidecar on {} did not answer within {after:?}", socket.display())]
+    NoAnswer {
+        /// The socket.
+        socket: PathBuf,
+        /// How long we waited.
+        after: std::time::Duration,
+    },
     /// Something accepted the connection but did not speak gRPC.
     #[error("the sidecar on {} did not complete the handshake", socket.display())]
     Handshake {
@@ -96,20 +104,33 @@ pub async fn connect(socket: &Path) -> Result<Clients, ConnectError> {
     })
 }
 
+/// How long a sidecar may take to answer `Hello`; one that takes longer is hung.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Connects and says hello: the sidecar is ready to serve once this succeeds.
 pub async fn hello(socket: &Path) -> Result<(Clients, HelloResponse), ConnectError> {
-    let mut clients = connect(socket).await?;
-    let hello = clients
-        .agent
-        .hello(HelloRequest {
-            controller_version: format!("tailbox-agent {}", crate::AGENT_VERSION),
-            proto_version: tailbox_proto::PROTO_VERSION,
-        })
+    let exchange = async {
+        let mut clients = connect(socket).await?;
+        let hello = clients
+            .agent
+            .hello(HelloRequest {
+                controller_version: format!("tailbox-agent {}", crate::AGENT_VERSION),
+                proto_version: tailbox_proto::PROTO_VERSION,
+            })
+            .await
+            .map_err(|status| ConnectError::Handshake {
+                socket: socket.to_path_buf(),
+                source: Box::new(status),
+            })?
+            .into_inner();
+        Ok((clients, hello))
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange)
         .await
-        .map_err(|status| ConnectError::Handshake {
-            socket: socket.to_path_buf(),
-            source: Box::new(status),
-        })?
-        .into_inner();
-    Ok((clients, hello))
+        .unwrap_or_else(|_| {
+            Err(ConnectError::NoAnswer {
+                socket: socket.to_path_buf(),
+                after: HELLO_TIMEOUT,
+            })
+        })
 }
