@@ -566,11 +566,19 @@ impl Node {
         let mut bus = None;
         let mut refresh = tokio::time::interval(STATUS_REFRESH);
         loop {
+            // Down stops the monitor before it stops tailscaled: that end is not a failure.
+            if stop.is_cancelled() {
+                return;
+            }
             let state = *daemon.borrow_and_update();
             match state {
                 DaemonState::Ready => {
                     if bus.is_none() {
-                        bus = api.watch_ipn_bus(BUS_MASK_MONITOR).await.ok();
+                        let open = tokio::time::timeout(
+                            STATUS_TIMEOUT,
+                            api.watch_ipn_bus(BUS_MASK_MONITOR),
+                        );
+                        bus = open.await.ok().and_then(Result::ok);
                     }
                     self.refresh(&api).await;
                 }
