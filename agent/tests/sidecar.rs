@@ -629,9 +629,11 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
             .await
             .unwrap();
         assert!(logout.status.success(), "{}", text(&logout));
+        // tailscaled passes through Stopped on its way to NeedsLogin.
         let mut degraded = sidecar.status().await;
         for _ in 0..200 {
-            if state(&degraded) == SidecarState::Degraded {
+            if state(&degraded) == SidecarState::Degraded && degraded.backend_state == "NeedsLogin"
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -685,8 +687,11 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
         // A tailscaled that outlives its sidecar (hung, so it never notices the parent-death
         // pipe; a real one started without that pipe stands in for it) would hold the proxy
         // port: the next start finds it by its socket argument and kills it.
+        let second_tailscaled = sidecar.status().await.tailscaled_pid;
         kill(restarted, nix::sys::signal::Signal::SIGKILL);
         wait_gone(restarted, "the second sidecar").await;
+        // Its own tailscaled leaves first, so the stand-in gets the socket.
+        wait_gone(second_tailscaled, "the second sidecar's tailscaled").await;
         let tailscaled_dir = sidecar.state_dir.join("tailscaled");
         let mut stale = Command::new(lab.bins().tailscaled())
             .arg("--tun=userspace-networking")
@@ -708,6 +713,17 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
             .spawn()
             .unwrap();
         let stale_pid = stale.id().unwrap();
+        let stale_socket = tailscaled_dir.join("tailscaled.sock");
+        for _ in 0..400 {
+            if tokio::net::UnixStream::connect(&stale_socket).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            stale.try_wait().unwrap().is_none(),
+            "the stand-in tailscaled serves"
+        );
         let restarted = sidecar.start().await;
         let reaped = tokio::time::timeout(Duration::from_secs(10), stale.wait())
             .await
@@ -716,7 +732,7 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
         assert_eq!(
             std::os::unix::process::ExitStatusExt::signal(&reaped),
             Some(9),
-            "pid {stale_pid}"
+            "pid {stale_pid} ended with {reaped}"
         );
         sidecar.up_running(&lab, "sidecar-killed").await;
 
