@@ -150,7 +150,7 @@ impl Bringup<'_> {
                 FailureClass::InvalidInput,
                 Layer::Daemon,
                 why,
-                "pass the proxy listener as IP:port, e.g. 127.0.0.1:1055",
+                "Pass the proxy listener as IP:port, e.g. `127.0.0.1:1055`.",
                 None,
             ))
         })?;
@@ -158,8 +158,8 @@ impl Bringup<'_> {
             .await
             .map_err(|err| {
                 let hint = match err {
-                    ProvisionError::NotFound { .. } => "bake tailscale into the sandbox image, pass --tailscaled <PATH>, or let the controller push the binaries",
-                    ProvisionError::Unusable { .. } => "use a static tailscaled (the official tarballs are static) or one built for this sandbox",
+                    ProvisionError::NotFound { .. } => "Bake tailscale into the sandbox image, pass `--tailscaled PATH`, or let tailbox push the binaries (`--tailscale-tarball`).",
+                    ProvisionError::Unusable { .. } => "Use a static tailscaled (the official tarballs are static) or one built for this sandbox.",
                 };
                 Box::new(outcome.fail(FailureClass::DaemonNotFound, Layer::Daemon, err.to_string(), hint, None))
             })?;
@@ -182,7 +182,7 @@ impl Bringup<'_> {
                     FailureClass::DaemonFailed,
                     Layer::Daemon,
                     err.to_string(),
-                    "see tailscaled's log tail below; in a restricted sandbox, netlink or the state directory may be unavailable",
+                    "See tailscaled's log tail below; in a restricted sandbox, netlink or the state directory may be unavailable.",
                     None,
                 );
                 result.log_tail = log_tail;

@@ -76,7 +76,7 @@ pub async fn login(
             class: FailureClass::InvalidInput,
             layer: Layer::Login,
             detail: format!("tailscaled rejected the login settings: {complaint}"),
-            hint: "check the hostname, control URL and tags".into(),
+            hint: "Check the hostname, control URL and tags.".into(),
         });
     }
     api.start(&params.auth_key, &prefs)
@@ -113,7 +113,7 @@ pub async fn login(
                     class: FailureClass::DaemonFailed,
                     layer: Layer::Daemon,
                     detail: "tailscaled closed the IPN bus during login (did it exit?)".into(),
-                    hint: "see tailscaled's log tail".into(),
+                    hint: "See tailscaled's log tail.".into(),
                 }),
                 Err(err) => return Err(daemon_failure(err)),
             },
@@ -199,7 +199,7 @@ fn judge(notify: &Notify) -> Option<Result<(), LoginFailure>> {
             class: FailureClass::InteractiveLoginRequired,
             layer: Layer::Login,
             detail: "control asked for an interactive (browser) login, so the auth key was not accepted as a login".into(),
-            hint: "use a valid, pre-authorized auth key (tskey-auth-…); OAuth client secrets are not auth keys".into(),
+            hint: "Use a valid, pre-authorized auth key (tskey-auth-…); OAuth client secrets are not auth keys.".into(),
         }));
     }
     if notify.state == Some(state::RUNNING) {
@@ -216,7 +216,8 @@ pub fn classify_err_message(message: &str) -> LoginFailure {
             class: FailureClass::AuthExpired,
             layer: Layer::Login,
             detail: format!("control refused the login: {message}"),
-            hint: "create a new auth key (ephemeral and pre-authorized) and set TS_AUTHKEY".into(),
+            hint: "Create a new auth key (ephemeral and pre-authorized) and set `TS_AUTHKEY`."
+                .into(),
         }
     } else if lower.contains("key") || lower.contains("auth") {
         LoginFailure {
@@ -224,7 +225,7 @@ pub fn classify_err_message(message: &str) -> LoginFailure {
             layer: Layer::Login,
             detail: format!("control refused the login: {message}"),
             hint:
-                "check TS_AUTHKEY: it must be a valid auth key for this tailnet and control server"
+                "Check `TS_AUTHKEY`: it must be a valid auth key for this tailnet and control server."
                     .into(),
         }
     } else {
@@ -232,7 +233,7 @@ pub fn classify_err_message(message: &str) -> LoginFailure {
             class: FailureClass::Internal,
             layer: Layer::Login,
             detail: format!("tailscaled reported an error during login: {message}"),
-            hint: "see tailscaled's log tail; the message comes from tailscaled or control".into(),
+            hint: "See tailscaled's log tail; the message comes from tailscaled or control.".into(),
         }
     }
 }
@@ -242,7 +243,7 @@ fn daemon_failure(err: LocalApiError) -> LoginFailure {
         class: FailureClass::DaemonFailed,
         layer: Layer::Daemon,
         detail: format!("talking to tailscaled failed: {}", error_chain(&err)),
-        hint: "see tailscaled's log tail".into(),
+        hint: "See tailscaled's log tail.".into(),
     }
 }
 
@@ -252,7 +253,7 @@ fn control_unreachable(control_url: &str, why: &str) -> LoginFailure {
         class: FailureClass::ControlUnreachable,
         layer: Layer::Control,
         detail: format!("the control server {shown} cannot be reached: {why}"),
-        hint: "check the sandbox's egress to the control server (Modal network_access / cidr allowlists block it silently), DNS, and the control URL".into(),
+        hint: "Check the sandbox's egress to the control server (Modal `network_access` and CIDR allowlists block it silently), DNS, and the control URL.".into(),
     }
 }
 
@@ -269,14 +270,14 @@ async fn timed_out(control_url: &str, last_state: i32, limit: Duration) -> Login
                 "logged in, but no DERP relay or peer connection came up within {limit:?}"
             ),
             hint:
-                "outbound UDP 3478 and HTTPS to the DERP servers must be allowed from the sandbox"
+                "Outbound UDP 3478 and HTTPS to the DERP servers must be allowed from the sandbox."
                     .into(),
         },
         state::NEEDS_MACHINE_AUTH => LoginFailure {
             class: FailureClass::AuthInvalid,
             layer: Layer::Login,
             detail: "the node is waiting for an admin to approve it".into(),
-            hint: "use a pre-authorized auth key, or approve the machine in the admin console"
+            hint: "Use a pre-authorized auth key, or approve the machine in the admin console."
                 .into(),
         },
         _ => LoginFailure {
@@ -285,7 +286,8 @@ async fn timed_out(control_url: &str, last_state: i32, limit: Duration) -> Login
             detail: format!(
                 "the node did not reach Running within {limit:?} although control answers"
             ),
-            hint: "raise --login-timeout, or run with --verbose to read tailscaled's log".into(),
+            hint: "Raise `--login-timeout`, or run with `--verbose` to read tailscaled's log."
+                .into(),
         },
     }
 }

@@ -74,11 +74,6 @@ struct ServeArgs {
     /// Log filter for stderr, in tracing-subscriber's EnvFilter syntax.
     #[arg(long, default_value = DEFAULT_LOG_FILTER)]
     log: String,
-
-    /// Test hook: keep writing noise to fd 1 (directly and from a child process) and logging
-    /// heavily while serving, to prove none of it reaches the wire.
-    #[arg(long, hide = true)]
-    test_stdout_noise: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -261,10 +256,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let Some(runtime) = multi_thread_runtime() else {
         return ExitCode::from(70);
     };
-    let options = server::ServeOptions {
-        test_stdout_noise: args.test_stdout_noise,
-    };
-    match runtime.block_on(server::serve_stdio(wire, options)) {
+    match runtime.block_on(server::serve_stdio(wire)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("serve failed: {err:#}");

@@ -127,7 +127,7 @@ pub async fn execute(request: RunRequest, sink: EventSink, ctx: RunContext) {
                 .skip_all(
                     &sink,
                     "no auth key was given, so the sandbox did not join the tailnet",
-                    "set TS_AUTHKEY (an ephemeral, pre-authorized key) to join the tailnet",
+                    "Set `TS_AUTHKEY` (an ephemeral, pre-authorized key) to join the tailnet.",
                 )
                 .await;
             (None, None)
@@ -198,7 +198,7 @@ async fn tailnet_run(
             .skip_all(
                 sink,
                 "tailscaled is not running, so nothing could be checked over the tailnet",
-                "fix the failure above first",
+                "Fix the failure above first.",
             )
             .await;
         return (None, None);
@@ -217,7 +217,7 @@ async fn tailnet_run(
             "the sandbox did not join the tailnet"
         };
         targets
-            .skip_all(sink, reason, "fix the failure above first")
+            .skip_all(sink, reason, "Fix the failure above first.")
             .await;
     }
     let teardown = bringup::teardown(started.supervisor, budget.teardown, sink).await;

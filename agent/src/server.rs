@@ -17,15 +17,8 @@ use crate::run::RunContext;
 use crate::service::{AgentService, own_sha256};
 use crate::stdio::{self, Wire};
 
-/// Knobs for `serve --stdio`.
-#[derive(Debug, Clone, Default)]
-pub struct ServeOptions {
-    /// Test hook: write noise to fd 1 while serving.
-    pub test_stdout_noise: bool,
-}
-
 /// Serves on the taken stdin/stdout until the controller closes its end.
-pub async fn serve_stdio(wire: Wire, options: ServeOptions) -> anyhow::Result<()> {
+pub async fn serve_stdio(wire: Wire) -> anyhow::Result<()> {
     let (reader, writer) =
         stdio::into_async(wire).context("cannot use stdin/stdout as the wire")?;
     let context = RunContext {
@@ -35,9 +28,6 @@ pub async fn serve_stdio(wire: Wire, options: ServeOptions) -> anyhow::Result<()
         path_var: std::env::var("PATH").ok(),
         ..Default::default()
     };
-    if options.test_stdout_noise {
-        tokio::spawn(stdout_noise());
-    }
     tracing::info!(
         version = crate::AGENT_VERSION,
         "serving tailbox.agent.v1 on stdio"
@@ -125,23 +115,4 @@ fn is_peer_gone(err: &hyper::Error) -> bool {
         source = cause.source();
     }
     err.is_incomplete_message()
-}
-
-/// Test hook: writes to fd 1 directly and from a child, and logs heavily, until the process ends.
-async fn stdout_noise() {
-    use std::io::Write as _;
-    let mut round = 0u64;
-    loop {
-        round += 1;
-        #[allow(clippy::disallowed_methods)] // Deliberate: proves fd 1 is no longer the wire.
-        let _ = writeln!(std::io::stdout(), "stray stdout noise {round}");
-        for i in 0..20 {
-            tracing::info!(round, i, "noise: heavy logging while serving");
-        }
-        let _ = tokio::process::Command::new("sh")
-            .args(["-c", "echo child stdout noise; echo child stderr noise >&2"])
-            .status()
-            .await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }

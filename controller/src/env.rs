@@ -24,8 +24,6 @@ pub const COOK_GIT_URL: &str = "COOK_GIT_URL";
 pub const KEEP_SANDBOX: &str = "KEEP_SANDBOX";
 /// Path of the tailbox-agent binary to run or upload.
 pub const TAILBOX_AGENT: &str = "TAILBOX_AGENT";
-/// Disable colour.
-pub const NO_COLOR: &str = "NO_COLOR";
 /// The user's home directory (for `~/.modal.toml`).
 pub const HOME: &str = "HOME";
 /// Path of the tailscale release tarball to push into the sandbox (`--tailscale-tarball`).

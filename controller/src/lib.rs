@@ -1,23 +1,53 @@
 #![doc = include_str!("../README.md")]
 //!
-//! Module map:
-//! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`env`]: every
-//!   environment variable; [`secret`]: redaction.
-//! - [`app`]: subcommands; [`session`]: handshake, `Run` and the event stream with one agent;
-//!   [`transport`]: gRPC over a byte stream; [`backend`]: where the agent runs (this machine or
-//!   a Modal sandbox); [`modal`]: a native client for Modal's gRPC API.
-//! - [`render`]: progress, tables and JSON; [`output`]: the only stdout writer; [`error`]: errors
-//!   with hints and exit codes.
+//! Module map, from the bottom layer up (a module only uses modules listed before it; the
+//! `layers` test checks this):
+//! - [`env`]: every environment variable; [`secret`]: redaction; [`process`]: how a process
+//!   ended; [`output`]: the only stdout writer.
+//! - [`modal`]: a native client for Modal's gRPC API, with its own error type.
+//! - [`transport`]: gRPC over a byte stream.
+//! - [`backend`]: where the agent runs (this machine or a Modal sandbox), behind one
+//!   `Backend`/`Sandbox` abstraction with its own error type.
+//! - [`session`]: handshake, `Run` and the event stream with one agent, shown through an
+//!   observer.
+//! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`render`]:
+//!   progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
+//!   and exit codes.
+//! - [`app`]: the subcommands.
+//!
+//! The binary is the product; this library exists for the binary and for the integration
+//! tests, which reach the internals only through [`testing`].
 
-pub mod app;
-pub mod backend;
-pub mod cli;
-pub mod env;
-pub mod error;
-pub mod modal;
-pub mod output;
-pub mod plan;
-pub mod render;
-pub mod secret;
-pub mod session;
-pub mod transport;
+mod app;
+mod backend;
+mod cli;
+mod env;
+mod error;
+mod modal;
+mod output;
+mod plan;
+mod process;
+mod render;
+mod secret;
+mod session;
+mod transport;
+
+pub use app::{run_and_report, runtime_error};
+pub use cli::Cli;
+pub use env::ProcessEnv;
+pub use error::ExitStatus;
+
+/// What the integration tests drive directly: the Modal client against the fake Modal, and a
+/// session against an in-memory agent. Not for other uses.
+pub mod testing {
+    pub use crate::backend::{AgentProcess, ProcessExit};
+    pub use crate::env::MapEnv;
+    pub use crate::error::CliError;
+    pub use crate::modal::client::ModalClient;
+    pub use crate::modal::router::Router;
+    pub use crate::modal::stdio::{ExecReader, ExecWriter, Fd};
+    pub use crate::modal::{ModalError, config, fs};
+    pub use crate::plan::OutputMode;
+    pub use crate::render::Renderer;
+    pub use crate::session::{SessionOutcome, run as run_session};
+}

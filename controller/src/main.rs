@@ -3,11 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tailbox::cli::Cli;
-use tailbox::env::ProcessEnv;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = tailbox::Cli::parse();
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -15,17 +13,11 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: Failed to start the async runtime\n  Caused by: {err}");
-            return ExitCode::from(tailbox::error::ExitStatus::Infrastructure.code());
+            eprint!("{}", tailbox::runtime_error(err));
+            return ExitCode::from(tailbox::ExitStatus::Infrastructure.code());
         }
     };
-    let status = match runtime.block_on(tailbox::app::run(cli, &ProcessEnv)) {
-        Ok(status) => status,
-        Err(err) => {
-            eprint!("{}", err.render());
-            err.exit_status()
-        }
-    };
+    let status = runtime.block_on(tailbox::run_and_report(cli, &tailbox::ProcessEnv));
     // Don't wait for blocking tasks (e.g. a stuck stdin read) at exit.
     runtime.shutdown_background();
     ExitCode::from(status.code())

@@ -121,8 +121,8 @@ impl CheckPlan {
             .iter()
             .map(|raw| {
                 raw.parse::<IpAddr>().map_err(|_| {
-                    CliError::usage(format!("--ping {raw:?} is not an IP address"))
-                        .with_hint("give the dev host's tailnet IP, e.g. the output of `tailscale ip -4` on the dev host")
+                    CliError::usage(format!("`--ping` {raw:?} is not an IP address"))
+                        .with_hint("Give the dev host's tailnet IP, e.g. the output of `tailscale ip -4` on the dev host.")
                 })
             })
             .collect::<CliResult<Vec<_>>>()?;
@@ -141,8 +141,8 @@ impl CheckPlan {
             .collect::<CliResult<Vec<_>>>()?;
         if !expected_refs.is_empty() && git.is_empty() {
             return Err(
-                CliError::usage("--expect-ref was given but there is no git target")
-                    .with_hint("add --git <URL> (or set COOK_GIT_URL)"),
+                CliError::usage("`--expect-ref` was given but there is no git target")
+                    .with_hint("Add `--git URL` (or set `COOK_GIT_URL`)."),
             );
         }
 
@@ -174,15 +174,15 @@ impl CheckPlan {
         });
         if tailscale_tarball.is_some() && backend.kind == SandboxKind::Local {
             return Err(CliError::usage(
-                "--tailscale-tarball pushes binaries into a Modal sandbox, but this run is local",
+                "`--tailscale-tarball` pushes binaries into a Modal sandbox, but this run is local",
             )
-            .with_hint("use --tailscaled <PATH> for a local run, or --sandbox modal"));
+            .with_hint("Use `--tailscaled PATH` for a local run, or `--sandbox modal`."));
         }
         if args.sandbox_id.is_some() && backend.kind == SandboxKind::Local {
             return Err(CliError::usage(
-                "--sandbox-id names a Modal sandbox, but this run is local",
+                "`--sandbox-id` names a Modal sandbox, but this run is local",
             )
-            .with_hint("drop --sandbox local"));
+            .with_hint("Drop `--sandbox local`."));
         }
         let modal_app = env
             .non_empty(env::MODAL_APP_NAME)
@@ -334,26 +334,28 @@ fn values_or_env(flags: &[String], env: &dyn Env, name: &str) -> Vec<String> {
 fn validate_url(raw: &str, flag: &str, schemes: &[&str]) -> CliResult<String> {
     let shown = redact_urls(raw);
     let url = url::Url::parse(raw.trim()).map_err(|err| {
-        CliError::usage(format!("{flag} {shown:?} is not a valid URL: {err}"))
-            .with_hint("write a full URL such as http://100.64.0.1:7420/health")
+        CliError::usage(format!("`{flag}` {shown:?} is not a valid URL"))
+            .with_source(err)
+            .with_hint("Write a full URL such as http://100.64.0.1:7420/health.")
     })?;
     if !schemes.contains(&url.scheme()) {
         return Err(CliError::usage(format!(
-            "{flag} {shown:?} uses the unsupported scheme {:?}",
+            "`{flag}` {shown:?} uses the unsupported scheme {:?}",
             url.scheme()
         ))
-        .with_hint(format!("use one of: {}", schemes.join(", "))));
+        .with_hint(format!("Use one of: {}.", schemes.join(", "))));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(CliError::usage(format!("{flag} {shown:?} has no host")));
+        return Err(CliError::usage(format!("`{flag}` {shown:?} has no host"))
+            .with_hint("Write a full URL such as http://100.64.0.1:7420/health."));
     }
     Ok(raw.trim().to_owned())
 }
 
 fn parse_expected_ref(raw: &str) -> CliResult<(String, String)> {
     let usage = || {
-        CliError::usage(format!("--expect-ref {raw:?} is not NAME=SHA"))
-            .with_hint("for example --expect-ref main=$(git rev-parse main)")
+        CliError::usage(format!("`--expect-ref` {raw:?} is not NAME=SHA"))
+            .with_hint("For example `--expect-ref main=$(git rev-parse main)`.")
     };
     let (name, sha) = raw.split_once('=').ok_or_else(usage)?;
     let (name, sha) = (name.trim(), sha.trim().to_ascii_lowercase());
@@ -362,9 +364,9 @@ fn parse_expected_ref(raw: &str) -> CliResult<(String, String)> {
     }
     if !matches!(sha.len(), 40 | 64) || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(CliError::usage(format!(
-            "--expect-ref {raw:?}: {sha:?} is not a full 40- or 64-hex object id"
+            "`--expect-ref` {raw:?}: {sha:?} is not a full 40- or 64-hex object id"
         ))
-        .with_hint("use the full sha, e.g. from `git rev-parse <ref>`"));
+        .with_hint("Use the full sha, e.g. from `git rev-parse REF`."));
     }
     let name = if name == "HEAD" || name.starts_with("refs/") {
         name.to_owned()
@@ -382,14 +384,15 @@ fn read_auth_key(args: &CheckArgs, env: &dyn Env) -> CliResult<Option<Secret>> {
                 path.display()
             ))
             .with_source(err)
-            .with_hint("check the path, or set TS_AUTHKEY instead")
+            .with_hint("Check the path, or set `TS_AUTHKEY` instead.")
         })?;
         let key = text.trim();
         if key.is_empty() {
             return Err(CliError::usage(format!(
                 "The auth key file {} is empty ({origin})",
                 path.display()
-            )));
+            ))
+            .with_hint("Write the auth key into the file, or set `TS_AUTHKEY` instead."));
         }
         Ok(Secret::new(key))
     };
@@ -417,8 +420,8 @@ fn validate_hostname(name: &str) -> CliResult<()> {
         Ok(())
     } else {
         Err(
-            CliError::usage(format!("hostname {name:?} is not a valid DNS label")).with_hint(
-                "use 1-63 letters, digits and dashes, not starting or ending with a dash",
+            CliError::usage(format!("The hostname {name:?} is not a valid DNS label")).with_hint(
+                "Use 1-63 letters, digits and dashes, not starting or ending with a dash.",
             ),
         )
     }
@@ -431,19 +434,21 @@ fn parse_env_pairs(text: &str) -> CliResult<BTreeMap<String, String>> {
     if text.starts_with('{') {
         return serde_json::from_str(text).map_err(|err| {
             CliError::usage(format!(
-                "{} is not a JSON object of strings",
+                "`{}` is not a JSON object of strings",
                 env::TAILBOX_TAILSCALED_ENV
             ))
             .with_source(err)
+            .with_hint("Paste the value `cargo xtask lab up` prints, or use `KEY=VALUE` words.")
         });
     }
     text.split_whitespace()
         .map(|pair| {
             let (k, v) = pair.split_once('=').ok_or_else(|| {
                 CliError::usage(format!(
-                    "{} holds {pair:?}, which is not KEY=VALUE",
+                    "`{}` holds {pair:?}, which is not KEY=VALUE",
                     env::TAILBOX_TAILSCALED_ENV
                 ))
+                .with_hint("Separate `KEY=VALUE` words with spaces, or give a JSON object.")
             })?;
             Ok((k.to_owned(), v.to_owned()))
         })

@@ -9,10 +9,10 @@ use tailbox_proto::agent::v1::{
     PhaseStarted, Report, Warning, event,
 };
 
-use crate::error::CliResult;
-use crate::output::write_stdout;
+use crate::output::{OutputError, write_json_line};
 use crate::plan::OutputMode;
 use crate::secret::redact_urls;
+use crate::session::{Observer, controller_event};
 
 /// Renders events as they arrive.
 pub enum Renderer {
@@ -42,7 +42,7 @@ impl Renderer {
     }
 
     /// A controller-side phase began (sandbox, upload, cleanup).
-    pub fn controller_phase_started(&mut self, phase: Phase) -> CliResult<()> {
+    pub fn controller_phase_started(&mut self, phase: Phase) -> Result<(), OutputError> {
         self.event(&controller_event(event::Kind::PhaseStarted(PhaseStarted {
             phase: phase as i32,
         })))
@@ -54,7 +54,7 @@ impl Renderer {
         phase: Phase,
         status: CheckStatus,
         duration: Duration,
-    ) -> CliResult<()> {
+    ) -> Result<(), OutputError> {
         self.event(&controller_event(event::Kind::PhaseFinished(
             PhaseFinished {
                 phase: phase as i32,
@@ -65,9 +65,9 @@ impl Renderer {
     }
 
     /// One event from the agent (or a controller-side one).
-    pub fn event(&mut self, event: &Event) -> CliResult<()> {
+    pub fn event(&mut self, event: &Event) -> Result<(), OutputError> {
         match self {
-            Renderer::Json { .. } => write_json_line(event),
+            Renderer::Json { .. } => write_json_line("an event", event),
             Renderer::Human(human) => {
                 human.event(event);
                 Ok(())
@@ -92,24 +92,14 @@ impl Renderer {
     }
 }
 
-/// An event the controller emits itself; seq 0 marks it as not from the agent.
-pub fn controller_event(kind: event::Kind) -> Event {
-    Event {
-        seq: 0,
-        time: Some(tailbox_proto::convert::timestamp(
-            std::time::SystemTime::now(),
-        )),
-        kind: Some(kind),
+impl Observer for Renderer {
+    fn event(&mut self, event: &Event) -> Result<(), OutputError> {
+        Renderer::event(self, event)
     }
-}
 
-fn write_json_line(event: &Event) -> CliResult<()> {
-    let mut line = serde_json::to_string(event).map_err(|err| {
-        crate::error::CliError::infra("Failed to encode an event as JSON").with_source(err)
-    })?;
-    line.push('\n');
-    write_stdout(&line)
-        .map_err(|err| crate::error::CliError::infra("Failed to write to stdout").with_source(err))
+    fn agent_stderr(&mut self, line: &str) {
+        Renderer::agent_stderr(self, line);
+    }
 }
 
 /// Human output state.
@@ -447,5 +437,108 @@ mod tests {
             "{table}"
         );
         assert!(!table.contains("pw"), "{table}");
+    }
+    fn check(
+        name: &str,
+        target: &str,
+        status: CheckStatus,
+        millis: i32,
+        detail: &str,
+    ) -> CheckResult {
+        CheckResult {
+            name: name.into(),
+            target: target.into(),
+            status: status as i32,
+            detail: detail.into(),
+            duration: Some(pbjson_types::Duration {
+                seconds: i64::from(millis / 1000),
+                nanos: (millis % 1000) * 1_000_000,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_results_table_and_verdict_are_pinned() {
+        let passing = Report {
+            checks: vec![
+                check(
+                    "preflight",
+                    "",
+                    CheckStatus::Pass,
+                    1,
+                    "Debian GNU/Linux 12 (bookworm), kernel 6.1, x86_64, uid 0, /dev/net/tun present",
+                ),
+                check(
+                    "login",
+                    "http://127.0.0.1:8080",
+                    CheckStatus::Pass,
+                    37,
+                    "Running as tailbox-local-1 (100.64.0.6) after 36ms",
+                ),
+                check(
+                    "ping",
+                    "100.64.0.1",
+                    CheckStatus::Warn,
+                    12,
+                    "pong from devhost (100.64.0.1) via DERP(test) in 2ms",
+                ),
+                check(
+                    "http",
+                    "http://100.64.0.1:7420/health",
+                    CheckStatus::Pass,
+                    3,
+                    "GET answered 200 OK after 3 ms (2 bytes)",
+                ),
+                check(
+                    "git",
+                    "http://u:secret@100.64.0.1:7420/lab.git",
+                    CheckStatus::Skip,
+                    0,
+                    "the run was cancelled before this check finished",
+                ),
+            ],
+            verdict: Some(Verdict {
+                ok: true,
+                summary: "3 passed, 1 warned, 1 skipped".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut failed_http = check(
+            "http",
+            "http://100.64.0.1:7420/health",
+            CheckStatus::Fail,
+            30_000,
+            "no answer within 30s",
+        );
+        failed_http.hint =
+            "Check that the dev host's server listens on 0.0.0.0, not 127.0.0.1.".into();
+        let mut failed_login = check(
+            "login",
+            "http://127.0.0.1:8080",
+            CheckStatus::Fail,
+            120_000,
+            "control refused the login: invalid key",
+        );
+        failed_login.hint =
+            "Check `TS_AUTHKEY`: it must be a valid auth key for this tailnet and control server."
+                .into();
+        failed_login.log_tail = vec!["control: register: 401 invalid key".into()];
+        let failing = Report {
+            checks: vec![failed_login, failed_http],
+            verdict: Some(Verdict {
+                ok: false,
+                summary: "login (http://127.0.0.1:8080) failed at the login layer: auth_invalid"
+                    .into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        insta::assert_snapshot!(format!(
+            "{}\n---\n\n{}",
+            report_table(&passing),
+            report_table(&failing)
+        ));
     }
 }

@@ -1,5 +1,6 @@
 //! One conversation with a launched agent: handshake, `Run`, the event stream, and the agent's
-//! death if it happens. Backend-agnostic: it only sees an [`AgentProcess`].
+//! death if it happens. Backend-agnostic: it only sees an [`AgentProcess`], and shows what
+//! happens through an [`Observer`].
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -8,15 +9,88 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tailbox_proto::PROTO_VERSION;
 use tailbox_proto::agent::v1::agent_client::AgentClient;
-use tailbox_proto::agent::v1::{HelloRequest, HelloResponse, Report, RunRequest, event};
+use tailbox_proto::agent::v1::{Event, HelloRequest, HelloResponse, Report, RunRequest, event};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::backend::{AgentExit, AgentProcess};
-use crate::error::{CliError, CliResult, status_error};
-use crate::render::Renderer;
-use crate::secret::redact_urls;
+use crate::backend::{AgentProcess, ProcessExit};
+use crate::modal::RpcStatus;
+use crate::output::OutputError;
+
+/// Whoever shows a session to people or tools.
+pub trait Observer: Send {
+    /// One event, from the agent or (seq 0) from the controller.
+    fn event(&mut self, event: &Event) -> Result<(), OutputError>;
+    /// One line the agent wrote to its stderr.
+    fn agent_stderr(&mut self, line: &str);
+}
+
+/// What went wrong, and how the agent ended if it did.
+#[derive(Debug, thiserror::Error)]
+#[error("{failure}")]
+pub struct SessionError {
+    /// What went wrong.
+    #[source]
+    pub failure: SessionFailure,
+    /// How the agent process ended, if it had.
+    pub exit: Option<ProcessExit>,
+    /// The last lines the agent wrote to stderr (secrets not yet redacted: the renderer does).
+    pub stderr_tail: Vec<String>,
+}
+
+/// What went wrong in a session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionFailure {
+    /// The channel could not be opened.
+    #[error("Failed to open a gRPC channel to the agent")]
+    Connect(#[source] tonic::transport::Error),
+    /// The agent died before the handshake.
+    #[error("The agent exited before answering the handshake")]
+    ExitedBeforeHello,
+    /// No handshake in time.
+    #[error("The agent did not answer the handshake within {0}s")]
+    HelloTimeout(u64),
+    /// The handshake failed.
+    #[error("The agent handshake failed")]
+    Hello(#[source] RpcStatus),
+    /// Another binary answered.
+    #[error(
+        "The agent that answered is not the binary that was started (sha256 {got} != {expected})"
+    )]
+    WrongAgent {
+        /// What answered (short).
+        got: String,
+        /// What was started (short).
+        expected: String,
+    },
+    /// The agent lacks a capability the request needs.
+    #[error("The agent (version {agent_version}) lacks {missing}, which this run needs")]
+    Unsupported {
+        /// The agent's version.
+        agent_version: String,
+        /// The missing feature names, comma-separated.
+        missing: String,
+    },
+    /// `Run` was refused.
+    #[error("The agent refused the run")]
+    Refused(#[source] RpcStatus),
+    /// The stream ended early.
+    #[error("The agent ended the event stream without a report")]
+    NoReport,
+    /// The agent process died mid-run.
+    #[error("The agent died in the middle of the run")]
+    Died(#[source] Option<RpcStatus>),
+    /// The link broke mid-run while the agent lived on.
+    #[error("The connection to the agent broke in the middle of the run")]
+    Broke(#[source] RpcStatus),
+    /// The run took longer than `--timeout`.
+    #[error("The run exceeded its `--timeout`")]
+    Timeout,
+    /// Showing an event failed (stdout closed or full).
+    #[error(transparent)]
+    Output(#[from] OutputError),
+}
 
 /// Lines of agent stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 40;
@@ -35,35 +109,28 @@ pub struct SessionOutcome {
     /// The agent's final report.
     pub report: Report,
     /// How the agent exited afterwards.
-    pub exit: Option<AgentExit>,
+    pub exit: Option<ProcessExit>,
 }
 
 /// Runs the handshake and `request` on `agent`, rendering events as they arrive.
 pub async fn run(
     agent: AgentProcess,
     request: RunRequest,
-    renderer: &mut Renderer,
+    observer: &mut dyn Observer,
     deadline: Instant,
-) -> CliResult<SessionOutcome> {
+) -> Result<SessionOutcome, SessionError> {
     let AgentProcess {
         io,
         stderr,
         exit,
         expected_sha256,
-        pid: _,
     } = agent;
     let (stderr_lines_tx, mut stderr_lines) = mpsc::unbounded_channel();
     let mut watch = AgentWatch::start(exit, stderr, stderr_lines_tx);
 
     let channel = match crate::transport::connect(io).await {
         Ok(channel) => channel,
-        Err(err) => {
-            return Err(watch
-                .failure("Failed to open a gRPC channel to the agent")
-                .await
-                .with_source(err)
-                .with_hint("the agent may have exited at once; its stderr is above"));
-        }
+        Err(err) => return Err(watch.failure(SessionFailure::Connect(err)).await),
     };
     let mut client = AgentClient::new(channel);
 
@@ -75,50 +142,36 @@ pub async fn run(
         }) => reply,
         status = &mut watch.exit, if watch.exited.is_none() => {
             watch.exited = Some(status);
-            return Err(watch.failure("The agent exited before answering the handshake").await
-                .with_hint("the agent binary may not run in this sandbox; its stderr is above"));
+            return Err(watch.failure(SessionFailure::ExitedBeforeHello).await);
         }
         () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
-            return Err(watch.failure(&format!("The agent did not answer the handshake within {}s", HANDSHAKE_TIMEOUT.as_secs())).await
-                .with_hint("check that stdout of the agent is not being redirected or buffered"));
+            return Err(watch.failure(SessionFailure::HelloTimeout(HANDSHAKE_TIMEOUT.as_secs())).await);
         }
     };
     let hello = match reply {
         Ok(reply) => reply.into_inner(),
-        Err(status) => {
-            return Err(watch
-                .failure("The agent handshake failed")
-                .await
-                .with_source(status_error(&status))
-                .with_hint("the agent may have exited at once; its stderr is above"));
-        }
+        Err(status) => return Err(watch.failure(SessionFailure::Hello(status.into())).await),
     };
     if let Some(expected) = expected_sha256
         && !expected.is_empty()
         && hello.agent_sha256 != expected
     {
-        let message = format!(
-            "The agent that answered is not the binary that was started (sha256 {} != {})",
-            short(&hello.agent_sha256),
-            short(&expected)
-        );
-        return Err(watch
-            .failure(&message)
-            .await
-            .with_hint("the uploaded copy may be corrupt; run again to upload it afresh"));
+        let failure = SessionFailure::WrongAgent {
+            got: short(&hello.agent_sha256).to_owned(),
+            expected: short(&expected).to_owned(),
+        };
+        return Err(watch.failure(failure).await);
     }
-    renderer.event(&crate::render::controller_event(event::Kind::AgentHello(
-        hello.clone(),
-    )))?;
+    if let Err(err) = observer.event(&controller_event(event::Kind::AgentHello(hello.clone()))) {
+        return Err(watch.failure(err.into()).await);
+    }
+    if let Err(failure) = negotiate(&hello, &request) {
+        return Err(watch.failure(failure).await);
+    }
 
     let mut stream = match client.run(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) => {
-            return Err(watch
-                .failure("The agent refused the run")
-                .await
-                .with_source(status_error(&status)));
-        }
+        Err(status) => return Err(watch.failure(SessionFailure::Refused(status.into())).await),
     };
 
     let mut drain_deadline: Option<Instant> = None;
@@ -130,34 +183,33 @@ pub async fn run(
                     if let Some(event::Kind::Report(report)) = event.kind {
                         break report;
                     }
-                    renderer.event(&event)?;
+                    if let Err(err) = observer.event(&event) {
+                        return Err(watch.failure(err.into()).await);
+                    }
                 }
-                Ok(None) => {
-                    return Err(watch.failure("The agent ended the event stream without a report").await);
-                }
+                Ok(None) => return Err(watch.failure(SessionFailure::NoReport).await),
                 Err(status) => {
-                    let what = if watch.wait_exit(Duration::from_millis(500)).await {
-                        "The agent died in the middle of the run"
+                    let failure = if watch.wait_exit(Duration::from_millis(500)).await {
+                        SessionFailure::Died(Some(status.into()))
                     } else {
-                        "The connection to the agent broke in the middle of the run"
+                        SessionFailure::Broke(status.into())
                     };
-                    return Err(watch.failure(what).await.with_source(status_error(&status))
-                        .with_hint("this is a sandbox or agent problem, not a tailnet one; the agent's stderr is above"));
+                    return Err(watch.failure(failure).await);
                 }
             },
-            Some(line) = stderr_lines.recv() => renderer.agent_stderr(&line),
+            Some(line) = stderr_lines.recv() => observer.agent_stderr(&line),
             status = &mut watch.exit, if watch.exited.is_none() => {
                 // Events written just before the exit may still be in flight: keep reading briefly.
                 watch.exited = Some(status);
                 drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
             }
             () = tokio::time::sleep_until(effective_deadline) => {
-                if drain_deadline.is_some() {
-                    return Err(watch.failure("The agent died in the middle of the run").await
-                        .with_hint("this is a sandbox or agent problem, not a tailnet one; the agent's stderr is above"));
-                }
-                return Err(watch.failure("The run exceeded its --timeout").await
-                    .with_hint("raise --timeout, or run with --verbose to see where it stalls"));
+                let failure = if drain_deadline.is_some() {
+                    SessionFailure::Died(None)
+                } else {
+                    SessionFailure::Timeout
+                };
+                return Err(watch.failure(failure).await);
             }
         }
     };
@@ -178,15 +230,15 @@ pub async fn run(
 
 /// Watches the agent process: its exit and the tail of its stderr.
 struct AgentWatch {
-    exit: BoxFuture<'static, AgentExit>,
-    exited: Option<AgentExit>,
+    exit: BoxFuture<'static, ProcessExit>,
+    exited: Option<ProcessExit>,
     tail: StderrTail,
     stderr_done: watch::Receiver<bool>,
 }
 
 impl AgentWatch {
     fn start(
-        exit: BoxFuture<'static, AgentExit>,
+        exit: BoxFuture<'static, ProcessExit>,
         stderr: impl AsyncRead + Send + Unpin + 'static,
         relay: mpsc::UnboundedSender<String>,
     ) -> Self {
@@ -218,17 +270,52 @@ impl AgentWatch {
         let _ = tokio::time::timeout(limit, self.stderr_done.wait_for(|done| *done)).await;
     }
 
-    /// An infrastructure error carrying how the agent ended and its stderr tail.
-    async fn failure(&mut self, message: &str) -> CliError {
+    /// The error for `failure`, carrying how the agent ended and its stderr tail.
+    async fn failure(&mut self, failure: SessionFailure) -> SessionError {
         // The exit status and the last stderr lines explain most failures; give them a moment.
         if self.wait_exit(Duration::from_millis(500)).await {
             self.wait_stderr(Duration::from_millis(500)).await;
         }
-        let mut err = CliError::infra(message);
-        if let Some(exit) = &self.exited {
-            err = err.with_detail(format!("the agent process ended: {exit}"));
+        SessionError {
+            failure,
+            exit: self.exited.clone(),
+            stderr_tail: self.tail.lines(),
         }
-        err.with_detail(self.tail.render())
+    }
+}
+
+/// Checks that the agent can do what `request` asks. Features are names the agent announces;
+/// an agent from before a feature existed simply lacks it, so a run that needs it is refused
+/// with a clear message instead of failing in the middle.
+pub fn negotiate(hello: &HelloResponse, request: &RunRequest) -> Result<(), SessionFailure> {
+    let needs = [
+        ("tailnet", request.tailnet.is_some()),
+        ("ping", !request.ping_targets.is_empty()),
+        ("http", !request.http_targets.is_empty()),
+        ("git", !request.git_targets.is_empty()),
+    ];
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(feature, needed)| *needed && !hello.features.iter().any(|f| f == feature))
+        .map(|(feature, _)| *feature)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(SessionFailure::Unsupported {
+        agent_version: hello.agent_version.clone(),
+        missing: missing.join(", "),
+    })
+}
+
+/// An event the controller emits itself; seq 0 marks it as not from the agent.
+pub fn controller_event(kind: event::Kind) -> Event {
+    Event {
+        seq: 0,
+        time: Some(tailbox_proto::convert::timestamp(
+            std::time::SystemTime::now(),
+        )),
+        kind: Some(kind),
     }
 }
 
@@ -260,17 +347,39 @@ impl StderrTail {
         }
     }
 
-    fn render(&self) -> String {
-        let tail = self.lines.lock().map(|t| t.clone()).unwrap_or_default();
-        if tail.is_empty() {
-            return "agent stderr: (empty)".into();
-        }
-        let mut out = format!("agent stderr (last {} lines):\n", tail.len());
-        for line in tail {
-            out.push_str("  | ");
-            out.push_str(&redact_urls(&line));
-            out.push('\n');
-        }
-        out
+    fn lines(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tailbox_proto::agent::v1::{GitTarget, TailnetConfig};
+
+    #[test]
+    fn a_run_needing_a_feature_the_agent_lacks_is_refused_by_name() {
+        let hello = HelloResponse {
+            agent_version: "0.0.9".into(),
+            features: vec!["preflight".into(), "tailnet".into(), "ping".into()],
+            ..Default::default()
+        };
+        let plain = RunRequest {
+            tailnet: Some(TailnetConfig::default()),
+            ..Default::default()
+        };
+        assert!(negotiate(&hello, &plain).is_ok());
+        let git = RunRequest {
+            git_targets: vec![GitTarget::default()],
+            ..plain
+        };
+        let err = negotiate(&hello, &git).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "The agent (version 0.0.9) lacks git, which this run needs"
+        );
     }
 }

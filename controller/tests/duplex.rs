@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use futures::FutureExt as _;
-use tailbox::backend::{AgentExit, AgentProcess};
-use tailbox::plan::OutputMode;
-use tailbox::render::Renderer;
+use tailbox::testing::{AgentProcess, CliError, OutputMode, ProcessExit, Renderer, run_session};
 use tailbox_agent::run::RunContext;
 use tailbox_agent::service::AgentService;
 use tailbox_proto::agent::v1::{CheckStatus, PingTarget, RunRequest};
@@ -24,13 +22,12 @@ async fn handshake_and_run_over_memory() {
             agent_side,
             AgentService::new(context),
         ));
-        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<AgentExit>();
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<ProcessExit>();
         let agent = AgentProcess {
             io: Box::new(controller_side),
             stderr: Box::pin(tokio::io::empty()),
-            exit: exit_rx.map(|r| r.unwrap_or(AgentExit::Code(0))).boxed(),
+            exit: exit_rx.map(|r| r.unwrap_or(ProcessExit::Code(0))).boxed(),
             expected_sha256: Some("ab".repeat(32)),
-            pid: None,
         };
         let request = RunRequest {
             run_id: "run-1".into(),
@@ -45,12 +42,11 @@ async fn handshake_and_run_over_memory() {
             quiet: true,
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let session = tokio::spawn(async move {
-            tailbox::session::run(agent, request, &mut renderer, deadline).await
-        });
+        let session =
+            tokio::spawn(async move { run_session(agent, request, &mut renderer, deadline).await });
         // The server ends when the session closes its side of the stream.
         server.await.unwrap().unwrap();
-        let _ = exit_tx.send(AgentExit::Code(0));
+        let _ = exit_tx.send(ProcessExit::Code(0));
         let outcome = session.await.unwrap().unwrap();
 
         assert_eq!(outcome.hello.agent_sha256, "ab".repeat(32));
@@ -85,16 +81,17 @@ async fn a_sha_mismatch_is_refused() {
             stderr: Box::pin(tokio::io::empty()),
             exit: futures::future::pending().boxed(),
             expected_sha256: Some("ab".repeat(32)),
-            pid: None,
         };
         let mut renderer = Renderer::new(OutputMode::Human {
             verbose: false,
             quiet: true,
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let err = tailbox::session::run(agent, RunRequest::default(), &mut renderer, deadline)
-            .await
-            .unwrap_err();
+        let err = CliError::from(
+            run_session(agent, RunRequest::default(), &mut renderer, deadline)
+                .await
+                .unwrap_err(),
+        );
         assert_eq!(err.exit_status().code(), 3);
         assert!(err.render().contains("not the binary"), "{}", err.render());
     })

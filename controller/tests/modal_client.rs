@@ -7,13 +7,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tailbox::backend::modal::{ModalSandbox, SandboxSpec};
-use tailbox::env::MapEnv;
-use tailbox::modal::client::ModalClient;
-use tailbox::modal::config;
-use tailbox::modal::fs;
-use tailbox::modal::router::Router;
-use tailbox::modal::stdio::{ExecReader, ExecWriter, Fd};
+use tailbox::testing::{
+    CliError, ExecReader, ExecWriter, Fd, MapEnv, ModalClient, ProcessExit, Router, config, fs,
+};
 use tailbox_proto::modal::client::modal_client_client::ModalClientClient;
 use tailbox_proto::modal::client::{AppGetOrCreateRequest, AuthTokenGetRequest};
 use tailbox_proto::modal::task_command_router::task_command_router_client::TaskCommandRouterClient;
@@ -34,15 +30,23 @@ fn client(fake: &FakeModal) -> ModalClient {
 
 async fn sandbox(fake: &FakeModal) -> (ModalClient, String, Router) {
     let client = client(fake);
-    let spec = SandboxSpec {
-        app_name: "tailbox-tests".into(),
-        image: "example/image:1".into(),
-        timeout: Duration::from_secs(300),
-        tags: vec![("created-by".into(), "tailbox".into())],
-        env: HashMap::new(),
-    };
-    let sandbox = ModalSandbox::create(&client, &spec, |_| {}).await.unwrap();
-    let id = sandbox.id().to_owned();
+    let app_id = client.app_get_or_create("tailbox-tests").await.unwrap();
+    let builder = client.image_builder_version().await.unwrap();
+    let image_id = client
+        .image_from_registry(&app_id, "example/image:1", &builder)
+        .await
+        .unwrap();
+    let secret_id = client.ephemeral_secret(&HashMap::new()).await.unwrap();
+    let id = client
+        .sandbox_create(
+            &app_id,
+            &image_id,
+            vec![secret_id],
+            Duration::from_secs(300),
+            &[("created-by".into(), "tailbox".into())],
+        )
+        .await
+        .unwrap();
     let record = fake.record();
     let task_id = record.sandbox(&id).unwrap().task_id.clone();
     let router = Router::connect(client.clone(), task_id).await.unwrap();
@@ -110,10 +114,7 @@ async fn output_arrives_byte_for_byte_through_repeated_cuts() {
             "{} cuts",
             fake.record().stdio_cuts
         );
-        assert_eq!(
-            router.wait(&exec_id).await.unwrap(),
-            tailbox::backend::AgentExit::Code(0)
-        );
+        assert_eq!(router.wait(&exec_id).await.unwrap(), ProcessExit::Code(0));
     })
     .await
     .expect("test timed out");
@@ -215,6 +216,10 @@ fn control_request<T>(
     let md = request.metadata_mut();
     md.insert("x-modal-client-type", "9".parse().unwrap());
     md.insert("x-modal-client-version", "1.0.0".parse().unwrap());
+    md.insert(
+        "x-modal-libmodal-version",
+        "modal-go/0.10.1".parse().unwrap(),
+    );
     if with_credentials {
         md.insert("x-modal-token-id", TOKEN_ID.parse().unwrap());
         md.insert("x-modal-token-secret", TOKEN_SECRET.parse().unwrap());
@@ -247,20 +252,26 @@ async fn the_fake_refuses_what_modal_refuses() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
-        // Credentials but no auth token on a unary call.
-        let err = control
+        // A client identity no official SDK sends.
+        let mut unknown = control_request(app(), None, true);
+        unknown
+            .metadata_mut()
+            .insert("x-modal-libmodal-version", "tailbox/0.1.0".parse().unwrap());
+        let err = control.app_get_or_create(unknown).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        // No auth token is fine (the Python SDK sends none on these calls)...
+        control
             .app_get_or_create(control_request(app(), None, true))
             .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::Unauthenticated);
-        // A made-up auth token.
+            .unwrap();
+        // ...but a made-up one is not.
         let err = control
             .app_get_or_create(control_request(app(), Some("a.b.c"), true))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
 
-        // The router: no bearer, DEVNULL stdout, offsets beyond what exists.
+        // The router: no bearer, arguments over 64 KiB, offsets beyond what exists.
         let (_client, _id, router) = sandbox(&fake).await;
         let task_id = router.task_id().to_owned();
         let channel = tonic::transport::Endpoint::from_shared(fake.router_url())
@@ -269,24 +280,28 @@ async fn the_fake_refuses_what_modal_refuses() {
             .await
             .unwrap();
         let mut raw = TaskCommandRouterClient::new(channel);
-        let start = |stdout: TaskExecStdoutConfig| TaskExecStartRequest {
+        let start = |argv: Vec<String>| TaskExecStartRequest {
             task_id: task_id.clone(),
             exec_id: uuid::Uuid::new_v4().to_string(),
-            command_args: vec!["/bin/true".into()],
-            stdout_config: stdout as i32,
+            command_args: argv,
+            stdout_config: TaskExecStdoutConfig::Pipe as i32,
             stderr_config: 1,
             ..Default::default()
         };
         let err = raw
-            .task_exec_start(start(TaskExecStdoutConfig::Pipe))
+            .task_exec_start(start(vec!["/bin/true".into()]))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
 
-        // With the JWT the fake granted for this task.
+        // With the JWT the fake granted for this task: one byte over 2^16 of arguments.
         let jwt = fake.router_jwt(&task_id).unwrap();
+        let long = vec![
+            "/bin/echo".into(),
+            "x".repeat((1 << 16) - "/bin/echo".len() + 1),
+        ];
         let err = raw
-            .task_exec_start(with_bearer(start(TaskExecStdoutConfig::Devnull), &jwt))
+            .task_exec_start(with_bearer(start(long), &jwt))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
@@ -374,7 +389,7 @@ async fn a_retried_call_keeps_its_idempotency_key_and_gives_up_after_three_retri
         fake.update_faults(|f| {
             f.unavailable.insert("AppGetOrCreate".into(), 4);
         });
-        let err = client.app_get_or_create("doomed").await.unwrap_err();
+        let err = CliError::from(client.app_get_or_create("doomed").await.unwrap_err());
         assert_eq!(err.exit_status().code(), 3);
         assert!(
             err.render().contains("Failed to look up the Modal app"),
@@ -382,7 +397,7 @@ async fn a_retried_call_keeps_its_idempotency_key_and_gives_up_after_three_retri
             err.render()
         );
         assert!(
-            err.render().contains("hint: could not reach Modal"),
+            err.render().contains("hint: Modal did not answer"),
             "{}",
             err.render()
         );
@@ -421,6 +436,29 @@ async fn the_auth_token_is_refreshed_at_half_its_lifetime() {
         let get = record.calls_of("AuthTokenGet")[0];
         assert!(!get.headers.contains_key("x-modal-auth-token"));
         assert_eq!(get.headers["x-modal-token-id"], TOKEN_ID);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_for_an_exit_outlasts_any_run_of_transient_failures() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_client, _id, router) = sandbox(&fake).await;
+        script(&router, "/bin/exit-3", "exit 3").await;
+        // More failures in a row than any other router call tolerates (10): waiting for an
+        // exit is retried for as long as it takes, as the SDKs do.
+        fake.update_faults(|f| {
+            f.unavailable.insert("TaskExecWait".into(), 15);
+        });
+        let exec_id = uuid::Uuid::new_v4().to_string();
+        router
+            .exec_start(&exec_id, vec!["/bin/exit-3".into()], HashMap::new())
+            .await
+            .unwrap();
+        assert_eq!(router.wait(&exec_id).await.unwrap(), ProcessExit::Code(3));
+        assert!(fake.record().calls_of("TaskExecWait").len() >= 16);
     })
     .await
     .expect("test timed out");

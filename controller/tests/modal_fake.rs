@@ -214,13 +214,30 @@ async fn check_uploads_the_static_agent_runs_it_and_terminates_the_sandbox() {
             agent_execs[0].argv[..3],
             [path.as_str(), "serve", "--stdio"]
         );
+        assert!(
+            agent_execs[0].stdout_piped,
+            "the agent's stdout must be PIPE"
+        );
         // The client never had a call refused, and identified itself like the Go SDK.
         assert!(record.refusals.is_empty(), "{:?}", record.refusals);
         let create = record.calls_of("SandboxCreate")[0];
         assert_eq!(create.headers["x-modal-client-type"], "9");
         assert_eq!(create.headers["x-modal-client-version"], "1.0.0");
-        assert!(create.headers["x-modal-libmodal-version"].starts_with("tailbox/"));
-        assert_eq!(create.headers["x-modal-auth-token"], "<redacted>");
+        assert_eq!(
+            create.headers["x-modal-libmodal-version"],
+            "modal-go/0.10.1"
+        );
+        assert!(create.headers["user-agent"].starts_with("tailbox/"));
+        // Like the Go SDK, every control-plane call but AuthTokenGet carries the token (the
+        // fake does not insist: Python sends none on these).
+        for call in record.calls.iter().filter(|c| c.service == "control") {
+            assert_eq!(
+                call.headers.contains_key("x-modal-auth-token"),
+                call.rpc != "AuthTokenGet",
+                "{}",
+                call.rpc
+            );
+        }
         assert_eq!(record.auth_tokens, 1);
         // The token secret is never printed.
         assert!(!run.stdout.contains(TOKEN_SECRET) && !run.stderr.contains(TOKEN_SECRET));
@@ -323,6 +340,7 @@ async fn a_kept_sandbox_is_reused_without_uploading_and_swept_at_the_end() {
         // One more leftover that is not ours: sweep must leave it alone.
         let foreign = fake
             .create_sandbox_directly(&[("created-by", "someone-else")])
+            .await
             .unwrap();
         let sweep = run(&fake, &["sandbox", "sweep", "--dry-run"], &[]).await;
         sweep.assert_code(0);
@@ -572,9 +590,8 @@ async fn a_dynamically_linked_agent_is_refused_before_anything_is_created() {
         run.assert_code(2);
         assert!(run.stderr.contains("dynamically linked"), "{}", run.stderr);
         assert!(
-            run.stderr.contains(
-                "cargo build --release --target x86_64-unknown-linux-musl -p tailbox-agent"
-            ),
+            run.stderr
+                .contains("hint: Build it with `cargo xtask static-agent`"),
             "{}",
             run.stderr
         );
@@ -596,7 +613,7 @@ async fn an_image_without_chmod_is_an_infrastructure_error_and_still_cleaned_up(
         run.assert_code(3);
         assert!(run.stderr.contains("executable"), "{}", run.stderr);
         assert!(
-            run.stderr.contains("hint: use an image that has chmod"),
+            run.stderr.contains("hint: Use an image that has `chmod`"),
             "{}",
             run.stderr
         );

@@ -2,16 +2,19 @@
 //! Modal, the real static agent uploaded into a fake sandbox, and that agent driving a real
 //! tailscaled into the lab's real tailnet (testkit `Lab`) and checking the lab's dev host.
 //!
-//! The fake sandbox shares this machine's network namespace, so the agent reaches the lab's
-//! control server on 127.0.0.1 as a Modal sandbox reaches Tailscale's control plane.
+//! The fake sandbox has a network namespace of its own that reaches only the lab's control,
+//! DERP and STUN servers, as a Modal sandbox reaches Tailscale's: the dev host's servers are
+//! out of its reach except over the tailnet.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tailbox_proto::modal::task_command_router::task_exec_wait_response::ExitStatus;
 use tailbox_testkit::agent::static_agent_binary;
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal};
 use tailbox_testkit::lab::{Binaries, Lab};
@@ -48,7 +51,7 @@ async fn setup(config: FakeConfig) -> (Lab, FakeModal, std::path::PathBuf) {
         .await
         .unwrap();
     let lab = Lab::start().await.unwrap();
-    let fake = FakeModal::start_with(config).await.unwrap();
+    let fake = FakeModal::start_with(config.reaching(&lab)).await.unwrap();
     (lab, fake, agent)
 }
 
@@ -64,9 +67,6 @@ async fn check_in_lab(lab: &Lab, fake: &FakeModal, agent: &Path, extra: &[String
         "--json",
         "--agent",
         agent.to_str().unwrap(),
-        // Fake sandboxes share this machine's ports; let tailscaled pick one.
-        "--proxy-listen",
-        "127.0.0.1:0",
         "--expect-ref",
         &format!("main={main_sha}"),
     ]
@@ -175,6 +175,70 @@ async fn the_agent_in_a_fake_modal_sandbox_passes_every_check_on_the_lab_tailnet
     .expect("test timed out");
 }
 
+/// This machine's global IPv4 addresses, from `ip -4 -o addr show scope global`.
+fn global_ipv4s() -> Vec<Ipv4Addr> {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dev_host_is_out_of_a_fake_sandboxs_reach_except_over_the_tailnet() {
+    let (lab, fake, agent) = setup(FakeConfig::default()).await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let tailscaled = lab.bins().tailscaled().display().to_string();
+        let extra = ["--tailscaled".into(), tailscaled, "--keep".into()];
+        let run = check_in_lab(&lab, &fake, &agent, &extra).await;
+        // Over the tailnet, the agent's checks reach the dev host's HTTP server...
+        assert_eq!(run.status("http"), "CHECK_STATUS_PASS", "{:#}", run.report);
+        let sandbox_id = run.report["sandbox"]["sandbox_id"].as_str().unwrap();
+        let sandbox = fake.attach(sandbox_id).await.unwrap();
+        let connect = |url: String| {
+            let sandbox = &sandbox;
+            async move {
+                let argv = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", &url];
+                sandbox.exec(&argv).await.unwrap()
+            }
+        };
+
+        // ...while the same server, directly, answers this machine but not the sandbox (curl's
+        // exit 7: could not connect).
+        let port = lab.http_port();
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let direct = connect(format!("http://127.0.0.1:{port}/health")).await;
+        assert_eq!(direct.exit, ExitStatus::Code(7), "{direct:?}");
+
+        // Nor does anything else on this machine: a server on all of its addresses, and the far
+        // end of the sandbox's own link, where only the lab's ports are forwarded.
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for ip in global_ipv4s() {
+            tokio::net::TcpStream::connect((ip, port)).await.unwrap();
+            let output = connect(format!("http://{ip}:{port}/")).await;
+            assert_eq!(output.exit, ExitStatus::Code(7), "{ip}: {output:?}");
+        }
+        let output = connect(format!("http://198.18.0.1:{}/", lab.http_port())).await;
+        assert_eq!(output.exit, ExitStatus::Code(7), "{output:?}");
+
+        // The way out is the lab's control, at the very address the lab announced.
+        let output = connect(format!("{}/healthz", lab.control_url())).await;
+        assert_eq!(output.exit, ExitStatus::Code(0), "{output:?}");
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tailscale_pushed_from_a_release_tarball_joins_the_lab_tailnet() {
     // No tailscaled on the sandbox's PATH: only the pushed one can be used.
@@ -183,11 +247,6 @@ async fn tailscale_pushed_from_a_release_tarball_joins_the_lab_tailnet() {
         ..FakeConfig::default()
     })
     .await;
-    assert!(
-        fake.mount_namespaces(),
-        "this test needs root (a private mount namespace per fake sandbox process), so that the \
-         pushed /tmp/tailbox/bin paths resolve for the agent as in a real sandbox"
-    );
     tokio::time::timeout(TEST_TIMEOUT, async {
         // A release-shaped tarball of the lab's tailscale build.
         let dir = tempfile::tempdir().unwrap();

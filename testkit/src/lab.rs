@@ -25,7 +25,7 @@ mod node;
 mod process;
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub use bins::{BIN_DIR_ENV, Binaries, build_script};
 pub use node::{Node, Status};
 pub use process::processes_mentioning;
+
+use crate::fake_modal::Uplink;
 use process::{LabProcess, Spawn, Stream};
 
 /// How long each lab program may take to print its listening line.
@@ -75,7 +77,29 @@ impl LabConfig {
 #[derive(Deserialize, Debug, Clone)]
 struct ControlInfo {
     control_url: String,
+    /// `https://127.0.0.1:P`.
+    derp_url: String,
+    /// `127.0.0.1:S`.
+    stun_addr: String,
     trap_url: String,
+}
+
+impl ControlInfo {
+    /// The control server, DERP and STUN as addresses (the lab announces them on 127.0.0.1).
+    fn uplinks(&self) -> Result<Vec<Uplink>> {
+        let addr = |text: &str| -> Result<SocketAddrV4> {
+            let host_port = text.rsplit("://").next().unwrap_or(text);
+            host_port
+                .trim_end_matches('/')
+                .parse()
+                .with_context(|| format!("the lab announced {text:?}, not an IPv4 address:port"))
+        };
+        Ok(vec![
+            Uplink::Tcp(addr(&self.control_url)?),
+            Uplink::Tcp(addr(&self.derp_url)?),
+            Uplink::Udp(addr(&self.stun_addr)?),
+        ])
+    }
 }
 
 /// What `tailbox-lab devhost` prints.
@@ -97,6 +121,7 @@ pub struct Lab {
     auth_key: String,
     auth_key_file: PathBuf,
     control_info: ControlInfo,
+    uplinks: Vec<Uplink>,
     devhost_info: DevhostInfo,
     peer_ipv4: Ipv4Addr,
     peer_ipv6: Ipv6Addr,
@@ -140,6 +165,7 @@ impl Lab {
         );
         let (control, control_info) = control?;
         let (devhost, devhost_info) = devhost?;
+        let uplinks = control_info.uplinks()?;
         let git_refs = read_git_refs(&devhost_info.repo_dir).await?;
 
         let env = hermetic_env(&control_info);
@@ -174,6 +200,7 @@ impl Lab {
             auth_key,
             auth_key_file,
             control_info,
+            uplinks,
             devhost_info,
             peer_ipv4,
             peer_ipv6,
@@ -185,6 +212,12 @@ impl Lab {
     /// The control server, e.g. `http://127.0.0.1:41234` (pass as `--login-server`).
     pub fn control_url(&self) -> &str {
         &self.control_info.control_url
+    }
+
+    /// What a fake Modal sandbox must reach to join this tailnet, as a real sandbox reaches
+    /// Tailscale's: the control server and DERP (TCP) and STUN (UDP), all on loopback.
+    pub fn sandbox_uplinks(&self) -> Vec<Uplink> {
+        self.uplinks.clone()
     }
 
     /// The auth key this lab's control accepts. Throwaway: it only works against this lab.

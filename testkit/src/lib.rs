@@ -4,7 +4,7 @@
 //! - [`lab`]: a real tailnet on loopback (Tailscale's own testcontrol + DERP + STUN, a real
 //!   tailscaled peer, a real HTTP server and a real `git http-backend`).
 //! - [`fake_modal`]: Modal's control plane and Task Command Router on loopback, over real tonic,
-//!   with sandboxes that are local process trees.
+//!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
 //! - [`scan`]: watching every process's argv and environment for a secret.
 
@@ -47,4 +47,16 @@ pub fn collect_stderr(child: &mut tokio::process::Child) -> tokio::task::JoinHan
         }
         text
     })
+}
+
+/// Whether `pid` is a live process (a zombie, dead but not yet reaped, is not).
+pub fn process_is_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
 }

@@ -1,136 +1,29 @@
-//! The local backend: the agent runs as a child process of the controller.
+//! The local backend: the "sandbox" is this machine and the agent is a child process.
+//!
+//! Stopping: after Ctrl-C every agent still running gets SIGTERM, cancels its run into its
+//! teardown (logout, stop tailscaled) and sends its report, which tailbox waits for. An agent
+//! abandoned any other way (an error) gets SIGTERM too, and finishes that teardown on its own in
+//! its own process group.
 
-use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::FutureExt as _;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
 use tokio::process::Command;
 
-use super::{AgentExit, AgentProcess};
-use crate::error::{CliError, CliResult};
+use super::{
+    AgentProcess, Backend, Installed, Interrupt, ProcessExit, Released, Sandbox, SandboxError,
+};
 
-/// A "sandbox" that is this machine.
-#[derive(Debug, Clone)]
-pub struct LocalSandbox {
-    agent_path: PathBuf,
-    agent_sha256: String,
-    id: String,
-}
-
-impl LocalSandbox {
-    /// Finds and hashes the agent binary.
-    pub fn prepare(agent_override: Option<&Path>) -> CliResult<Self> {
-        let agent_path = match agent_override {
-            Some(path) => path.to_path_buf(),
-            None => default_agent_path()?,
-        };
-        let agent_sha256 = sha256_file(&agent_path).map_err(|err| {
-            CliError::usage(format!(
-                "Failed to read the agent binary {}",
-                agent_path.display()
-            ))
-            .with_source(err)
-            .with_hint("build it with `cargo build -p tailbox-agent`, or pass --agent <PATH>")
-        })?;
-        Ok(Self {
-            agent_path,
-            agent_sha256,
-            id: format!("local-{}", std::process::id()),
-        })
-    }
-
-    /// Identifier used in reports and the default hostname.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// What the report says about this sandbox.
-    pub fn info(&self) -> SandboxInfo {
-        SandboxInfo {
-            backend: "local".into(),
-            sandbox_id: self.id.clone(),
-            image: String::new(),
-            kept: false,
-            uploaded_bytes: 0,
-        }
-    }
-
-    /// Starts `tailbox-agent serve --stdio` as a child process.
-    pub fn launch_agent(&self, log_filter: &str) -> CliResult<AgentProcess> {
-        let mut child = Command::new(&self.agent_path)
-            .args(["serve", "--stdio", "--log", log_filter])
-            // Like a fresh sandbox: only harmless variables, so no secret (TS_AUTHKEY, Modal
-            // tokens) reaches the agent's or tailscaled's environment.
-            .env_clear()
-            .envs(std::env::vars_os().filter(|(name, _)| {
-                SAFE_ENV
-                    .iter()
-                    .any(|safe| name.as_os_str() == std::ffi::OsStr::new(safe))
-            }))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group: a terminal's Ctrl-C reaches only us, and we then close its
-            // stdin so it can log out of the tailnet before exiting.
-            .process_group(0)
-            .spawn()
-            .map_err(|err| {
-                CliError::infra(format!(
-                    "Failed to start the agent {}",
-                    self.agent_path.display()
-                ))
-                .with_source(err)
-                .with_hint("check that the file is an executable tailbox-agent for this machine")
-            })?;
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            return Err(CliError::infra("Failed to open the agent's stdio pipes"));
-        };
-        let pid = child.id();
-        let mut child = StopOnDrop(child);
-        let exit = async move {
-            match child.0.wait().await {
-                Ok(status) => match (status.code(), status.signal()) {
-                    (Some(code), _) => AgentExit::Code(code),
-                    (None, Some(signal)) => AgentExit::Signal(signal),
-                    (None, None) => AgentExit::Unknown(status.to_string()),
-                },
-                Err(err) => AgentExit::Unknown(err.to_string()),
-            }
-        }
-        .boxed();
-        Ok(AgentProcess {
-            io: Box::new(tokio::io::join(stdout, stdin)),
-            stderr: Box::pin(stderr),
-            exit,
-            expected_sha256: Some(self.agent_sha256.clone()),
-            pid,
-        })
-    }
-}
-
-/// Owns the agent process. If the session is abandoned (Ctrl-C, an error) while the agent still
-/// runs, it gets SIGTERM rather than SIGKILL: it then cancels its run, logs the node out and
-/// stops tailscaled on its own, in its own process group, after we are gone.
-struct StopOnDrop(tokio::process::Child);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait()
-            && let Some(pid) = self.0.id()
-            && let Ok(pid) = i32::try_from(pid)
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-}
+/// After Ctrl-C: how long local agents get to log out, stop tailscaled and report.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
 
 /// Environment passed through to a local agent.
 const SAFE_ENV: &[&str] = &[
@@ -145,15 +38,189 @@ const SAFE_ENV: &[&str] = &[
     "SSL_CERT_DIR",
 ];
 
-/// The first agent found where [`super::default_agent_candidates`] looks.
-fn default_agent_path() -> CliResult<PathBuf> {
-    super::default_agent_candidates()
-        .into_iter()
-        .next()
-        .ok_or_else(|| {
-            CliError::usage("Failed to find tailbox-agent next to tailbox")
-                .with_hint("build it with `cargo xtask static-agent` (or `cargo build -p tailbox-agent`), or pass --agent <PATH> (or set TAILBOX_AGENT)")
+/// Runs agents on this machine.
+pub struct LocalBackend {
+    agent: Arc<LocalAgent>,
+    /// Process ids of the agents started, for the interrupt.
+    agents: Arc<Mutex<Vec<u32>>>,
+    opened: AtomicUsize,
+}
+
+/// The agent binary and its hash.
+#[derive(Debug)]
+struct LocalAgent {
+    path: PathBuf,
+    sha256: String,
+}
+
+impl LocalBackend {
+    /// Finds (or takes) and hashes the agent binary.
+    pub fn new(agent_override: Option<&Path>) -> Result<Self, SandboxError> {
+        let path = match agent_override {
+            Some(path) => path.to_path_buf(),
+            None => super::default_agent_candidates().into_iter().next().ok_or(
+                SandboxError::AgentMissing {
+                    static_needed: false,
+                },
+            )?,
+        };
+        let sha256 = sha256_file(&path).map_err(|source| SandboxError::AgentUnreadable {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            agent: Arc::new(LocalAgent { path, sha256 }),
+            agents: Arc::default(),
+            opened: AtomicUsize::new(0),
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for LocalBackend {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn open(&self, _existing: Option<&str>) -> Result<Box<dyn Sandbox>, SandboxError> {
+        // The first sandbox is `local-<pid>`; more in one run are numbered.
+        let n = self.opened.fetch_add(1, Ordering::SeqCst);
+        let id = match n {
+            0 => format!("local-{}", std::process::id()),
+            n => format!("local-{}-{n}", std::process::id()),
+        };
+        Ok(Box::new(LocalSandbox {
+            id,
+            agent: Arc::clone(&self.agent),
+            agents: Arc::clone(&self.agents),
+        }))
+    }
+
+    fn interrupt(&self) -> Interrupt {
+        let pids = self.agents.lock().map(|p| p.clone()).unwrap_or_default();
+        for pid in pids {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        }
+        Interrupt::AwaitReports(INTERRUPT_GRACE)
+    }
+
+    async fn release(&self, _budget: Duration) -> Vec<Released> {
+        // Nothing to terminate: agents end when their stdin closes (or got SIGTERM on drop).
+        Vec::new()
+    }
+}
+
+/// This machine, as a sandbox.
+pub struct LocalSandbox {
+    id: String,
+    agent: Arc<LocalAgent>,
+    agents: Arc<Mutex<Vec<u32>>>,
+}
+
+#[async_trait::async_trait]
+impl Sandbox for LocalSandbox {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn info(&self) -> SandboxInfo {
+        SandboxInfo {
+            backend: "local".into(),
+            sandbox_id: self.id.clone(),
+            image: String::new(),
+            kept: false,
+            uploaded_bytes: 0,
+        }
+    }
+
+    fn default_hostname(&self) -> Option<String> {
+        // modal-<id> would be misleading for a local run.
+        Some(format!("tailbox-{}", self.id))
+    }
+
+    fn remote(&self) -> bool {
+        false
+    }
+
+    async fn install(&mut self) -> Result<Installed, SandboxError> {
+        Ok(Installed::default())
+    }
+
+    async fn exec_agent(&self, args: &[&str]) -> Result<AgentProcess, SandboxError> {
+        let mut child = Command::new(&self.agent.path)
+            .args(args)
+            // Like a fresh sandbox: only harmless variables, so no secret (TS_AUTHKEY, Modal
+            // tokens) reaches the agent's or tailscaled's environment.
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(name, _)| {
+                SAFE_ENV
+                    .iter()
+                    .any(|safe| name.as_os_str() == std::ffi::OsStr::new(safe))
+            }))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: a terminal's Ctrl-C reaches only us, and we then ask it to
+            // log out of the tailnet before it exits.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| SandboxError::Spawn {
+                path: self.agent.path.clone(),
+                source,
+            })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(SandboxError::Spawn {
+                path: self.agent.path.clone(),
+                source: std::io::Error::other("the agent's stdio pipes were not opened"),
+            });
+        };
+        let pid = child.id();
+        if let Some(pid) = pid
+            && let Ok(mut agents) = self.agents.lock()
+        {
+            agents.push(pid);
+        }
+        let agents = Arc::clone(&self.agents);
+        let mut child = StopOnDrop(child);
+        let exit = async move {
+            let exit = match child.0.wait().await {
+                Ok(status) => ProcessExit::from(status),
+                Err(err) => ProcessExit::Unknown(err.to_string()),
+            };
+            // Reaped: its pid may be reused, so the interrupt must no longer signal it.
+            if let Ok(mut agents) = agents.lock() {
+                agents.retain(|p| Some(*p) != pid);
+            }
+            exit
+        }
+        .boxed();
+        Ok(AgentProcess {
+            io: Box::new(tokio::io::join(stdout, stdin)),
+            stderr: Box::pin(stderr),
+            exit,
+            expected_sha256: Some(self.agent.sha256.clone()),
+        })
+    }
+}
+
+/// Owns the agent process. If the session is abandoned (an error) while the agent still runs,
+/// it gets SIGTERM rather than SIGKILL: it then cancels its run, logs the node out and stops
+/// tailscaled on its own, in its own process group, after we are gone.
+struct StopOnDrop(tokio::process::Child);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait()
+            && let Some(pid) = self.0.id()
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
 }
 
 /// Lower-case hex sha256 of a file.

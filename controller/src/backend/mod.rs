@@ -1,14 +1,24 @@
-//! Where the agent runs. Every backend hands back the same thing: a byte stream to the agent's
-//! stdin/stdout, its stderr, and a future for its exit, so the session code is backend-agnostic.
+//! Where the agent runs: this machine ([`local`]) or a Modal sandbox ([`modal`]).
+//!
+//! Both give the rest of tailbox the same two things: a [`Backend`] that opens sandboxes
+//! (creates one, or attaches to an existing one) and, at the end, stops and terminates what it
+//! created; and a [`Sandbox`] that puts the agent in place and execs it. Each backend keeps its
+//! own way of stopping: a local agent is asked to log out (SIGTERM) and waited for, a Modal
+//! sandbox is terminated.
 
 pub mod local;
 pub mod modal;
 
-use std::fmt;
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
+use tailbox_proto::agent::v1::SandboxInfo;
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::modal::ModalError;
+pub use crate::process::ProcessExit;
 
 /// A duplex byte stream to the agent (its stdout to read, its stdin to write).
 pub trait AgentIo: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -20,40 +30,161 @@ pub struct AgentProcess {
     pub io: Box<dyn AgentIo>,
     /// The agent's stderr (its logs), read concurrently with the wire.
     pub stderr: Pin<Box<dyn AsyncRead + Send>>,
-    /// Resolves when the agent process has exited. Dropping it kills the agent.
-    pub exit: BoxFuture<'static, AgentExit>,
+    /// Resolves when the agent process has exited. Dropping it does not stop the agent; the
+    /// backend decides that.
+    pub exit: BoxFuture<'static, ProcessExit>,
     /// sha256 the agent must report in its handshake, when the backend knows it.
     pub expected_sha256: Option<String>,
-    /// Local process id, when the agent is a child of this process.
-    pub pid: Option<u32>,
 }
 
-/// How the agent process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AgentExit {
-    /// It exited with this code.
-    Code(i32),
-    /// It was killed by this signal.
-    Signal(i32),
-    /// The backend could not tell (for example the sandbox vanished).
-    Unknown(String),
+/// What [`Sandbox::install`] did.
+#[derive(Debug, Clone, Default)]
+pub struct Installed {
+    /// Bytes sent into the sandbox (0 when everything was already there).
+    pub uploaded_bytes: u64,
+    /// Where a pushed tailscaled is in the sandbox, when tailscale binaries were pushed.
+    pub pushed_tailscaled: Option<String>,
 }
 
-impl AgentExit {
-    /// Whether this is a clean exit.
-    pub fn success(&self) -> bool {
-        matches!(self, AgentExit::Code(0))
-    }
+/// A place the agent runs.
+#[async_trait::async_trait]
+pub trait Sandbox: Send + Sync {
+    /// Its identifier (a Modal sandbox id, or `local-<pid>`).
+    fn id(&self) -> &str;
+
+    /// What the report says about it.
+    fn info(&self) -> SandboxInfo;
+
+    /// The tailnet hostname to use when none is configured; `None` lets the agent derive one
+    /// from the sandbox id (`modal-<id8>`).
+    fn default_hostname(&self) -> Option<String>;
+
+    /// Whether it is somewhere else (so creating it and uploading to it are worth showing).
+    fn remote(&self) -> bool;
+
+    /// Puts the agent, and any tailscale binaries to push, in place.
+    async fn install(&mut self) -> Result<Installed, SandboxError>;
+
+    /// Starts the installed agent with `args` (e.g. `serve --stdio`), its stdio wired as the
+    /// gRPC wire.
+    async fn exec_agent(&self, args: &[&str]) -> Result<AgentProcess, SandboxError>;
 }
 
-impl fmt::Display for AgentExit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AgentExit::Code(code) => write!(f, "exit status {code}"),
-            AgentExit::Signal(signal) => write!(f, "killed by signal {signal}"),
-            AgentExit::Unknown(why) => write!(f, "unknown exit ({why})"),
-        }
-    }
+/// How a backend stops its work after Ctrl-C or SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The agents were asked to stop (they cancel into their teardown and log out); wait up to
+    /// this long for their reports.
+    AwaitReports(Duration),
+    /// Drop the work at once; [`Backend::release`] terminates the sandboxes.
+    Abandon,
+}
+
+/// What happened to one sandbox when a backend released it.
+#[derive(Debug)]
+pub enum Released {
+    /// It was terminated.
+    Terminated(String),
+    /// It was left running on purpose (`--keep`).
+    Kept(String),
+    /// It existed before this run (`--sandbox-id`), so it was left running.
+    NotOurs(String),
+    /// Terminating it failed.
+    Failed(String, ModalError),
+    /// Terminating it did not finish within the budget (`None`: its id was never learned).
+    TimedOut(Option<String>),
+}
+
+/// Where the agent runs, and its lifecycle.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    /// `local` or `modal`.
+    fn kind(&self) -> &'static str;
+
+    /// Creates a sandbox, or attaches to the existing sandbox `existing`.
+    async fn open(&self, existing: Option<&str>) -> Result<Box<dyn Sandbox>, SandboxError>;
+
+    /// Stops the agents this backend started, its own way, and says how to wait for them.
+    fn interrupt(&self) -> Interrupt;
+
+    /// Terminates the sandboxes this backend created (unless kept), within `budget`, even if
+    /// the work that created them was dropped mid-flight.
+    async fn release(&self, budget: Duration) -> Vec<Released>;
+}
+
+/// Why a sandbox could not be prepared or the agent could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No agent binary was found where tailbox looks.
+    #[error("Failed to find {} next to tailbox", if *static_needed { "a static tailbox-agent to upload" } else { "tailbox-agent" })]
+    AgentMissing {
+        /// Whether a static build is needed (a sandbox other than this machine).
+        static_needed: bool,
+    },
+    /// The agent binary could not be read.
+    #[error("Failed to read the agent binary {}", path.display())]
+    AgentUnreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent binary cannot run in a sandbox.
+    #[error("The agent {} cannot run in a Modal sandbox", path.display())]
+    AgentNotStatic {
+        /// The file.
+        path: PathBuf,
+        /// Why not.
+        #[source]
+        problem: ElfProblem,
+    },
+    /// The tailscale tarball could not be used.
+    #[error("Failed to read the tailscale tarball {}", path.display())]
+    Tarball {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tarball has no tailscaled.
+    #[error("The tarball {} has no tailscaled", path.display())]
+    TarballWithoutTailscaled {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The agent process could not be started on this machine.
+    #[error("Failed to start the agent {}", path.display())]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Talking to Modal failed.
+    #[error(transparent)]
+    Modal(#[from] ModalError),
+}
+
+/// Why a binary cannot be run in any Linux sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum ElfProblem {
+    /// Not an ELF executable at all.
+    #[error("it is not an ELF executable ({0})")]
+    NotElf(String),
+    /// Built for another machine.
+    #[error("it is built for machine {0} (need x86_64)")]
+    WrongMachine(String),
+    /// A library, not a program.
+    #[error("it is not an executable")]
+    NotExecutable,
+    /// It needs a program interpreter the sandbox may lack.
+    #[error(
+        "it is dynamically linked (program interpreter {0}), and sandbox images need not have that loader"
+    )]
+    Dynamic(String),
 }
 
 /// Where cargo puts the static agent, relative to a profile directory such as `target/release`.
@@ -62,7 +193,7 @@ const STATIC_AGENT_FROM_PROFILE_DIR: &str = "../x86_64-unknown-linux-musl/releas
 /// Candidate agent binaries when none is named: next to the running `tailbox` (a release
 /// archive, or a cargo profile directory; test binaries sit one level deeper in `deps/`), then
 /// the static build `cargo xtask static-agent` produces in the same target directory.
-pub fn default_agent_candidates() -> Vec<std::path::PathBuf> {
+pub fn default_agent_candidates() -> Vec<PathBuf> {
     let Ok(exe) = std::env::current_exe() else {
         return Vec::new();
     };

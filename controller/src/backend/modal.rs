@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,12 +12,16 @@ use futures::FutureExt as _;
 use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
 
-use super::{AgentExit, AgentProcess};
-use crate::error::{CliError, CliResult, status_error};
+use super::{
+    AgentProcess, Backend, ElfProblem, Installed, Interrupt, ProcessExit, Released, Sandbox,
+    SandboxError,
+};
 use crate::modal::client::ModalClient;
+use crate::modal::config::ModalConfig;
 use crate::modal::fs;
-use crate::modal::router::{Router, router_error};
+use crate::modal::router::Router;
 use crate::modal::stdio::{ExecReader, ExecWriter, Fd};
+use crate::modal::{ModalError, RpcStatus};
 
 /// Where tailbox keeps its binaries in the sandbox, each at a content-addressed name.
 pub const SANDBOX_BIN_DIR: &str = "/tmp/tailbox/bin";
@@ -24,15 +29,10 @@ pub const SANDBOX_BIN_DIR: &str = "/tmp/tailbox/bin";
 pub const CREATED_BY_TAG: (&str, &str) = ("created-by", "tailbox");
 /// The tag naming the run that created a sandbox (to find it after an interrupted create).
 pub const RUN_TAG: &str = "tailbox-run";
-/// The static build command, for hints.
-pub const STATIC_BUILD: &str =
-    "cargo build --release --target x86_64-unknown-linux-musl -p tailbox-agent";
 
 /// A local binary to push: its bytes and their sha256.
 #[derive(Clone)]
 pub struct LocalBinary {
-    /// Where it was read from.
-    pub path: PathBuf,
     /// Its content.
     pub bytes: Bytes,
     /// Lower-case hex sha256 of the content.
@@ -40,10 +40,9 @@ pub struct LocalBinary {
 }
 
 impl LocalBinary {
-    fn new(path: PathBuf, bytes: Vec<u8>) -> Self {
+    fn new(bytes: Vec<u8>) -> Self {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         Self {
-            path,
             bytes: Bytes::from(bytes),
             sha256,
         }
@@ -57,48 +56,33 @@ impl LocalBinary {
 
 /// Reads the agent to upload and checks it can run in any Linux sandbox: a static x86_64 ELF
 /// (no program interpreter), since images need not have a loader at all.
-pub fn load_static_agent(path: &Path) -> CliResult<LocalBinary> {
-    let hint = || {
-        format!(
-            "build the static agent with `{STATIC_BUILD}` and pass --agent target/x86_64-unknown-linux-musl/release/tailbox-agent (or set TAILBOX_AGENT)"
-        )
-    };
-    let bytes = std::fs::read(path).map_err(|err| {
-        CliError::usage(format!(
-            "Failed to read the agent binary {}",
-            path.display()
-        ))
-        .with_source(err)
-        .with_hint(hint())
+pub fn load_static_agent(path: &Path) -> Result<LocalBinary, SandboxError> {
+    let bytes = std::fs::read(path).map_err(|source| SandboxError::AgentUnreadable {
+        path: path.to_path_buf(),
+        source,
     })?;
-    if let Err(why) = check_static_x86_64(&bytes) {
-        return Err(CliError::usage(format!(
-            "The agent {} cannot run in a Modal sandbox: {why}",
-            path.display()
-        ))
-        .with_hint(hint()));
-    }
-    Ok(LocalBinary::new(path.to_path_buf(), bytes))
+    check_static_x86_64(&bytes).map_err(|problem| SandboxError::AgentNotStatic {
+        path: path.to_path_buf(),
+        problem,
+    })?;
+    Ok(LocalBinary::new(bytes))
 }
 
 /// `Ok` for a static x86_64 ELF executable; otherwise why not.
-pub fn check_static_x86_64(bytes: &[u8]) -> Result<(), String> {
+pub fn check_static_x86_64(bytes: &[u8]) -> Result<(), ElfProblem> {
     use goblin::elf::Elf;
     use goblin::elf::header::{EM_X86_64, ET_DYN, ET_EXEC};
-    let elf = Elf::parse(bytes).map_err(|e| format!("it is not an ELF executable ({e})"))?;
+    let elf = Elf::parse(bytes).map_err(|e| ElfProblem::NotElf(e.to_string()))?;
     if elf.header.e_machine != EM_X86_64 || !elf.is_64 {
-        return Err(format!(
-            "it is built for machine {} (need x86_64)",
-            goblin::elf::header::machine_to_str(elf.header.e_machine)
+        return Err(ElfProblem::WrongMachine(
+            goblin::elf::header::machine_to_str(elf.header.e_machine).to_owned(),
         ));
     }
     if !matches!(elf.header.e_type, ET_EXEC | ET_DYN) {
-        return Err("it is not an executable".into());
+        return Err(ElfProblem::NotExecutable);
     }
     if let Some(interp) = elf.interpreter {
-        return Err(format!(
-            "it is dynamically linked (program interpreter {interp}), and sandbox images need not have that loader"
-        ));
+        return Err(ElfProblem::Dynamic(interp.to_owned()));
     }
     Ok(())
 }
@@ -113,16 +97,10 @@ pub struct TailscaleBinaries {
 }
 
 /// Unpacks `tailscaled` and `tailscale` from a release tarball.
-pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
-    let failed = |err: std::io::Error| {
-        CliError::usage(format!(
-            "Failed to read the tailscale tarball {}",
-            path.display()
-        ))
-        .with_source(err)
-        .with_hint(
-            "pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com",
-        )
+pub fn unpack_tailscale_tarball(path: &Path) -> Result<TailscaleBinaries, SandboxError> {
+    let failed = |source: std::io::Error| SandboxError::Tarball {
+        path: path.to_path_buf(),
+        source,
     };
     let file = std::fs::File::open(path).map_err(failed)?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
@@ -140,14 +118,15 @@ pub fn unpack_tailscale_tarball(path: &Path) -> CliResult<TailscaleBinaries> {
             let name = name.to_owned();
             let mut bytes = Vec::new();
             entry.read_to_end(&mut bytes).map_err(failed)?;
-            found.insert(name, LocalBinary::new(path.join(&entry_path), bytes));
+            found.insert(name, LocalBinary::new(bytes));
         }
     }
-    let tailscaled = found.remove("tailscaled").ok_or_else(|| {
-        CliError::usage(format!("The tarball {} has no tailscaled", path.display())).with_hint(
-            "pass a release tarball such as tailscale_1.x.y_amd64.tgz from pkgs.tailscale.com",
-        )
-    })?;
+    let tailscaled =
+        found
+            .remove("tailscaled")
+            .ok_or_else(|| SandboxError::TarballWithoutTailscaled {
+                path: path.to_path_buf(),
+            })?;
     Ok(TailscaleBinaries {
         tailscaled,
         tailscale: found.remove("tailscale"),
@@ -169,28 +148,144 @@ pub struct SandboxSpec {
     pub env: HashMap<String, String>,
 }
 
-/// A Modal sandbox, created or attached to, with a router connection to its task.
-pub struct ModalSandbox {
-    id: String,
-    image: String,
-    router: Router,
-    uploaded_bytes: u64,
+/// Sandbox lifetime beyond the run's timeout (image pull, upload): Modal reaps the sandbox after
+/// it even if tailbox dies without cleaning up.
+const SANDBOX_LIFETIME_MARGIN: Duration = Duration::from_secs(10 * 60);
+/// Lifetime of a sandbox kept with `--keep`.
+const KEPT_SANDBOX_LIFETIME: Duration = Duration::from_secs(60 * 60);
+
+/// How a run uses Modal.
+#[derive(Debug, Clone)]
+pub struct ModalOptions {
+    /// Modal app of the sandboxes.
+    pub app_name: String,
+    /// Registry image of the sandboxes.
+    pub image: String,
+    /// The run's whole budget; a created sandbox lives a margin longer.
+    pub run_timeout: Duration,
+    /// Leave created sandboxes running.
+    pub keep: bool,
+    /// This run's id, tagged on what it creates.
+    pub run_id: String,
+    /// The agent to upload; default: the static build next to `tailbox`.
+    pub agent: Option<PathBuf>,
+    /// A tailscale release tarball whose binaries are pushed too.
+    pub tailscale_tarball: Option<PathBuf>,
 }
 
-impl ModalSandbox {
-    /// Creates a sandbox. `created` is told the id as soon as it exists, before anything else
-    /// can fail, so the caller can always terminate it.
-    pub async fn create(
-        client: &ModalClient,
-        spec: &SandboxSpec,
-        created: impl FnOnce(&str),
-    ) -> CliResult<Self> {
+impl ModalOptions {
+    /// What each created sandbox looks like.
+    fn spec(&self) -> SandboxSpec {
+        let lifetime = if self.keep {
+            KEPT_SANDBOX_LIFETIME.max(self.run_timeout + SANDBOX_LIFETIME_MARGIN)
+        } else {
+            self.run_timeout + SANDBOX_LIFETIME_MARGIN
+        };
+        SandboxSpec {
+            app_name: self.app_name.clone(),
+            image: self.image.clone(),
+            timeout: lifetime,
+            tags: vec![
+                (CREATED_BY_TAG.0.to_owned(), CREATED_BY_TAG.1.to_owned()),
+                (RUN_TAG.to_owned(), self.run_id.clone()),
+            ],
+            env: HashMap::from([
+                ("HOME".to_owned(), "/root".to_owned()),
+                ("TERM".to_owned(), "xterm-256color".to_owned()),
+            ]),
+        }
+    }
+}
+
+/// Runs agents in Modal sandboxes.
+pub struct ModalBackend {
+    client: ModalClient,
+    options: ModalOptions,
+    spec: SandboxSpec,
+    payload: Arc<Payload>,
+    tracked: Mutex<Tracked>,
+}
+
+/// What is uploaded into every sandbox.
+struct Payload {
+    agent: LocalBinary,
+    tailscale: Option<TailscaleBinaries>,
+}
+
+/// What this backend created or attached to, recorded as it happens so that release works even
+/// when the work was dropped mid-flight (Ctrl-C).
+#[derive(Debug, Default, Clone)]
+struct Tracked {
+    /// Creates sent: a sandbox may exist even if its id never came back.
+    creates: usize,
+    /// Sandboxes created (ids known).
+    created: Vec<String>,
+    /// Existing sandboxes attached to (never terminated: they are not ours).
+    attached: Vec<String>,
+}
+
+impl ModalBackend {
+    /// Checks the local binaries first (a dynamic agent or a bad tarball is found before
+    /// anything is created), then makes a client.
+    pub fn new(config: ModalConfig, options: ModalOptions) -> Result<Self, SandboxError> {
+        let agent = match &options.agent {
+            Some(path) => load_static_agent(path)?,
+            None => default_static_agent()?,
+        };
+        let tailscale = options
+            .tailscale_tarball
+            .as_deref()
+            .map(unpack_tailscale_tarball)
+            .transpose()?;
+        let client = ModalClient::new(config)?;
+        Ok(Self {
+            client,
+            spec: options.spec(),
+            options,
+            payload: Arc::new(Payload { agent, tailscale }),
+            tracked: Mutex::default(),
+        })
+    }
+
+    fn track(&self, change: impl FnOnce(&mut Tracked)) {
+        match self.tracked.lock() {
+            Ok(mut tracked) => change(&mut tracked),
+            Err(poisoned) => change(&mut poisoned.into_inner()),
+        }
+    }
+
+    fn tracked(&self) -> Tracked {
+        match self.tracked.lock() {
+            Ok(tracked) => tracked.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Sandboxes of this run, found by its tag (after creates whose ids never came back).
+    async fn find_by_run_tag(&self) -> Vec<String> {
+        let Ok(Some(app_id)) = self.client.app_lookup(&self.spec.app_name).await else {
+            return Vec::new();
+        };
+        let tags = [(RUN_TAG.to_owned(), self.options.run_id.clone())];
+        match self.client.sandbox_list(&app_id, &tags).await {
+            Ok(found) => found.into_iter().map(|s| s.id).collect(),
+            Err(err) => {
+                tracing::warn!("listing this run's sandboxes failed: {err}");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn create(&self) -> Result<ModalSandbox, ModalError> {
+        let client = &self.client;
+        let spec = &self.spec;
         let app_id = client.app_get_or_create(&spec.app_name).await?;
         let builder_version = client.image_builder_version().await?;
         let image_id = client
             .image_from_registry(&app_id, &spec.image, &builder_version)
             .await?;
         let secret_id = client.ephemeral_secret(&spec.env).await?;
+        self.track(|t| t.creates += 1);
         let id = client
             .sandbox_create(
                 &app_id,
@@ -200,71 +295,180 @@ impl ModalSandbox {
                 &spec.tags,
             )
             .await?;
-        created(&id);
-        let task_id = client.sandbox_task_id(&id).await?;
-        let router = Router::connect(client.clone(), task_id).await?;
-        Ok(Self {
+        // Recorded before anything else can fail, so release always finds it.
+        self.track(|t| t.created.push(id.clone()));
+        self.connect(id, spec.image.clone(), self.options.keep)
+            .await
+    }
+
+    async fn connect(
+        &self,
+        id: String,
+        image: String,
+        kept: bool,
+    ) -> Result<ModalSandbox, ModalError> {
+        let task_id = self.client.sandbox_task_id(&id).await?;
+        let router = Router::connect(self.client.clone(), task_id).await?;
+        Ok(ModalSandbox {
             id,
-            image: spec.image.clone(),
+            image,
+            kept,
             router,
+            payload: Arc::clone(&self.payload),
             uploaded_bytes: 0,
+            agent_path: None,
         })
     }
+}
 
-    /// Attaches to a running sandbox by id.
-    pub async fn attach(client: &ModalClient, sandbox_id: &str) -> CliResult<Self> {
-        let task_id = client.sandbox_task_id(sandbox_id).await?;
-        let router = Router::connect(client.clone(), task_id).await?;
-        Ok(Self {
-            id: sandbox_id.to_owned(),
-            image: String::new(),
-            router,
-            uploaded_bytes: 0,
-        })
+#[async_trait::async_trait]
+impl Backend for ModalBackend {
+    fn kind(&self) -> &'static str {
+        "modal"
     }
 
-    /// The sandbox id.
-    pub fn id(&self) -> &str {
-        &self.id
+    async fn open(&self, existing: Option<&str>) -> Result<Box<dyn Sandbox>, SandboxError> {
+        let sandbox = match existing {
+            Some(id) => {
+                self.track(|t| t.attached.push(id.to_owned()));
+                self.connect(id.to_owned(), String::new(), true).await?
+            }
+            None => self.create().await?,
+        };
+        Ok(Box::new(sandbox))
     }
 
-    /// Bytes uploaded so far.
-    pub fn uploaded_bytes(&self) -> u64 {
-        self.uploaded_bytes
+    fn interrupt(&self) -> Interrupt {
+        // Terminating the sandbox stops everything in it, well within the 3 s promised.
+        Interrupt::Abandon
     }
 
+    async fn release(&self, budget: Duration) -> Vec<Released> {
+        let tracked = self.tracked();
+        let mut released: Vec<Released> = tracked
+            .attached
+            .iter()
+            .cloned()
+            .map(Released::NotOurs)
+            .collect();
+        let work = async {
+            let mut ids = tracked.created.clone();
+            if tracked.creates > tracked.created.len() {
+                // Interrupted while a create was in flight: find the rest by this run's tag.
+                for id in self.find_by_run_tag().await {
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+            }
+            if self.options.keep {
+                return ids.into_iter().map(Released::Kept).collect();
+            }
+            // All at once: many sandboxes must all go within the budget.
+            futures::future::join_all(ids.into_iter().map(|id| async move {
+                match self.client.sandbox_terminate(&id).await {
+                    Ok(_) => Released::Terminated(id),
+                    Err(err) => Released::Failed(id, err),
+                }
+            }))
+            .await
+        };
+        match tokio::time::timeout(budget, work).await {
+            Ok(outcomes) => released.extend(outcomes),
+            Err(_) => {
+                let ids = tracked.created;
+                if ids.is_empty() {
+                    released.push(Released::TimedOut(None));
+                }
+                released.extend(ids.into_iter().map(|id| Released::TimedOut(Some(id))));
+            }
+        }
+        released
+    }
+}
+
+/// A Modal sandbox, created or attached to, with a router connection to its task.
+pub struct ModalSandbox {
+    id: String,
+    image: String,
+    kept: bool,
+    router: Router,
+    payload: Arc<Payload>,
+    uploaded_bytes: u64,
+    agent_path: Option<String>,
+}
+
+impl ModalSandbox {
     /// Pushes `binary` as `<name>-<sha256>` (skipped when already there); returns its path.
-    pub async fn push(&mut self, binary: &LocalBinary, name: &str) -> CliResult<String> {
+    async fn push(&mut self, binary: &LocalBinary, name: &str) -> Result<String, ModalError> {
         let path = binary.sandbox_path(name);
         self.uploaded_bytes +=
             fs::push_executable(&self.router, &path, binary.bytes.clone()).await?;
         Ok(path)
     }
+}
 
-    /// Pushes the tailscale binaries; returns the sandbox path of tailscaled.
-    pub async fn push_tailscale(&mut self, binaries: &TailscaleBinaries) -> CliResult<String> {
-        let tailscaled = self.push(&binaries.tailscaled, "tailscaled").await?;
-        if let Some(cli) = &binaries.tailscale {
-            self.push(cli, "tailscale").await?;
-        }
-        Ok(tailscaled)
+#[async_trait::async_trait]
+impl Sandbox for ModalSandbox {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    /// Runs `<agent_path> serve --stdio` and wires its stdio into an [`AgentProcess`].
-    pub async fn launch_agent(
-        &self,
-        agent_path: &str,
-        agent_sha256: &str,
-        log_filter: &str,
-    ) -> CliResult<AgentProcess> {
+    fn info(&self) -> SandboxInfo {
+        SandboxInfo {
+            backend: "modal".into(),
+            sandbox_id: self.id.clone(),
+            image: self.image.clone(),
+            kept: self.kept,
+            uploaded_bytes: self.uploaded_bytes,
+        }
+    }
+
+    fn default_hostname(&self) -> Option<String> {
+        None
+    }
+
+    fn remote(&self) -> bool {
+        true
+    }
+
+    async fn install(&mut self) -> Result<Installed, SandboxError> {
+        let payload = Arc::clone(&self.payload);
+        let agent_path = self.push(&payload.agent, "tailbox-agent").await?;
+        self.agent_path = Some(agent_path);
+        let pushed_tailscaled = match &payload.tailscale {
+            Some(binaries) => {
+                let tailscaled = self.push(&binaries.tailscaled, "tailscaled").await?;
+                if let Some(cli) = &binaries.tailscale {
+                    self.push(cli, "tailscale").await?;
+                }
+                Some(tailscaled)
+            }
+            None => None,
+        };
+        Ok(Installed {
+            uploaded_bytes: self.uploaded_bytes,
+            pushed_tailscaled,
+        })
+    }
+
+    async fn exec_agent(&self, args: &[&str]) -> Result<AgentProcess, SandboxError> {
+        let agent_path = self
+            .agent_path
+            .clone()
+            .unwrap_or_else(|| self.payload.agent.sandbox_path("tailbox-agent"));
         let exec_id = uuid::Uuid::new_v4().to_string();
-        let argv = [agent_path, "serve", "--stdio", "--log", log_filter]
+        let argv = std::iter::once(agent_path.as_str())
+            .chain(args.iter().copied())
             .map(str::to_owned)
-            .to_vec();
+            .collect();
         self.router
             .exec_start(&exec_id, argv, HashMap::new())
             .await
-            .map_err(|s| router_error("Failed to start the agent in the sandbox", s))?;
+            .map_err(|s| {
+                self.router
+                    .failed("TaskExecStart", "start the agent in the sandbox", s)
+            })?;
         let stdout = ExecReader::new(self.router.clone(), exec_id.clone(), Fd::Stdout);
         let stdin = ExecWriter::new(self.router.clone(), exec_id.clone());
         let stderr = ExecReader::new(self.router.clone(), exec_id.clone(), Fd::Stderr);
@@ -272,7 +476,7 @@ impl ModalSandbox {
         let exit = async move {
             match router.wait(&exec_id).await {
                 Ok(exit) => exit,
-                Err(status) => AgentExit::Unknown(status_error(&status).to_string()),
+                Err(status) => ProcessExit::Unknown(RpcStatus(status).to_string()),
             }
         }
         .boxed();
@@ -280,39 +484,24 @@ impl ModalSandbox {
             io: Box::new(tokio::io::join(stdout, stdin)),
             stderr: Box::pin(stderr),
             exit,
-            expected_sha256: Some(agent_sha256.to_owned()),
-            pid: None,
+            expected_sha256: Some(self.payload.agent.sha256.clone()),
         })
-    }
-
-    /// What the report says about this sandbox.
-    pub fn info(&self, kept: bool) -> SandboxInfo {
-        SandboxInfo {
-            backend: "modal".into(),
-            sandbox_id: self.id.clone(),
-            image: self.image.clone(),
-            kept,
-            uploaded_bytes: self.uploaded_bytes,
-        }
     }
 }
 
 /// The first *static* agent where [`super::default_agent_candidates`] looks, read for upload
 /// (each candidate is read once): a dynamically linked agent next to `tailbox` (a plain
 /// `cargo build`) is passed over in favour of the musl build.
-pub fn default_static_agent() -> CliResult<LocalBinary> {
+pub fn default_static_agent() -> Result<LocalBinary, SandboxError> {
     super::default_agent_candidates()
         .into_iter()
         .find_map(|path| {
             let bytes = std::fs::read(&path).ok()?;
             check_static_x86_64(&bytes)
                 .is_ok()
-                .then(|| LocalBinary::new(path, bytes))
+                .then(|| LocalBinary::new(bytes))
         })
-        .ok_or_else(|| {
-            CliError::usage("Failed to find a static tailbox-agent to upload next to tailbox")
-                .with_hint(format!(
-                    "build it with `cargo xtask static-agent` (or `{STATIC_BUILD}`), or pass --agent <PATH> (or set TAILBOX_AGENT)"
-                ))
+        .ok_or(SandboxError::AgentMissing {
+            static_needed: true,
         })
 }

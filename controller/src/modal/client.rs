@@ -21,19 +21,23 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::config::ModalConfig;
-use super::retry::{Backoff, is_transient, server_retry_after};
+use super::error::{Finished, ModalError, RpcStatus, Service};
+use super::retry::{Attempts, Backoff, Next, is_transient};
 use super::{channel, jwt};
-use crate::error::{CliError, CliResult, status_error};
 use crate::secret::Secret;
 
-/// `x-modal-client-type`: CLIENT_TYPE_LIBMODAL_GO. The server knows no Rust client type; we
-/// behave like the Go SDK, so we say so.
+/// `x-modal-client-type`: CLIENT_TYPE_LIBMODAL_GO. Modal knows no Rust client type; tailbox
+/// speaks the protocol the way the Go SDK does, so it sends exactly the Go SDK's identity.
 pub const CLIENT_TYPE: &str = "9";
-/// `x-modal-client-version`: the Python SDK version the Go SDK says it behaves like.
+/// `x-modal-client-version`: what the Go SDK sends (the Python SDK version it behaves like).
 pub const CLIENT_VERSION: &str = "1.0.0";
-/// `x-modal-libmodal-version`: our own name, so Modal can tell tailbox's traffic apart. If the
-/// server ever rejects it, this is the one value to change (to `modal-go/0.9.0`).
-pub const LIBMODAL_VERSION: &str = concat!("tailbox/", env!("CARGO_PKG_VERSION"));
+/// `x-modal-libmodal-version`: the newest released Go SDK's value (`go/version.go` of
+/// modal-labs/modal-client, 0.10.1 of 2026-09-10), never a name of our own, so a live run does
+/// not depend on Modal accepting an SDK it has never seen. Move it with new Go SDK releases.
+pub const LIBMODAL_VERSION: &str = "modal-go/0.10.1";
+/// `user-agent`: the one place tailbox names itself, since a user agent is informational (the
+/// Go SDK sends grpc-go's, the Python SDK its own). tonic appends `tonic/<version>`.
+pub const USER_AGENT: &str = concat!("tailbox/", env!("CARGO_PKG_VERSION"));
 
 /// Assumed lifetime of an auth token without an `exp` claim (as the Go SDK assumes).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(20 * 60);
@@ -60,19 +64,10 @@ struct AuthToken {
     refresh_at: SystemTime,
 }
 
-/// How a finished sandbox or build ended.
-#[derive(Debug, Clone)]
-pub struct Finished {
-    /// GenericStatus name, e.g. `GENERIC_STATUS_TIMEOUT`.
-    pub status: String,
-    /// The server's explanation, if any.
-    pub exception: String,
-}
-
 impl ModalClient {
     /// A client for `config`; it connects lazily on the first call.
-    pub fn new(config: ModalConfig) -> CliResult<Self> {
-        let channel = channel(&config.server_url, config.plaintext())?;
+    pub fn new(config: ModalConfig) -> Result<Self, ModalError> {
+        let channel = channel(&config.server_url, config.plaintext(), false)?;
         let client = ModalClientClient::new(channel)
             .max_decoding_message_size(super::MAX_MESSAGE_SIZE)
             .max_encoding_message_size(super::MAX_MESSAGE_SIZE);
@@ -104,10 +99,8 @@ impl ModalClient {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let idempotency_key = uuid::Uuid::new_v4().to_string();
-        let started = Instant::now();
-        let mut retries = 0u32;
-        let mut throttles = 0u32;
-        let mut throttled_for = Duration::ZERO;
+        let mut attempts = Attempts::new(Backoff::CONTROL_PLANE)
+            .honouring_throttles(self.inner.config.max_throttle_wait);
         loop {
             let mut request = Request::new(message.clone());
             request.set_timeout(timeout);
@@ -115,38 +108,50 @@ impl ModalClient {
                 .await?;
             let metadata = request.metadata_mut();
             insert(metadata, "x-idempotency-key", &idempotency_key);
-            insert(metadata, "x-retry-attempt", &retries.to_string());
-            insert(metadata, "x-throttle-retry-attempt", &throttles.to_string());
-            if retries > 0 {
-                let delay = format!("{:.3}", started.elapsed().as_secs_f64());
+            insert(metadata, "x-retry-attempt", &attempts.retries().to_string());
+            insert(
+                metadata,
+                "x-throttle-retry-attempt",
+                &attempts.throttles().to_string(),
+            );
+            let delay = format!("{:.3}", attempts.elapsed().as_secs_f64());
+            if attempts.retries() > 0 {
                 insert(metadata, "x-retry-delay", &delay);
             }
-            if throttles > 0 {
-                let delay = format!("{:.3}", started.elapsed().as_secs_f64());
+            if attempts.throttles() > 0 {
                 insert(metadata, "x-throttle-retry-delay", &delay);
             }
             let status = match call(self.inner.client.clone(), request).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
-            if let Some(wait) = server_retry_after(&status) {
-                let budget = self.inner.config.max_throttle_wait;
-                if budget.is_none_or(|b| throttled_for + wait <= b) {
-                    tracing::debug!(rpc, ?wait, "throttled by the server; waiting");
-                    throttles += 1;
-                    throttled_for += wait;
+            match attempts.after(&status) {
+                Next::Retry(wait) => {
+                    tracing::debug!(rpc, ?wait, code = ?status.code(), "retrying");
                     tokio::time::sleep(wait).await;
-                    continue;
                 }
+                Next::RefreshAuth | Next::GiveUp => return Err(status),
             }
-            if is_transient(status.code()) && retries < Backoff::CONTROL_PLANE.retries {
-                retries += 1;
-                tracing::debug!(rpc, retries, code = ?status.code(), "transient error; retrying");
-                tokio::time::sleep(Backoff::CONTROL_PLANE.delay(retries)).await;
-                continue;
-            }
-            return Err(status);
         }
+    }
+
+    /// [`Self::unary`], with a failure turned into the error for `action`.
+    async fn call<Req, Resp, F, Fut>(
+        &self,
+        rpc: &'static str,
+        action: impl FnOnce() -> String,
+        message: Req,
+        timeout: Duration,
+        call: F,
+    ) -> Result<Resp, ModalError>
+    where
+        Req: Clone,
+        F: FnMut(ModalClientClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        self.unary(rpc, message, timeout, call)
+            .await
+            .map_err(|status| self.failed(rpc, action(), status))
     }
 
     async fn add_headers<T>(
@@ -164,6 +169,7 @@ impl ModalClient {
         insert(metadata, "x-modal-client-type", CLIENT_TYPE);
         insert(metadata, "x-modal-client-version", CLIENT_VERSION);
         insert(metadata, "x-modal-libmodal-version", LIBMODAL_VERSION);
+        insert(metadata, "user-agent", USER_AGENT);
         insert(metadata, "x-modal-token-id", &config.token_id);
         insert_secret(metadata, "x-modal-token-secret", &config.token_secret);
         if let Some(token) = auth {
@@ -214,26 +220,26 @@ impl ModalClient {
     }
 
     /// Looks up the app, creating it when missing.
-    pub async fn app_get_or_create(&self, name: &str) -> CliResult<String> {
+    pub async fn app_get_or_create(&self, name: &str) -> Result<String, ModalError> {
         let request = AppGetOrCreateRequest {
             app_name: name.to_owned(),
             environment_name: self.inner.config.environment.clone(),
             object_creation_type: ObjectCreationType::CreateIfMissing as i32,
         };
         let response = self
-            .unary(
+            .call(
                 "AppGetOrCreate",
+                || format!("look up the Modal app {name:?}"),
                 request,
                 CALL_TIMEOUT,
                 |mut c, r| async move { c.app_get_or_create(r).await },
             )
-            .await
-            .map_err(|s| self.rpc_error(&format!("Failed to look up the Modal app {name:?}"), s))?;
+            .await?;
         Ok(response.app_id)
     }
 
     /// Looks up the app without creating it; `None` when there is none.
-    pub async fn app_lookup(&self, name: &str) -> CliResult<Option<String>> {
+    pub async fn app_lookup(&self, name: &str) -> Result<Option<String>, ModalError> {
         let request = AppGetOrCreateRequest {
             app_name: name.to_owned(),
             environment_name: self.inner.config.environment.clone(),
@@ -250,14 +256,16 @@ impl ModalClient {
         {
             Ok(response) => Ok(Some(response.app_id)),
             Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => {
-                Err(self.rpc_error(&format!("Failed to look up the Modal app {name:?}"), status))
-            }
+            Err(status) => Err(self.failed(
+                "AppGetOrCreate",
+                format!("look up the Modal app {name:?}"),
+                status,
+            )),
         }
     }
 
     /// The image builder version: configured, or the environment's setting.
-    pub async fn image_builder_version(&self) -> CliResult<String> {
+    pub async fn image_builder_version(&self) -> Result<String, ModalError> {
         if let Some(version) = &self.inner.config.image_builder_version {
             return Ok(version.clone());
         }
@@ -266,23 +274,20 @@ impl ModalClient {
             object_creation_type: ObjectCreationType::Unspecified as i32,
         };
         let response = self
-            .unary(
+            .call(
                 "EnvironmentGetOrCreate",
+                || "look up the Modal environment".to_owned(),
                 request,
                 Duration::from_secs(30),
                 |mut c, r| async move { c.environment_get_or_create(r).await },
             )
-            .await
-            .map_err(|s| self.rpc_error("Failed to look up the Modal environment", s))?;
+            .await?;
         response
             .metadata
             .and_then(|m| m.settings)
             .map(|s| s.image_builder_version)
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| {
-                CliError::infra("The Modal environment has no image builder version")
-                    .with_hint("set MODAL_IMAGE_BUILDER_VERSION (e.g. 2024.10)")
-            })
+            .ok_or(ModalError::NoImageBuilderVersion)
     }
 
     /// Builds (or reuses the cached build of) a registry image, waiting for the build.
@@ -291,8 +296,9 @@ impl ModalClient {
         app_id: &str,
         tag: &str,
         builder_version: &str,
-    ) -> CliResult<String> {
-        let failed = |s| self.rpc_error(&format!("Failed to build the image {tag}"), s);
+    ) -> Result<String, ModalError> {
+        let action = || format!("build the image {tag}");
+        let join_failed = |s| self.failed("ImageJoinStreaming", action(), s);
         let request = ImageGetOrCreateRequest {
             image: Some(Image {
                 dockerfile_commands: vec![format!("FROM {tag}")],
@@ -301,14 +307,14 @@ impl ModalClient {
             builder_version: builder_version.to_owned(),
         };
         let response = self
-            .unary(
+            .call(
                 "ImageGetOrCreate",
+                action,
                 request,
                 CALL_TIMEOUT,
                 |mut c, r| async move { c.image_get_or_create(r).await },
             )
-            .await
-            .map_err(failed)?;
+            .await?;
         let image_id = response.image_id;
         let mut result = response.result.filter(|r| r.status != 0);
         let mut last_entry_id = String::new();
@@ -319,7 +325,9 @@ impl ModalClient {
                 timeout: 55.0,
                 last_entry_id: last_entry_id.clone(),
             });
-            self.add_headers(&mut request, true).await.map_err(failed)?;
+            self.add_headers(&mut request, true)
+                .await
+                .map_err(join_failed)?;
             // Streams are not retried on errors (as in the Go SDK); a clean end re-opens.
             let mut stream = self
                 .inner
@@ -327,9 +335,9 @@ impl ModalClient {
                 .clone()
                 .image_join_streaming(request)
                 .await
-                .map_err(failed)?
+                .map_err(join_failed)?
                 .into_inner();
-            while let Some(item) = stream.message().await.map_err(failed)? {
+            while let Some(item) = stream.message().await.map_err(join_failed)? {
                 if !item.entry_id.is_empty() {
                     last_entry_id = item.entry_id;
                 }
@@ -348,39 +356,35 @@ impl ModalClient {
         let result = result.unwrap_or_default();
         match GenericStatus::try_from(result.status) {
             Ok(GenericStatus::Success) => Ok(image_id),
-            _ => {
-                let mut err = CliError::infra(format!(
-                    "Failed to build the image {tag}: {}",
-                    describe(&result)
-                ));
-                if !logs.is_empty() {
-                    err = err.with_detail(format!(
-                        "build log (last lines):\n  | {}",
-                        logs.join("\n  | ")
-                    ));
-                }
-                Err(err.with_hint("check that MODAL_IMAGE names a public image Modal can pull"))
-            }
+            _ => Err(ModalError::ImageBuild {
+                tag: tag.to_owned(),
+                outcome: finished(&result),
+                log_tail: logs,
+            }),
         }
     }
 
     /// An ephemeral secret holding `env` (how the Go SDK passes a sandbox's environment).
-    pub async fn ephemeral_secret(&self, env: &HashMap<String, String>) -> CliResult<String> {
+    pub async fn ephemeral_secret(
+        &self,
+        env: &HashMap<String, String>,
+    ) -> Result<String, ModalError> {
         let request = SecretGetOrCreateRequest {
             deployment_name: String::new(),
             environment_name: self.inner.config.environment.clone(),
             object_creation_type: ObjectCreationType::Ephemeral as i32,
             env_dict: env.clone(),
+            ..Default::default()
         };
         let response = self
-            .unary(
+            .call(
                 "SecretGetOrCreate",
+                || "create the sandbox's environment secret".to_owned(),
                 request,
                 CALL_TIMEOUT,
                 |mut c, r| async move { c.secret_get_or_create(r).await },
             )
-            .await
-            .map_err(|s| self.rpc_error("Failed to create the sandbox's environment secret", s))?;
+            .await?;
         Ok(response.secret_id)
     }
 
@@ -392,7 +396,7 @@ impl ModalClient {
         secret_ids: Vec<String>,
         timeout: Duration,
         tags: &[(String, String)],
-    ) -> CliResult<String> {
+    ) -> Result<String, ModalError> {
         let request = SandboxCreateRequest {
             app_id: app_id.to_owned(),
             definition: Some(Sandbox {
@@ -407,90 +411,73 @@ impl ModalClient {
             tags: sandbox_tags(tags),
         };
         let response = self
-            .unary(
+            .call(
                 "SandboxCreate",
+                || "create the Modal sandbox".to_owned(),
                 request,
                 CALL_TIMEOUT,
                 |mut c, r| async move { c.sandbox_create(r).await },
             )
-            .await
-            .map_err(|s| self.rpc_error("Failed to create the Modal sandbox", s))?;
+            .await?;
         Ok(response.sandbox_id)
     }
 
     /// Polls until the sandbox is scheduled and returns its task id.
-    pub async fn sandbox_task_id(&self, sandbox_id: &str) -> CliResult<String> {
+    pub async fn sandbox_task_id(&self, sandbox_id: &str) -> Result<String, ModalError> {
         let started = Instant::now();
         loop {
             let request = SandboxGetTaskIdRequest {
                 sandbox_id: sandbox_id.to_owned(),
             };
             let response = self
-                .unary(
+                .call(
                     "SandboxGetTaskId",
+                    || format!("find the task of sandbox {sandbox_id}"),
                     request,
                     CALL_TIMEOUT,
                     |mut c, r| async move { c.sandbox_get_task_id(r).await },
                 )
-                .await
-                .map_err(|s| {
-                    let not_found = s.code() == Code::NotFound;
-                    let err = self.rpc_error(
-                        &format!("Failed to find the task of sandbox {sandbox_id}"),
-                        s,
-                    );
-                    if not_found {
-                        err.with_hint(
-                            "check the sandbox id; `tailbox sandbox sweep --dry-run` lists the sandboxes tailbox left running",
-                        )
-                    } else {
-                        err
-                    }
-                })?;
+                .await?;
             if let Some(task_id) = response.task_id.filter(|t| !t.is_empty()) {
                 return Ok(task_id);
             }
             if let Some(result) = response.task_result {
-                return Err(CliError::infra(format!(
-                    "The sandbox {sandbox_id} has already finished: {}",
-                    describe(&result)
-                ))
-                .with_hint("run without --sandbox-id to create a new sandbox"));
+                return Err(ModalError::SandboxFinished {
+                    sandbox_id: sandbox_id.to_owned(),
+                    outcome: finished(&result),
+                });
             }
             if started.elapsed() > TASK_POLL_LIMIT {
-                return Err(CliError::infra(format!(
-                    "The sandbox {sandbox_id} was not scheduled within {}s",
-                    TASK_POLL_LIMIT.as_secs()
-                ))
-                .with_hint("Modal may be short of capacity; try again later"));
+                return Err(ModalError::NotScheduled {
+                    sandbox_id: sandbox_id.to_owned(),
+                    seconds: TASK_POLL_LIMIT.as_secs(),
+                });
             }
             tokio::time::sleep(TASK_POLL_INTERVAL).await;
         }
     }
 
     /// Terminates a sandbox; how it had already finished, if it had.
-    pub async fn sandbox_terminate(&self, sandbox_id: &str) -> CliResult<Option<Finished>> {
+    pub async fn sandbox_terminate(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<Option<Finished>, ModalError> {
         let request = SandboxTerminateRequest {
             sandbox_id: sandbox_id.to_owned(),
         };
         let response = self
-            .unary(
+            .call(
                 "SandboxTerminate",
+                || format!("terminate the sandbox {sandbox_id}"),
                 request,
                 Duration::from_secs(10),
                 |mut c, r| async move { c.sandbox_terminate(r).await },
             )
-            .await
-            .map_err(|s| {
-                self.rpc_error(&format!("Failed to terminate the sandbox {sandbox_id}"), s)
-            })?;
+            .await?;
         Ok(response
             .existing_result
             .filter(|r| r.status != 0)
-            .map(|r| Finished {
-                status: status_name(r.status),
-                exception: r.exception,
-            }))
+            .map(|r| finished(&r)))
     }
 
     /// Every running sandbox of `app_id` carrying all of `tags`, newest first (all pages).
@@ -498,7 +485,7 @@ impl ModalClient {
         &self,
         app_id: &str,
         tags: &[(String, String)],
-    ) -> CliResult<Vec<SandboxInfo>> {
+    ) -> Result<Vec<SandboxInfo>, ModalError> {
         let mut all: Vec<SandboxInfo> = Vec::new();
         let mut before = 0.0;
         loop {
@@ -510,14 +497,14 @@ impl ModalClient {
                 tags: sandbox_tags(tags),
             };
             let page = self
-                .unary(
+                .call(
                     "SandboxList",
+                    || "list Modal sandboxes".to_owned(),
                     request,
                     CALL_TIMEOUT,
                     |mut c, r| async move { c.sandbox_list(r).await },
                 )
-                .await
-                .map_err(|s| self.rpc_error("Failed to list Modal sandboxes", s))?
+                .await?
                 .sandboxes;
             let Some(last) = page.last() else {
                 return Ok(all);
@@ -547,24 +534,31 @@ impl ModalClient {
         Ok((Secret::new(response.jwt), response.url))
     }
 
-    /// An error for a failed control-plane call: bad credentials are the user's to fix (usage),
-    /// anything else is infrastructure.
-    pub fn rpc_error(&self, what: &str, status: Status) -> CliError {
-        let source = status_error(&status);
-        match status.code() {
-            Code::Unauthenticated | Code::PermissionDenied => CliError::usage(what.to_owned())
-                .with_source(source)
-                .with_hint(format!(
-                    "Modal refused the credentials from {}; check MODAL_TOKEN_ID and MODAL_TOKEN_SECRET, or run `modal token new`",
-                    self.inner.config.source
-                )),
-            Code::Unavailable | Code::DeadlineExceeded => CliError::infra(what.to_owned())
-                .with_source(source)
-                .with_hint(format!(
-                    "could not reach Modal at {}; check the network (and MODAL_SERVER_URL)",
-                    self.inner.config.server_url
-                )),
-            _ => CliError::infra(what.to_owned()).with_source(source),
+    /// The error for a failed control-plane call.
+    pub(crate) fn failed(
+        &self,
+        rpc: &'static str,
+        action: impl Into<String>,
+        status: Status,
+    ) -> ModalError {
+        self.error(Service::ControlPlane, rpc, action, status)
+    }
+
+    /// The error for a failed call to `service`, with what a hint needs.
+    pub(crate) fn error(
+        &self,
+        service: Service,
+        rpc: &'static str,
+        action: impl Into<String>,
+        status: Status,
+    ) -> ModalError {
+        ModalError::Rpc {
+            action: action.into(),
+            rpc,
+            service,
+            status: RpcStatus(status),
+            credentials: self.inner.config.source.clone(),
+            server_url: self.inner.config.server_url.clone(),
         }
     }
 }
@@ -591,16 +585,16 @@ pub fn status_name(status: i32) -> String {
         .unwrap_or_else(|_| format!("status {status}"))
 }
 
-/// One line about how something ended.
-pub fn describe(result: &GenericResult) -> String {
-    let name = status_name(result.status);
-    if result.exception.is_empty() {
-        name
-    } else {
-        format!(
-            "{name}: {}",
-            result.exception.lines().next().unwrap_or_default()
-        )
+/// How something ended, from its result.
+fn finished(result: &GenericResult) -> Finished {
+    Finished {
+        status: status_name(result.status),
+        exception: result
+            .exception
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
     }
 }
 

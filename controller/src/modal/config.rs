@@ -11,8 +11,70 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::env::{self, Env};
-use crate::error::{CliError, CliResult};
 use crate::secret::Secret;
+
+/// Why the Modal settings cannot be used. All of these are the user's to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// One half of the token is configured.
+    #[error("A Modal token {present} is configured ({source_name}) but no token {missing}")]
+    HalfToken {
+        /// "id" or "secret".
+        present: &'static str,
+        /// The other half.
+        missing: &'static str,
+        /// Where the present half came from.
+        source_name: String,
+    },
+    /// `MODAL_SERVER_URL` (or the profile's `server_url`) is unusable.
+    #[error("The Modal server URL {url:?} {problem}")]
+    ServerUrl {
+        /// The URL as configured.
+        url: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// `MODAL_MAX_THROTTLE_WAIT` is not a number of seconds.
+    #[error(
+        "`{}` {value:?} is not a number of seconds",
+        env::MODAL_MAX_THROTTLE_WAIT
+    )]
+    ThrottleWait {
+        /// The value as set.
+        value: String,
+    },
+    /// The config file exists (or was named) but cannot be read.
+    #[error("Failed to read the Modal config file {}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("Failed to parse the Modal config file {}", path.display())]
+    Unparsable {
+        /// The file.
+        path: PathBuf,
+        /// The parser's reason, without the quoted line (which may hold the secret).
+        #[source]
+        reason: TomlReason,
+    },
+    /// `MODAL_PROFILE` names a profile the file lacks.
+    #[error("`MODAL_PROFILE` is {name:?}, but {} has no such profile", path.display())]
+    NoSuchProfile {
+        /// The profile asked for.
+        name: String,
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A TOML parse error's reason (position and message only).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TomlReason(pub(crate) String);
 
 /// Modal's production control plane.
 pub const DEFAULT_SERVER_URL: &str = "https://api.modal.com:443";
@@ -45,7 +107,7 @@ impl ModalConfig {
 }
 
 /// Resolves the settings; `Ok(None)` when no credentials are configured anywhere.
-pub fn resolve(env: &dyn Env) -> CliResult<Option<ModalConfig>> {
+pub fn resolve(env: &dyn Env) -> Result<Option<ModalConfig>, ConfigError> {
     let file = ConfigFile::load(env)?;
     let profile = file.profile(env)?;
     let from_profile = |key: &str| -> Option<String> {
@@ -80,16 +142,18 @@ pub fn resolve(env: &dyn Env) -> CliResult<Option<ModalConfig>> {
             (id, Secret::new(secret), source)
         }
         (Some((_, src)), None) => {
-            return Err(CliError::usage(format!(
-                "A Modal token id is configured ({src}) but no token secret"
-            ))
-            .with_hint("set MODAL_TOKEN_SECRET too, or run `modal token new`"));
+            return Err(ConfigError::HalfToken {
+                present: "id",
+                missing: "secret",
+                source_name: src,
+            });
         }
         (None, Some((_, src))) => {
-            return Err(CliError::usage(format!(
-                "A Modal token secret is configured ({src}) but no token id"
-            ))
-            .with_hint("set MODAL_TOKEN_ID too, or run `modal token new`"));
+            return Err(ConfigError::HalfToken {
+                present: "secret",
+                missing: "id",
+                source_name: src,
+            });
         }
     };
 
@@ -106,12 +170,7 @@ pub fn resolve(env: &dyn Env) -> CliResult<Option<ModalConfig>> {
         None => None,
         Some(raw) => match raw.trim().parse::<f64>() {
             Ok(secs) if secs.is_finite() && secs >= 0.0 => Some(Duration::from_secs_f64(secs)),
-            _ => {
-                return Err(CliError::usage(format!(
-                    "{} {raw:?} is not a number of seconds",
-                    env::MODAL_MAX_THROTTLE_WAIT
-                )));
-            }
+            _ => return Err(ConfigError::ThrottleWait { value: raw }),
         },
     };
     Ok(Some(ModalConfig {
@@ -125,23 +184,18 @@ pub fn resolve(env: &dyn Env) -> CliResult<Option<ModalConfig>> {
     }))
 }
 
-fn validate_server_url(raw: &str) -> CliResult<()> {
-    let url = url::Url::parse(raw).map_err(|err| {
-        CliError::usage(format!("The Modal server URL {raw:?} is not a URL: {err}"))
-            .with_hint("unset MODAL_SERVER_URL to use https://api.modal.com:443")
-    })?;
+fn validate_server_url(raw: &str) -> Result<(), ConfigError> {
+    let problem = |problem: String| ConfigError::ServerUrl {
+        url: raw.to_owned(),
+        problem,
+    };
+    let url = url::Url::parse(raw).map_err(|err| problem(format!("is not a URL: {err}")))?;
     match url.scheme() {
         "https" => Ok(()),
         // Plaintext is for a control plane on this machine (tests and the fake Modal).
         "http" if url.host_str().is_some_and(is_loopback_host) => Ok(()),
-        "http" => Err(CliError::usage(format!(
-            "The Modal server URL {raw:?} is plain http on a non-local host"
-        ))
-        .with_hint("use https; plain http is only accepted for 127.0.0.1/localhost")),
-        other => Err(CliError::usage(format!(
-            "The Modal server URL {raw:?} uses the unsupported scheme {other:?}"
-        ))
-        .with_hint("use an https:// URL")),
+        "http" => Err(problem("is plain http on a non-local host".into())),
+        other => Err(problem(format!("uses the unsupported scheme {other:?}"))),
     }
 }
 
@@ -161,7 +215,7 @@ struct ConfigFile {
 }
 
 impl ConfigFile {
-    fn load(env: &dyn Env) -> CliResult<Self> {
+    fn load(env: &dyn Env) -> Result<Self, ConfigError> {
         let (path, explicit) = match env.non_empty(env::MODAL_CONFIG_PATH) {
             Some(p) => (PathBuf::from(p), true),
             None => (
@@ -177,27 +231,21 @@ impl ConfigFile {
                     tables: Vec::new(),
                 });
             }
-            Err(err) => {
-                return Err(CliError::usage(format!(
-                    "Failed to read the Modal config file {}",
-                    path.display()
-                ))
-                .with_source(err)
-                .with_hint("check MODAL_CONFIG_PATH, or unset it to use ~/.modal.toml"));
-            }
+            Err(source) => return Err(ConfigError::Unreadable { path, source }),
         };
         // `toml::Table` sorts its keys, but "the first active profile" means file order.
-        let doc: toml::Table = text.parse().map_err(|err: toml::de::Error| {
+        let doc: toml::Table = match text.parse() {
+            Ok(doc) => doc,
             // The parse error quotes the offending line, which may hold the secret: keep only
-            // the message's first line (position and reason).
-            let reason = err.message().to_owned();
-            CliError::usage(format!(
-                "Failed to parse the Modal config file {}",
-                path.display()
-            ))
-            .with_source(anyhow::anyhow!(reason))
-            .with_hint("fix the TOML, or run `modal token new` to rewrite it")
-        })?;
+            // its reason.
+            Err(err) => {
+                let err: toml::de::Error = err;
+                return Err(ConfigError::Unparsable {
+                    path,
+                    reason: TomlReason(err.message().to_owned()),
+                });
+            }
+        };
         let order = table_order(&text);
         let mut tables: Vec<(String, toml::Table)> = doc
             .into_iter()
@@ -210,16 +258,15 @@ impl ConfigFile {
         Ok(Self { path, tables })
     }
 
-    fn profile(&self, env: &dyn Env) -> CliResult<Option<(String, toml::Table)>> {
+    fn profile(&self, env: &dyn Env) -> Result<Option<(String, toml::Table)>, ConfigError> {
         if let Some(name) = env.non_empty(env::MODAL_PROFILE) {
             let name = name.trim().to_owned();
             return match self.tables.iter().find(|(n, _)| *n == name) {
                 Some((n, t)) => Ok(Some((n.clone(), t.clone()))),
-                None => Err(CliError::usage(format!(
-                    "MODAL_PROFILE is {name:?}, but {} has no such profile",
-                    self.path.display()
-                ))
-                .with_hint("unset MODAL_PROFILE, or run `modal profile list`")),
+                None => Err(ConfigError::NoSuchProfile {
+                    name,
+                    path: self.path.clone(),
+                }),
             };
         }
         let active = self.tables.iter().find(|(_, t)| {
@@ -331,7 +378,7 @@ active = true
     }
 
     #[test]
-    fn nothing_configured_is_none_and_half_a_token_is_a_usage_error() {
+    fn nothing_configured_is_none_and_half_a_token_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().display().to_string();
         assert!(
@@ -344,17 +391,25 @@ active = true
             ("MODAL_TOKEN_ID", "ak-x"),
         ]))
         .unwrap_err();
-        assert_eq!(err.exit_status().code(), 2);
-        assert!(err.hint.unwrap().contains("MODAL_TOKEN_SECRET"));
+        assert!(
+            matches!(
+                err,
+                ConfigError::HalfToken {
+                    missing: "secret",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
-    fn bad_config_is_a_usage_error_without_the_secret() {
+    fn bad_config_is_refused_without_the_secret() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(&dir, "[p]\ntoken_secret = \"as-hunter2\nactive = true\n");
         let err = resolve(&MapEnv::from_pairs([("MODAL_CONFIG_PATH", path.as_str())])).unwrap_err();
-        assert_eq!(err.exit_status().code(), 2);
-        assert!(!err.render().contains("hunter2"), "{}", err.render());
+        assert!(matches!(err, ConfigError::Unparsable { .. }), "{err:?}");
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
 
         let err = resolve(&MapEnv::from_pairs([
             ("MODAL_TOKEN_ID", "ak"),
@@ -362,7 +417,7 @@ active = true
             ("MODAL_SERVER_URL", "http://api.example.com"),
         ]))
         .unwrap_err();
-        assert_eq!(err.exit_status().code(), 2);
+        assert!(matches!(err, ConfigError::ServerUrl { .. }), "{err:?}");
 
         let path = write(&dir, FILE);
         let err = resolve(&MapEnv::from_pairs([
@@ -370,7 +425,7 @@ active = true
             ("MODAL_PROFILE", "nope"),
         ]))
         .unwrap_err();
-        assert!(err.render().contains("no such profile"));
+        assert!(err.to_string().contains("no such profile"));
     }
 
     #[test]

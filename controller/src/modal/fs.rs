@@ -15,10 +15,10 @@ use serde::Deserialize;
 use tokio::io::AsyncReadExt as _;
 use tonic::Status;
 
-use super::router::{Router, router_error};
+use super::error::{FilesProblem, ModalError, RpcStatus};
+use super::router::Router;
 use super::stdio::{ExecReader, Fd};
-use crate::backend::AgentExit;
-use crate::error::{CliError, CliResult};
+use crate::process::ProcessExit;
 
 /// Modal's filesystem helper, present in every sandbox.
 pub const FS_TOOLS: &str = "/__modal/.bin/modal-sandbox-fs-tools";
@@ -27,7 +27,7 @@ pub const FS_TOOLS: &str = "/__modal/.bin/modal-sandbox-fs-tools";
 #[derive(Debug)]
 pub struct ExecOutput {
     /// How it exited.
-    pub exit: AgentExit,
+    pub exit: ProcessExit,
     /// All of its stdout.
     pub stdout: Vec<u8>,
     /// All of its stderr.
@@ -137,15 +137,26 @@ impl FsToolsError {
     }
 }
 
-fn fs_failure(what: &str, output: &ExecOutput) -> CliError {
+fn fs_failure(action: String, output: &ExecOutput) -> ModalError {
     let reason = match FsToolsError::of(output) {
         Some(e) => format!("{}: {}", e.error_kind, e.message),
         None => String::from_utf8_lossy(&output.stderr).trim().to_owned(),
     };
-    CliError::infra(what.to_owned()).with_source(anyhow::anyhow!(
-        "modal-sandbox-fs-tools ended with {}: {reason}",
-        output.exit
-    ))
+    files_error(
+        action,
+        FilesProblem::Tool {
+            exit: output.exit.to_string(),
+            reason,
+        },
+    )
+}
+
+fn files_error(action: String, source: FilesProblem) -> ModalError {
+    ModalError::Files { action, source }
+}
+
+fn exec_failed(action: &str) -> impl FnOnce(Status) -> ModalError + '_ {
+    move |status| files_error(action.to_owned(), FilesProblem::Exec(RpcStatus(status)))
 }
 
 fn command(op: serde_json::Value) -> Vec<String> {
@@ -153,44 +164,40 @@ fn command(op: serde_json::Value) -> Vec<String> {
 }
 
 /// `Stat`; `None` when nothing is at `path`.
-pub async fn stat(router: &Router, path: &str) -> CliResult<Option<FileInfo>> {
-    let what = format!("Failed to inspect {path} in the sandbox");
+pub async fn stat(router: &Router, path: &str) -> Result<Option<FileInfo>, ModalError> {
+    let action = format!("inspect {path} in the sandbox");
     let output = run(
         router,
         command(serde_json::json!({"Stat": {"path": path}})),
         None,
     )
     .await
-    .map_err(|s| router_error(&what, s))?;
+    .map_err(exec_failed(&action))?;
     if !output.exit.success() {
         if FsToolsError::of(&output).is_some_and(|e| e.error_kind == "NotFound") {
             return Ok(None);
         }
-        return Err(fs_failure(&what, &output));
+        return Err(fs_failure(action, &output));
     }
     serde_json::from_slice(&output.stdout)
         .map(Some)
-        .map_err(|err| {
-            CliError::infra(what).with_source(anyhow::anyhow!(
-                "modal-sandbox-fs-tools printed something that is not a FileInfo: {err}"
-            ))
-        })
+        .map_err(|err| files_error(action, FilesProblem::Garbled(err.to_string())))
 }
 
 /// `WriteFile`: creates parent directories and writes `data` (replacing any file there).
-pub async fn write_file(router: &Router, path: &str, data: Bytes) -> CliResult<()> {
-    let what = format!("Failed to write {path} in the sandbox");
+pub async fn write_file(router: &Router, path: &str, data: Bytes) -> Result<(), ModalError> {
+    let action = format!("write {path} in the sandbox");
     let output = run(
         router,
         command(serde_json::json!({"WriteFile": {"path": path}})),
         Some(data),
     )
     .await
-    .map_err(|s| router_error(&what, s))?;
+    .map_err(exec_failed(&action))?;
     if output.exit.success() {
         Ok(())
     } else {
-        Err(fs_failure(&what, &output))
+        Err(fs_failure(action, &output))
     }
 }
 
@@ -204,7 +211,11 @@ const CHMODS: &[&[&str]] = &[
 
 /// Makes `path` executable (0755) when it is not already; see the module docs. Whether a chmod
 /// ran.
-async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliResult<bool> {
+async fn ensure_executable(
+    router: &Router,
+    path: &str,
+    info: &FileInfo,
+) -> Result<bool, ModalError> {
     if info.executable() == Some(true) {
         return Ok(false);
     }
@@ -218,23 +229,19 @@ async fn ensure_executable(router: &Router, path: &str, info: &FileInfo) -> CliR
             Err(status) => tried.push(format!("{}: {}", chmod.join(" "), status.message())),
         }
     }
-    Err(
-        CliError::infra(format!("Failed to make {path} executable in the sandbox"))
-            .with_source(anyhow::anyhow!(
-                "modal-sandbox-fs-tools cannot set file modes, and no chmod worked ({})",
-                tried.join("; ")
-            ))
-            .with_hint(
-                "use an image that has chmod (coreutils or busybox), e.g. the default MODAL_IMAGE",
-            ),
-    )
+    Err(files_error(
+        format!("make {path} executable in the sandbox"),
+        FilesProblem::NoChmod {
+            tried: tried.join("; "),
+        },
+    ))
 }
 
 /// Puts `data` at `path` as an executable, unless a file of that size is already there and
 /// executable; returns the bytes sent (0 when the same content was already there). The path
 /// names the content's sha256, so the size check guards against an interrupted earlier upload;
 /// the agent's handshake (its own sha256) is the real proof.
-pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliResult<u64> {
+pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> Result<u64, ModalError> {
     let len = data.len() as u64;
     if let Some(info) = stat(router, path).await?
         && info.kind == "file"
@@ -244,29 +251,28 @@ pub async fn push_executable(router: &Router, path: &str, data: Bytes) -> CliRes
         return Ok(0);
     }
     write_file(router, path, data).await?;
-    let info = stat(router, path).await?.ok_or_else(|| {
-        CliError::infra(format!("Failed to write {path} in the sandbox"))
-            .with_source(anyhow::anyhow!("the file is not there after writing it"))
-    })?;
+    let short = |arrived| {
+        files_error(
+            format!("write {path} in the sandbox"),
+            FilesProblem::Short {
+                arrived,
+                expected: len,
+            },
+        )
+    };
+    let info = stat(router, path).await?.ok_or_else(|| short(0))?;
     if info.size != len {
-        return Err(
-            CliError::infra(format!("Failed to write {path} in the sandbox"))
-                .with_source(anyhow::anyhow!("{} of {len} bytes arrived", info.size))
-                .with_hint("run again; the upload resumes from scratch"),
-        );
+        return Err(short(info.size));
     }
     // A chmod that succeeded without effect is caught here rather than when the file is run.
     if ensure_executable(router, path, &info).await?
         && let Some(after) = stat(router, path).await?
         && after.executable() == Some(false)
     {
-        return Err(
-            CliError::infra(format!("Failed to make {path} executable in the sandbox"))
-                .with_source(anyhow::anyhow!(
-                    "chmod succeeded but the mode has no execute bit"
-                ))
-                .with_hint("the sandbox's /tmp may be mounted noexec"),
-        );
+        return Err(files_error(
+            format!("make {path} executable in the sandbox"),
+            FilesProblem::NoExecuteBit,
+        ));
     }
     Ok(len)
 }

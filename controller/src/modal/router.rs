@@ -21,18 +21,13 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::client::ModalClient;
-use super::retry::{Backoff, is_transient};
-use crate::backend::AgentExit;
-use crate::error::{CliError, CliResult, status_error};
+use super::error::{ModalError, Service};
+use super::retry::{Attempts, Backoff, Next};
+use crate::process::ProcessExit;
 use crate::secret::Secret;
 
 /// Size of each message of a streamed stdin write (what the SDKs use).
 pub const UPLOAD_CHUNK: usize = 256 * 1024;
-/// How many times in a row a broken streamed stdin write is resumed without progress (the SDKs
-/// allow 9 in all; counting only resumes without progress lets a long upload survive a flaky link).
-const UPLOAD_RESUMES: u32 = 9;
-/// How many JWT refreshes in a row one call (or one output stream) may trigger before giving up.
-pub(super) const AUTH_REFRESHES: u32 = 3;
 /// Per-call timeout of `TaskExecWait`, which is retried until the process exits.
 const WAIT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Per-attempt timeout of other unary router calls.
@@ -73,9 +68,13 @@ pub enum Upload {
 
 impl Router {
     /// Gets access to the router of `task_id` and connects (lazily).
-    pub async fn connect(control: ModalClient, task_id: String) -> CliResult<Self> {
+    pub async fn connect(control: ModalClient, task_id: String) -> Result<Self, ModalError> {
         let (jwt, url) = control.command_router_access(&task_id).await.map_err(|s| {
-            control.rpc_error("Failed to get access to the sandbox's command router", s)
+            control.failed(
+                "TaskGetCommandRouterAccess",
+                "get access to the sandbox's command router",
+                s,
+            )
         })?;
         let client = router_client(&url, control.config().plaintext())?;
         Ok(Self {
@@ -135,8 +134,13 @@ impl Router {
         let mut access = self.access().clone();
         if url != access.url {
             tracing::warn!("the command router moved to a new URL; reconnecting");
-            access.client = router_client(&url, self.inner.control.config().plaintext())
-                .map_err(|e| Status::unavailable(e.message))?;
+            access.client =
+                router_client(&url, self.inner.control.config().plaintext()).map_err(|e| {
+                    let why = std::error::Error::source(&e)
+                        .map(ToString::to_string)
+                        .unwrap_or_default();
+                    Status::unavailable(format!("{e}: {why}"))
+                })?;
             access.url = url;
         }
         access.bearer = bearer(&jwt);
@@ -164,8 +168,7 @@ impl Router {
         F: FnMut(TaskCommandRouterClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let mut retries = 0u32;
-        let mut refreshes = 0u32;
+        let mut attempts = Attempts::new(backoff).refreshing_auth();
         loop {
             let (mut request, client, generation) = self.authorized(message.clone());
             request.set_timeout(timeout);
@@ -173,19 +176,41 @@ impl Router {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
-            if status.code() == Code::Unauthenticated && refreshes < AUTH_REFRESHES {
-                refreshes += 1;
-                self.refresh(generation).await?;
-                continue;
-            }
-            if is_transient(status.code()) && retries < backoff.retries {
-                retries += 1;
-                tracing::debug!(rpc, retries, code = ?status.code(), "transient router error; retrying");
-                tokio::time::sleep(backoff.delay(retries)).await;
-                continue;
-            }
-            return Err(status);
+            self.next_attempt(&mut attempts, rpc, generation, status)
+                .await?;
         }
+    }
+
+    /// Acts on what follows a failed attempt: waits, or refreshes the JWT, or gives up with the
+    /// status.
+    pub(crate) async fn next_attempt(
+        &self,
+        attempts: &mut Attempts,
+        rpc: &'static str,
+        generation: u64,
+        status: Status,
+    ) -> Result<(), Status> {
+        match attempts.after(&status) {
+            Next::Retry(wait) => {
+                tracing::debug!(rpc, ?wait, code = ?status.code(), "router call failed; retrying");
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Next::RefreshAuth => self.refresh(generation).await,
+            Next::GiveUp => Err(status),
+        }
+    }
+
+    /// The error for a failed router call.
+    pub fn failed(
+        &self,
+        rpc: &'static str,
+        action: impl Into<String>,
+        status: Status,
+    ) -> ModalError {
+        self.inner
+            .control
+            .error(Service::Router, rpc, action, status)
     }
 
     /// Starts `argv` with stdout and stderr piped (never DEVNULL, the proto default).
@@ -204,6 +229,7 @@ impl Router {
             timeout_secs: None,
             workdir: None,
             env,
+            ..Default::default()
         };
         self.unary(
             "TaskExecStart",
@@ -249,7 +275,7 @@ impl Router {
     pub async fn stdin_upload(&self, exec_id: &str, data: Bytes) -> Result<Upload, Status> {
         let total = data.len() as u64;
         let mut offset = 0u64;
-        let mut resumes = 0u32;
+        let mut attempts = Attempts::new(Backoff::UPLOAD_RESUME).refreshing_auth();
         loop {
             let start = usize::try_from(offset)
                 .unwrap_or(data.len())
@@ -279,36 +305,30 @@ impl Router {
                 Ok(_) => return Ok(Upload::Complete),
                 Err(status) => status,
             };
-            match status.code() {
-                Code::FailedPrecondition | Code::Aborted => return Ok(Upload::ExitedEarly),
-                code if (is_transient(code) || code == Code::Unauthenticated)
-                    && resumes < UPLOAD_RESUMES =>
-                {
-                    resumes += 1;
-                    if code == Code::Unauthenticated {
-                        self.refresh(generation).await?;
-                    }
-                    let (written, closed) = self.stdin_status(exec_id).await?;
-                    tracing::debug!(
-                        resumes,
-                        written,
-                        total,
-                        "streamed stdin write broke; resuming"
-                    );
-                    if closed {
-                        return Ok(if written == total {
-                            Upload::Complete
-                        } else {
-                            Upload::ExitedEarly
-                        });
-                    }
-                    if written > offset {
-                        resumes = 0;
-                    }
-                    offset = written.min(total);
-                }
-                _ => return Err(status),
+            if matches!(status.code(), Code::FailedPrecondition | Code::Aborted) {
+                return Ok(Upload::ExitedEarly);
             }
+            self.next_attempt(
+                &mut attempts,
+                "TaskExecStdinWriteStream",
+                generation,
+                status,
+            )
+            .await?;
+            // Resume from what arrived.
+            let (written, closed) = self.stdin_status(exec_id).await?;
+            tracing::debug!(written, total, "streamed stdin write broke; resuming");
+            if closed {
+                return Ok(if written == total {
+                    Upload::Complete
+                } else {
+                    Upload::ExitedEarly
+                });
+            }
+            if written > offset {
+                attempts.progressed();
+            }
+            offset = written.min(total);
         }
     }
 
@@ -330,37 +350,27 @@ impl Router {
         Ok((response.num_bytes_written, response.closed))
     }
 
-    /// Waits for the process to exit, for as long as it takes (transient failures are retried
-    /// every second, as the SDKs do).
-    pub async fn wait(&self, exec_id: &str) -> Result<AgentExit, Status> {
-        loop {
-            let request = TaskExecWaitRequest {
-                task_id: self.inner.task_id.clone(),
-                exec_id: exec_id.to_owned(),
-            };
-            match self
-                .unary(
-                    "TaskExecWait",
-                    request,
-                    WAIT_CALL_TIMEOUT,
-                    Backoff::ROUTER,
-                    |mut c, r| async move { c.task_exec_wait(r).await },
-                )
-                .await
-            {
-                Ok(response) => {
-                    return Ok(match response.exit_status {
-                        Some(ExitStatus::Code(code)) => AgentExit::Code(code),
-                        Some(ExitStatus::Signal(signal)) => AgentExit::Signal(signal),
-                        None => AgentExit::Unknown("the router reported no exit status".into()),
-                    });
-                }
-                Err(status) if is_transient(status.code()) => {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                Err(status) => return Err(status),
-            }
-        }
+    /// Waits for the process to exit, for as long as it takes (transient failures are retried,
+    /// as the SDKs do).
+    pub async fn wait(&self, exec_id: &str) -> Result<ProcessExit, Status> {
+        let request = TaskExecWaitRequest {
+            task_id: self.inner.task_id.clone(),
+            exec_id: exec_id.to_owned(),
+        };
+        let response = self
+            .unary(
+                "TaskExecWait",
+                request,
+                WAIT_CALL_TIMEOUT,
+                Backoff::UNTIL_EXIT,
+                |mut c, r| async move { c.task_exec_wait(r).await },
+            )
+            .await?;
+        Ok(match response.exit_status {
+            Some(ExitStatus::Code(code)) => ProcessExit::Code(code),
+            Some(ExitStatus::Signal(signal)) => ProcessExit::Signal(signal),
+            None => ProcessExit::Unknown("the router reported no exit status".into()),
+        })
     }
 }
 
@@ -368,21 +378,12 @@ fn bearer(jwt: &Secret) -> Option<MetadataValue<Ascii>> {
     super::sensitive_header("authorization", &format!("Bearer {}", jwt.expose()))
 }
 
-fn router_client(url: &str, plaintext_ok: bool) -> CliResult<TaskCommandRouterClient<Channel>> {
-    let channel = super::channel(url, plaintext_ok).map_err(|e| {
-        e.with_hint("the control plane handed out a command router URL tailbox cannot use")
-    })?;
+fn router_client(
+    url: &str,
+    plaintext_ok: bool,
+) -> Result<TaskCommandRouterClient<Channel>, ModalError> {
+    let channel = super::channel(url, plaintext_ok, true)?;
     Ok(TaskCommandRouterClient::new(channel)
         .max_decoding_message_size(super::MAX_MESSAGE_SIZE)
         .max_encoding_message_size(super::MAX_MESSAGE_SIZE))
-}
-
-/// An error for a failed router call.
-pub fn router_error(what: &str, status: Status) -> CliError {
-    let source = status_error(&status);
-    let err = CliError::infra(what.to_owned()).with_source(source);
-    match status.code() {
-        Code::NotFound => err.with_hint("the sandbox may have stopped (timed out or terminated)"),
-        _ => err,
-    }
 }

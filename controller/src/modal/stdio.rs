@@ -23,9 +23,9 @@ use tokio_util::io::StreamReader;
 use tokio_util::sync::PollSender;
 use tonic::Code;
 
-use super::retry::{Backoff, is_transient};
-use super::router::{AUTH_REFRESHES, Router};
-use crate::error::status_error;
+use super::error::RpcStatus;
+use super::retry::{Attempts, Backoff};
+use super::router::Router;
 
 /// Largest single stdin write (bytes coalesced while the previous write is in flight).
 const MAX_WRITE: usize = 1024 * 1024;
@@ -84,9 +84,8 @@ async fn pump_output(router: Router, exec_id: String, fd: Fd, tx: mpsc::Sender<i
         Fd::Stderr => TaskExecStdioFileDescriptor::Stderr,
     } as i32;
     let mut offset = 0u64;
-    // Consecutive failures; reset by every chunk that arrives (as the SDKs do).
-    let mut failures = 0u32;
-    let mut refreshes = 0u32;
+    // Consecutive failures; every chunk that arrives starts the count afresh (as the SDKs do).
+    let mut attempts = Attempts::new(Backoff::ROUTER).refreshing_auth();
     loop {
         let (request, mut client, generation) = router.authorized(TaskExecStdioReadRequest {
             task_id: router.task_id().to_owned(),
@@ -104,8 +103,7 @@ async fn pump_output(router: Router, exec_id: String, fd: Fd, tx: mpsc::Sender<i
                                 continue;
                             }
                             offset += chunk.data.len() as u64;
-                            failures = 0;
-                            refreshes = 0;
+                            attempts.progressed();
                             if tx.send(Ok(Bytes::from(chunk.data))).await.is_err() {
                                 return; // The reader is gone.
                             }
@@ -118,22 +116,14 @@ async fn pump_output(router: Router, exec_id: String, fd: Fd, tx: mpsc::Sender<i
             }
             Err(status) => status,
         };
-        if status.code() == Code::Unauthenticated && refreshes < AUTH_REFRESHES {
-            refreshes += 1;
-            if let Err(refresh) = router.refresh(generation).await {
-                let _ = tx.send(Err(io_error(&refresh))).await;
-                return;
-            }
-            continue;
+        tracing::debug!(?fd, offset, code = ?status.code(), "exec output stream cut");
+        if let Err(status) = router
+            .next_attempt(&mut attempts, "TaskExecStdioRead", generation, status)
+            .await
+        {
+            let _ = tx.send(Err(io_error(&status))).await;
+            return;
         }
-        if is_transient(status.code()) && failures < Backoff::ROUTER.retries {
-            failures += 1;
-            tracing::debug!(?fd, offset, failures, code = ?status.code(), "exec output stream cut; resuming");
-            tokio::time::sleep(Backoff::ROUTER.delay(failures)).await;
-            continue;
-        }
-        let _ = tx.send(Err(io_error(&status))).await;
-        return;
     }
 }
 
@@ -142,7 +132,7 @@ fn io_error(status: &tonic::Status) -> io::Error {
         Code::NotFound | Code::FailedPrecondition | Code::Aborted => io::ErrorKind::BrokenPipe,
         _ => io::ErrorKind::Other,
     };
-    io::Error::new(kind, status_error(status).to_string())
+    io::Error::new(kind, RpcStatus(status.clone()).to_string())
 }
 
 /// Ordered, offset-correct writer of an exec's stdin. Shutting it down or dropping it closes
@@ -239,7 +229,7 @@ async fn pump_input(
         let len = batch.len() as u64;
         if let Err(status) = router.stdin_write(&exec_id, offset, batch, false).await {
             if let Ok(mut slot) = failure.lock() {
-                *slot = Some(status_error(&status).to_string());
+                *slot = Some(RpcStatus(status).to_string());
             }
             // Dropping the receiver fails every later write.
             return;

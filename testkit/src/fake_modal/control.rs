@@ -1,7 +1,7 @@
 //! The fake control plane.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tailbox_proto::modal::client::generic_result::GenericStatus;
 use tailbox_proto::modal::client::modal_client_server::ModalClient;
@@ -20,13 +20,9 @@ pub(crate) struct ControlPlane {
 type Reply<T> = Result<Response<T>, Status>;
 
 impl ControlPlane {
-    /// Records the call, then enforces what the real server requires of every client call.
-    fn admit(
-        &self,
-        rpc: &str,
-        metadata: &MetadataMap,
-        needs_auth_token: bool,
-    ) -> Result<(), Status> {
+    /// Records the call, then enforces what the real server requires of every client call:
+    /// credentials, an official client identity, and a valid auth token if one is sent.
+    fn admit(&self, rpc: &str, metadata: &MetadataMap) -> Result<(), Status> {
         self.state.call("control", rpc, metadata)?;
         let header = |k: &str| metadata.get(k).and_then(|v| v.to_str().ok());
         if header("x-modal-token-id") != Some(TOKEN_ID)
@@ -37,25 +33,25 @@ impl ControlPlane {
                 Status::unauthenticated("missing or wrong x-modal-token-id / x-modal-token-secret"),
             ));
         }
-        if header("x-modal-client-type").is_none() || header("x-modal-client-version").is_none() {
-            return Err(self.state.refuse(
-                rpc,
-                Status::failed_precondition(
-                    "x-modal-client-type and x-modal-client-version are required",
-                ),
-            ));
+        if let Err(why) = official_identity(
+            header("x-modal-client-type"),
+            header("x-modal-client-version"),
+            header("x-modal-libmodal-version"),
+        ) {
+            return Err(self.state.refuse(rpc, Status::failed_precondition(why)));
         }
-        if needs_auth_token {
-            let valid = header("x-modal-auth-token").is_some_and(|token| {
-                lock(&self.state.world)
-                    .auth_tokens
-                    .get(token)
-                    .is_some_and(|exp| SystemTime::now() < *exp)
-            });
+        // Python sends no auth token on V1 calls, the Go SDK one on every unary call: it is not
+        // required here (the V2 RPCs that need it are out of scope), but one that is sent must
+        // be valid.
+        if let Some(token) = header("x-modal-auth-token") {
+            let valid = lock(&self.state.world)
+                .auth_tokens
+                .get(token)
+                .is_some_and(|exp| SystemTime::now() < *exp);
             if !valid {
                 return Err(self.state.refuse(
                     rpc,
-                    Status::unauthenticated("missing, unknown or expired x-modal-auth-token"),
+                    Status::unauthenticated("unknown or expired x-modal-auth-token"),
                 ));
             }
         }
@@ -71,13 +67,48 @@ impl ControlPlane {
     }
 }
 
-fn terminated_result() -> GenericResult {
-    GenericResult {
-        status: GenericStatus::Terminated as i32,
-        exception: "terminated".into(),
-        exitcode: 137,
-        traceback: String::new(),
+/// Accepts only a client identity an official SDK sends: the Python SDK (client type 1 and its
+/// own version, no libmodal header), or the JS (8) or Go (9) SDK (version `1.0.0` and
+/// `modal-js/X.Y.Z` or `modal-go/X.Y.Z`). Modal's actual rules are not public; refusing every
+/// other value means no test passes by relying on Modal accepting a client it has never seen.
+fn official_identity(
+    client_type: Option<&str>,
+    version: Option<&str>,
+    libmodal: Option<&str>,
+) -> Result<(), String> {
+    let (Some(client_type), Some(version)) = (client_type, version) else {
+        return Err("x-modal-client-type and x-modal-client-version are required".into());
+    };
+    let sdk = |prefix: &str| {
+        version == "1.0.0"
+            && libmodal
+                .and_then(|l| l.strip_prefix(prefix))
+                .is_some_and(is_release)
+    };
+    let official = match client_type {
+        "1" => is_release(version) && libmodal.is_none(),
+        "8" => sdk("modal-js/"),
+        "9" => sdk("modal-go/"),
+        _ => false,
+    };
+    if official {
+        Ok(())
+    } else {
+        Err(format!(
+            "client type {client_type:?}, version {version:?}, libmodal version {libmodal:?} is \
+             not what an official Modal SDK sends"
+        ))
     }
+}
+
+/// `X.Y.Z` with numeric parts (a suffix after Z, as in `1.6.4.dev1`, is allowed).
+fn is_release(version: &str) -> bool {
+    let mut parts = version.split('.');
+    (0..3).all(|_| {
+        parts
+            .next()
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 #[tonic::async_trait]
@@ -86,7 +117,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<AuthTokenGetRequest>,
     ) -> Reply<AuthTokenGetResponse> {
-        self.admit("AuthTokenGet", request.metadata(), false)?;
+        self.admit("AuthTokenGet", request.metadata())?;
         self.state.latency("AuthTokenGet").await;
         let (token, exp) = make_jwt("fake-workspace", self.state.config.auth_token_ttl);
         lock(&self.state.world)
@@ -100,7 +131,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<AppGetOrCreateRequest>,
     ) -> Reply<AppGetOrCreateResponse> {
-        self.admit("AppGetOrCreate", request.metadata(), true)?;
+        self.admit("AppGetOrCreate", request.metadata())?;
         self.state.latency("AppGetOrCreate").await;
         let req = request.into_inner();
         if req.app_name.is_empty() {
@@ -126,7 +157,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<EnvironmentGetOrCreateRequest>,
     ) -> Reply<EnvironmentGetOrCreateResponse> {
-        self.admit("EnvironmentGetOrCreate", request.metadata(), true)?;
+        self.admit("EnvironmentGetOrCreate", request.metadata())?;
         let req = request.into_inner();
         Ok(Response::new(EnvironmentGetOrCreateResponse {
             environment_id: "en-fake".into(),
@@ -147,19 +178,27 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<SecretGetOrCreateRequest>,
     ) -> Reply<SecretGetOrCreateResponse> {
-        self.admit("SecretGetOrCreate", request.metadata(), true)?;
+        self.admit("SecretGetOrCreate", request.metadata())?;
         let req = request.into_inner();
-        if req.object_creation_type != ObjectCreationType::Ephemeral as i32
-            || !req.deployment_name.is_empty()
-        {
+        let mut world = lock(&self.state.world);
+        // Anonymous secrets only: EPHEMERAL (the Go SDK's) or owned by an app (Python's).
+        let anonymous = match req.object_creation_type {
+            t if t == ObjectCreationType::Ephemeral as i32 => true,
+            t if t == ObjectCreationType::AnonymousOwnedByApp as i32 => {
+                if !world.apps.values().any(|id| *id == req.app_id) {
+                    return Err(Status::not_found(format!("app {:?} not found", req.app_id)));
+                }
+                true
+            }
+            _ => false,
+        };
+        if !anonymous || !req.deployment_name.is_empty() {
             return Err(Status::invalid_argument(
-                "the fake only makes ephemeral, anonymous secrets",
+                "the fake only makes anonymous secrets (EPHEMERAL, or ANONYMOUS_OWNED_BY_APP)",
             ));
         }
         let id = sandbox::short_id("st");
-        lock(&self.state.world)
-            .secrets
-            .insert(id.clone(), req.env_dict);
+        world.secrets.insert(id.clone(), req.env_dict);
         Ok(Response::new(SecretGetOrCreateResponse { secret_id: id }))
     }
 
@@ -167,7 +206,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<ImageGetOrCreateRequest>,
     ) -> Reply<ImageGetOrCreateResponse> {
-        self.admit("ImageGetOrCreate", request.metadata(), true)?;
+        self.admit("ImageGetOrCreate", request.metadata())?;
         self.state.latency("ImageGetOrCreate").await;
         let req = request.into_inner();
         let mut world = lock(&self.state.world);
@@ -205,7 +244,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<ImageJoinStreamingRequest>,
     ) -> Reply<BoxStream<ImageJoinStreamingResponse>> {
-        self.admit("ImageJoinStreaming", request.metadata(), false)?;
+        self.admit("ImageJoinStreaming", request.metadata())?;
         let req = request.into_inner();
         let tag = {
             let mut world = lock(&self.state.world);
@@ -249,7 +288,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<SandboxCreateRequest>,
     ) -> Reply<SandboxCreateResponse> {
-        self.admit("SandboxCreate", request.metadata(), true)?;
+        self.admit("SandboxCreate", request.metadata())?;
         let req = request.into_inner();
         let definition = req.definition.unwrap_or_default();
         let env = {
@@ -265,22 +304,25 @@ impl ModalClient for ControlPlane {
             }
             let mut env = std::collections::HashMap::new();
             for id in &definition.secret_ids {
-                match world.secrets.get(id) {
-                    Some(values) => env.extend(values.clone()),
-                    None => return Err(Status::invalid_argument(format!("secret {id} not found"))),
-                }
+                env.extend(world.secret(id)?.clone());
             }
             env
         };
         if definition.timeout_secs == 0 {
             return Err(Status::invalid_argument("timeout_secs must be set"));
         }
-        let tags = req
-            .tags
-            .into_iter()
-            .map(|t| (t.tag_name, t.tag_value))
-            .collect();
-        let id = sandbox::create(&self.state, &req.app_id, tags, env, definition.timeout_secs)?;
+        let definition = sandbox::Definition {
+            app_id: req.app_id,
+            tags: req
+                .tags
+                .into_iter()
+                .map(|t| (t.tag_name, t.tag_value))
+                .collect(),
+            env,
+            timeout_secs: definition.timeout_secs,
+            entrypoint: definition.entrypoint_args,
+        };
+        let id = sandbox::create(&self.state, definition).await?;
         // The sandbox exists now; a slow response is a lost-response scenario.
         self.state.latency("SandboxCreate").await;
         Ok(Response::new(SandboxCreateResponse { sandbox_id: id }))
@@ -290,14 +332,15 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<SandboxGetTaskIdRequest>,
     ) -> Reply<SandboxGetTaskIdResponse> {
-        self.admit("SandboxGetTaskId", request.metadata(), true)?;
+        self.admit("SandboxGetTaskId", request.metadata())?;
         self.state.latency("SandboxGetTaskId").await;
         let req = request.into_inner();
         let sandbox = self.sandbox(&req.sandbox_id)?;
-        if sandbox.is_terminated() {
+        let finished = sandbox.result.borrow().clone();
+        if let Some(result) = finished {
             return Ok(Response::new(SandboxGetTaskIdResponse {
                 task_id: None,
-                task_result: Some(terminated_result()),
+                task_result: Some(result),
             }));
         }
         let wanted = self.state.faults().unscheduled_polls;
@@ -314,14 +357,32 @@ impl ModalClient for ControlPlane {
         }))
     }
 
+    async fn sandbox_wait(
+        &self,
+        request: Request<SandboxWaitRequest>,
+    ) -> Reply<SandboxWaitResponse> {
+        self.admit("SandboxWait", request.metadata())?;
+        let req = request.into_inner();
+        let sandbox = self.sandbox(&req.sandbox_id)?;
+        // A long poll: at most `timeout` seconds (0 answers at once), then "still running".
+        let limit = Duration::try_from_secs_f32(req.timeout.max(0.0)).unwrap_or_default();
+        let mut finished = sandbox.result.subscribe();
+        let result = tokio::time::timeout(limit, finished.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|r| r.clone()));
+        Ok(Response::new(SandboxWaitResponse { result }))
+    }
+
     async fn sandbox_terminate(
         &self,
         request: Request<SandboxTerminateRequest>,
     ) -> Reply<SandboxTerminateResponse> {
-        self.admit("SandboxTerminate", request.metadata(), true)?;
+        self.admit("SandboxTerminate", request.metadata())?;
         self.state.latency("SandboxTerminate").await;
         let sandbox = self.sandbox(&request.into_inner().sandbox_id)?;
-        let existing = (!sandbox::terminate(&self.state, &sandbox)).then(terminated_result);
+        let existing = sandbox.result.borrow().clone();
+        sandbox::terminate(&self.state, &sandbox);
         Ok(Response::new(SandboxTerminateResponse {
             existing_result: existing,
         }))
@@ -331,7 +392,7 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<SandboxListRequest>,
     ) -> Reply<SandboxListResponse> {
-        self.admit("SandboxList", request.metadata(), true)?;
+        self.admit("SandboxList", request.metadata())?;
         let req = request.into_inner();
         let wanted: Vec<(String, String)> = req
             .tags
@@ -342,7 +403,7 @@ impl ModalClient for ControlPlane {
             .sandboxes
             .values()
             .filter(|s| req.app_id.is_empty() || s.app_id == req.app_id)
-            .filter(|s| req.include_finished || !s.is_terminated())
+            .filter(|s| req.include_finished || !s.is_finished())
             .filter(|s| req.before_timestamp == 0.0 || s.created_at < req.before_timestamp)
             .filter(|s| wanted.iter().all(|w| s.tags.contains(w)))
             .cloned()
@@ -373,13 +434,13 @@ impl ModalClient for ControlPlane {
         &self,
         request: Request<TaskGetCommandRouterAccessRequest>,
     ) -> Reply<TaskGetCommandRouterAccessResponse> {
-        self.admit("TaskGetCommandRouterAccess", request.metadata(), true)?;
+        self.admit("TaskGetCommandRouterAccess", request.metadata())?;
         let task_id = request.into_inner().task_id;
         let sandbox_id = lock(&self.state.world).tasks.get(&task_id).cloned();
         let Some(sandbox_id) = sandbox_id else {
             return Err(Status::not_found(format!("task {task_id} not found")));
         };
-        if self.sandbox(&sandbox_id)?.is_terminated() {
+        if self.sandbox(&sandbox_id)?.is_finished() {
             return Err(Status::not_found(format!("task {task_id} has finished")));
         }
         let ttl = self

@@ -1,29 +1,32 @@
 //! A fake Modal for tests: the control plane (`modal.client.ModalClient`) and the Task Command
 //! Router (`modal.task_command_router.TaskCommandRouter`) on loopback, over real tonic, built on
-//! the server traits of our proto subset (RPCs we do not implement answer Unimplemented).
+//! the server traits of our proto subset (RPCs we do not implement answer Unimplemented). Modal's
+//! own Python client drives it too (`controller/tests/modal_official_client.rs`). The README next to
+//! this file lists every behaviour it models, the source of each, and what is out of scope.
 //!
-//! - **Sandboxes** are local process trees, each with its own temp root. Absolute sandbox paths
-//!   map into that root, consistently for `modal-sandbox-fs-tools` (emulated: `WriteFile`, `Stat`)
-//!   and for an exec's `argv[0]`. Execs run in the test machine's network namespace (the agent
-//!   in a fake sandbox must reach the lab's control server on 127.0.0.1) and see its filesystem
-//!   outside `argv[0]`; `HOME` and `TMPDIR` point into the root. When the tests run as root,
-//!   each process also gets a private mount namespace in which the sandbox's `/tmp/tailbox`
-//!   (where tailbox pushes binaries) is bind-mounted at `/tmp/tailbox`, so paths tailbox hands
-//!   the agent resolve as in a real sandbox ([`FakeModal::mount_namespaces`]). The image is the
-//!   host plus a `chmod` that understands root-mapped paths ([`FakeConfig::image_has_chmod`]).
-//! - **Strict** like the real server: control-plane calls need `x-modal-token-id`/`-secret`, the
-//!   client headers and (unary, except `AuthTokenGet`) a valid unexpired `x-modal-auth-token`;
-//!   router calls need `authorization: Bearer <jwt>` for that task, unexpired; stdout left at
-//!   DEVNULL, bad or out-of-range offsets, and execs in terminated sandboxes are rejected.
+//! - **Sandboxes** are local process trees, each in a network namespace of its own that reaches
+//!   only the [`Uplink`]s it is given ([`network`]), with a root directory where every sandbox
+//!   path lives (fs-tools, `argv[0]`) and whose `tmp/` its processes see as `/tmp`
+//!   ([`process`]). The rest of their filesystem is this machine's. Creating namespaces needs
+//!   root: [`FakeModal::start`] fails without it.
+//! - **Strict** like the real server: control-plane calls need `x-modal-token-id`/`-secret` and
+//!   a client identity an official SDK sends; an `x-modal-auth-token`, when sent, must be one it
+//!   issued and unexpired; router calls need `authorization: Bearer <jwt>` for that task,
+//!   unexpired; bad or out-of-range offsets, argv over 64 KiB and execs in finished sandboxes are
+//!   rejected.
 //! - **Faults** ([`Faults`]): latency per RPC, UNAVAILABLE for the next N calls, stdio read
 //!   streams cut after N bytes every time, streamed stdin writes cut after N bytes, short-lived
 //!   router JWTs, slow scheduling.
 //! - **Records** ([`Record`]): every call with its (redacted) headers, sandboxes created and
-//!   terminated, execs, bytes written, refusals.
+//!   finished, execs, bytes written, refusals.
 
+mod client;
 mod control;
+mod network;
+mod process;
 mod router;
 mod sandbox;
+mod tools;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +41,11 @@ use tailbox_proto::modal::task_command_router::task_command_router_server::TaskC
 use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataMap;
+
+pub use client::{ExecOutput, FakeClient, piped};
+pub use network::Uplink;
+
+use crate::lab::Lab;
 
 /// The token id the fake accepts.
 pub const TOKEN_ID: &str = "ak-faketailboxtoken";
@@ -57,6 +65,18 @@ pub struct FakeConfig {
     pub list_page_size: usize,
     /// PATH of processes in sandboxes; `None` is this machine's PATH.
     pub path: Option<String>,
+    /// What sandboxes may reach on this machine (at the same address); nothing else.
+    pub uplinks: Vec<Uplink>,
+}
+
+impl FakeConfig {
+    /// Sandboxes reach `lab`'s control, DERP and STUN servers, as real ones reach Tailscale's.
+    pub fn reaching(self, lab: &Lab) -> Self {
+        Self {
+            uplinks: lab.sandbox_uplinks(),
+            ..self
+        }
+    }
 }
 
 impl Default for FakeConfig {
@@ -67,6 +87,7 @@ impl Default for FakeConfig {
             auth_token_ttl: Duration::from_secs(3600),
             list_page_size: 100,
             path: None,
+            uplinks: Vec::new(),
         }
     }
 }
@@ -123,7 +144,7 @@ pub struct SandboxRecord {
     pub root: PathBuf,
     /// When it was created.
     pub created_at: Instant,
-    /// When it was terminated, if it was.
+    /// When it finished (terminated, timed out, or its entrypoint exited), if it has.
     pub terminated_at: Option<Instant>,
 }
 
@@ -136,8 +157,21 @@ pub struct ExecRecord {
     pub exec_id: String,
     /// argv as sent.
     pub argv: Vec<String>,
+    /// Whether stdout was PIPE (DEVNULL discards it).
+    pub stdout_piped: bool,
     /// stdin bytes received.
     pub stdin_bytes: u64,
+    /// How it ended, once it has.
+    pub exit: Option<Exit>,
+}
+
+/// How an exec ended (`TaskExecWait`'s answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// This signal killed it.
+    Signal(i32),
 }
 
 /// Everything the fake recorded.
@@ -178,7 +212,7 @@ impl Record {
     pub fn agent_execs(&self) -> Vec<&ExecRecord> {
         self.execs
             .iter()
-            .filter(|e| !sandbox::is_tool(&e.argv))
+            .filter(|e| !tools::is_tool(&e.argv))
             .collect()
     }
 }
@@ -192,8 +226,6 @@ pub(crate) struct State {
     pub(crate) world: Mutex<sandbox::World>,
     pub(crate) router_url: Mutex<String>,
     pub(crate) dir: tempfile::TempDir,
-    /// Whether processes get a private mount namespace (see [`sandbox::VISIBLE_DIRS`]).
-    pub(crate) mount_namespaces: bool,
 }
 
 impl State {
@@ -288,12 +320,18 @@ impl FakeModal {
         Self::start_with(FakeConfig::default()).await
     }
 
-    /// Starts both servers on loopback ports the kernel picks.
+    /// Starts both servers on loopback ports the kernel picks. Fails unless sandboxes can get
+    /// their own network and mount namespaces (root, and `ip` from iproute2).
     pub async fn start_with(config: FakeConfig) -> Result<Self> {
+        network::SandboxNetwork::create(&[]).await.context(
+            "fake Modal sandboxes need network and mount namespaces of their own: run the \
+                 tests as root (CI does), with iproute2 installed (scripts/setup does)",
+        )?;
+        // Not under /tmp: sandbox processes get their own /tmp, which hides this machine's.
         let dir = tempfile::Builder::new()
             .prefix("tailbox-fake-modal-")
-            .tempdir()
-            .context("creating the fake Modal's temp dir")?;
+            .tempdir_in("/var/tmp")
+            .context("creating the fake Modal's directory in /var/tmp")?;
         let (changed, _) = watch::channel(0);
         let state = Arc::new(State {
             config,
@@ -303,7 +341,6 @@ impl FakeModal {
             world: Mutex::new(sandbox::World::default()),
             router_url: Mutex::new(String::new()),
             dir,
-            mount_namespaces: sandbox::mount_namespaces_work(),
         });
         let control_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -350,11 +387,6 @@ impl FakeModal {
     /// The control-plane URL (`MODAL_SERVER_URL`).
     pub fn server_url(&self) -> String {
         format!("http://{}", self.control_addr)
-    }
-
-    /// Whether sandbox processes see the sandbox's `/tmp/tailbox` at that path (needs root).
-    pub fn mount_namespaces(&self) -> bool {
-        self.state.mount_namespaces
     }
 
     /// The router URL it hands out.
@@ -421,17 +453,30 @@ impl FakeModal {
     }
 
     /// Creates a sandbox directly (as if another client had), returning its id.
-    pub fn create_sandbox_directly(&self, tags: &[(&str, &str)]) -> Result<String> {
-        sandbox::create(
-            &self.state,
-            "ap-direct",
-            tags.iter()
+    pub async fn create_sandbox_directly(&self, tags: &[(&str, &str)]) -> Result<String> {
+        let definition = sandbox::Definition {
+            app_id: "ap-direct".into(),
+            tags: tags
+                .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
-            HashMap::new(),
-            300,
-        )
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))
+            env: HashMap::new(),
+            timeout_secs: 300,
+            entrypoint: Vec::new(),
+        };
+        sandbox::create(&self.state, definition)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))
+    }
+
+    /// Pids of the processes running in a sandbox (its network namespace's), whatever started
+    /// them; empty once it has finished.
+    pub fn sandbox_processes(&self, sandbox_id: &str) -> Vec<i32> {
+        let sandbox = lock(&self.state.world).sandboxes.get(sandbox_id).cloned();
+        let Some(inode) = sandbox.and_then(|s| s.network.netns.inode().ok()) else {
+            return Vec::new();
+        };
+        network::processes_with_netns(&format!("net:[{inode}]"))
     }
 
     /// The newest unexpired router JWT granted for `task_id` (to build raw requests in tests).
@@ -449,7 +494,7 @@ impl FakeModal {
     pub fn host_path(&self, sandbox_id: &str, sandbox_path: &str) -> Option<PathBuf> {
         let record = self.record();
         let root = &record.sandbox(sandbox_id)?.root;
-        sandbox::map_path(root, sandbox_path).ok()
+        tools::map_path(root, sandbox_path).ok()
     }
 }
 

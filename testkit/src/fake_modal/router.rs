@@ -1,9 +1,11 @@
 //! The fake Task Command Router.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use tailbox_proto::modal::client::secret_source::Source;
 use tailbox_proto::modal::task_command_router::task_command_router_server::TaskCommandRouter;
+use tailbox_proto::modal::task_command_router::task_exec_poll_response::ExitStatus as PollStatus;
 use tailbox_proto::modal::task_command_router::task_exec_stdin_write_stream_request::Payload;
 use tailbox_proto::modal::task_command_router::task_exec_wait_response::ExitStatus;
 use tailbox_proto::modal::task_command_router::*;
@@ -12,8 +14,8 @@ use tonic::codegen::BoxStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::sandbox::{self, Exec, Exit, Sandbox};
-use super::{State, lock};
+use super::sandbox::{self, Exec, ExecSpec, Sandbox, StderrTo};
+use super::{Exit, State, lock, tools};
 
 pub(crate) struct CommandRouter {
     pub(crate) state: Arc<State>,
@@ -23,6 +25,9 @@ type Reply<T> = Result<Response<T>, Status>;
 
 /// Largest chunk one stdio read message carries.
 const CHUNK: usize = 64 * 1024;
+
+/// Most bytes an exec's arguments may total (2^16, as Modal's SDKs check it).
+const ARGV_LIMIT: usize = 1 << 16;
 
 impl CommandRouter {
     /// Records the call and checks the bearer JWT belongs to `task_id` and has not expired.
@@ -72,10 +77,69 @@ impl CommandRouter {
                 .cloned()
         };
         match sandbox {
-            Some(s) if !s.is_terminated() => Ok(s),
+            Some(s) if !s.is_finished() => Ok(s),
             Some(_) => Err(Status::not_found(format!("task {task_id} has finished"))),
             None => Err(Status::not_found(format!("task {task_id} not found"))),
         }
+    }
+
+    /// What a `TaskExecStart` asks for, or why it is refused.
+    fn exec_spec(&self, req: TaskExecStartRequest) -> Result<ExecSpec, Status> {
+        if req.exec_id.is_empty() || req.command_args.is_empty() {
+            return Err(Status::invalid_argument(
+                "exec_id and command_args are required",
+            ));
+        }
+        // The SDKs refuse more (Python `_validate_exec_args`, the Go SDK's ValidateExecArgs):
+        // Linux's ARG_MAX for the command line Modal builds, less its own overhead.
+        let argv_bytes: usize = req.command_args.iter().map(String::len).sum();
+        if argv_bytes > ARGV_LIMIT {
+            return Err(Status::invalid_argument(format!(
+                "the command's arguments total {argv_bytes} bytes, over the {ARGV_LIMIT}-byte limit"
+            )));
+        }
+        if let Some(workdir) = &req.workdir
+            && !workdir.starts_with('/')
+        {
+            return Err(Status::invalid_argument(format!(
+                "workdir must be absolute, got {workdir:?}"
+            )));
+        }
+        let stderr = match TaskExecStderrConfig::try_from(req.stderr_config) {
+            Ok(TaskExecStderrConfig::Devnull) => StderrTo::Devnull,
+            Ok(TaskExecStderrConfig::Pipe) => StderrTo::Pipe,
+            Ok(TaskExecStderrConfig::Stdout) => StderrTo::Stdout,
+            Err(_) => return Err(Status::invalid_argument("unknown stderr_config")),
+        };
+        let stdout = match TaskExecStdoutConfig::try_from(req.stdout_config) {
+            Ok(TaskExecStdoutConfig::Pipe) => true,
+            Ok(TaskExecStdoutConfig::Devnull) => false,
+            Err(_) => return Err(Status::invalid_argument("unknown stdout_config")),
+        };
+        // Secrets by id (Go), then the Python SDK's ordered sources, then the Go SDK's inline env.
+        let mut env = std::collections::HashMap::new();
+        {
+            let world = lock(&self.state.world);
+            for id in &req.secret_ids {
+                env.extend(world.secret(id)?.clone());
+            }
+            for source in &req.secret_sources {
+                match &source.source {
+                    Some(Source::SecretId(id)) => env.extend(world.secret(id)?.clone()),
+                    Some(Source::Env(map)) => env.extend(map.contents.clone()),
+                    None => {}
+                }
+            }
+        }
+        env.extend(req.env);
+        Ok(ExecSpec {
+            argv: req.command_args,
+            env,
+            workdir: req.workdir,
+            stdout,
+            stderr,
+            timeout: req.timeout_secs.map(|s| Duration::from_secs(s.into())),
+        })
     }
 
     fn exec(sandbox: &Sandbox, exec_id: &str) -> Result<Arc<Exec>, Status> {
@@ -94,28 +158,13 @@ impl TaskCommandRouter for CommandRouter {
     ) -> Reply<TaskExecStartResponse> {
         let (metadata, _, req) = request.into_parts();
         let sandbox = self.admit("TaskExecStart", &metadata, &req.task_id)?;
-        if req.stdout_config != TaskExecStdoutConfig::Pipe as i32 {
-            return Err(self.state.refuse(
-                "TaskExecStart",
-                Status::invalid_argument("stdout_config is DEVNULL: the output would be discarded"),
-            ));
-        }
-        if req.exec_id.is_empty() || req.command_args.is_empty() {
-            return Err(self.state.refuse(
-                "TaskExecStart",
-                Status::invalid_argument("exec_id and command_args are required"),
-            ));
-        }
-        if !sandbox::is_tool(&req.command_args) {
+        let spec = self
+            .exec_spec(req.clone())
+            .map_err(|status| self.state.refuse("TaskExecStart", status))?;
+        if !tools::is_tool(&spec.argv) {
             self.state.latency("TaskExecStart").await;
         }
-        sandbox::start_exec(
-            &self.state,
-            &sandbox,
-            &req.exec_id,
-            req.command_args,
-            req.env,
-        )?;
+        sandbox::start_exec(&self.state, &sandbox, &req.exec_id, spec)?;
         Ok(Response::new(TaskExecStartResponse {}))
     }
 
@@ -316,6 +365,22 @@ impl TaskCommandRouter for CommandRouter {
             exit_status: Some(match status {
                 Exit::Code(code) => ExitStatus::Code(code),
                 Exit::Signal(signal) => ExitStatus::Signal(signal),
+            }),
+        }))
+    }
+
+    async fn task_exec_poll(
+        &self,
+        request: Request<TaskExecPollRequest>,
+    ) -> Reply<TaskExecPollResponse> {
+        let (metadata, _, req) = request.into_parts();
+        let sandbox = self.admit("TaskExecPoll", &metadata, &req.task_id)?;
+        let exec = Self::exec(&sandbox, &req.exec_id)?;
+        let status = *exec.exit.borrow();
+        Ok(Response::new(TaskExecPollResponse {
+            exit_status: status.map(|status| match status {
+                Exit::Code(code) => PollStatus::Code(code),
+                Exit::Signal(signal) => PollStatus::Signal(signal),
             }),
         }))
     }

@@ -1,37 +1,24 @@
-//! Fake sandboxes: a temp root each, execs as local processes (or emulated tools), offset-tracked
-//! stdio.
+//! Fake sandboxes: a root directory, a network of their own, an optional entrypoint, and execs
+//! (local processes or emulated tools) with offset-tracked stdio. What each behaviour models,
+//! and where that fact comes from, is in the fake's README.
 
 use std::collections::{HashMap, HashSet};
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use tailbox_proto::modal::client::GenericResult;
+use tailbox_proto::modal::client::generic_result::GenericStatus;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::ChildStdin;
 use tokio::sync::watch;
 use tonic::Status;
 
-use super::{SandboxRecord, State, lock};
-
-/// Modal's fs helper path.
-pub(crate) const FS_TOOLS: &str = "/__modal/.bin/modal-sandbox-fs-tools";
-
-/// Whether `argv` is one of the tools the fake emulates rather than runs.
-pub(crate) fn is_tool(argv: &[String]) -> bool {
-    let first = argv.first().map(String::as_str).unwrap_or_default();
-    first == FS_TOOLS || chmod_args(argv).is_some()
-}
-
-fn chmod_args(argv: &[String]) -> Option<&[String]> {
-    match argv.first().map(String::as_str)? {
-        "chmod" | "/bin/chmod" | "/usr/bin/chmod" => Some(&argv[1..]),
-        "/bin/busybox" if argv.get(1).map(String::as_str) == Some("chmod") => Some(&argv[2..]),
-        _ => None,
-    }
-}
+use super::network::{self, SandboxNetwork};
+use super::process::{self, Output as ProcessOutput, Spec};
+use super::tools;
+use super::{Exit, SandboxRecord, State, lock};
 
 /// Everything the control plane knows.
 #[derive(Default)]
@@ -48,6 +35,15 @@ pub(crate) struct World {
     pub(crate) last_created_at: f64,
 }
 
+impl World {
+    /// The variables of a secret the fake made.
+    pub(crate) fn secret(&self, id: &str) -> Result<&HashMap<String, String>, Status> {
+        self.secrets
+            .get(id)
+            .ok_or_else(|| Status::invalid_argument(format!("secret {id} not found")))
+    }
+}
+
 /// One fake sandbox.
 pub(crate) struct Sandbox {
     pub(crate) id: String,
@@ -57,21 +53,29 @@ pub(crate) struct Sandbox {
     pub(crate) env: HashMap<String, String>,
     pub(crate) root: PathBuf,
     pub(crate) created_at: f64,
-    pub(crate) terminated: AtomicBool,
+    pub(crate) network: SandboxNetwork,
+    /// Set first when it ends: no exec may start from then on.
+    ending: AtomicBool,
+    /// How it ended, published once its processes are gone; `None` while it runs.
+    pub(crate) result: watch::Sender<Option<GenericResult>>,
     pub(crate) execs: Mutex<HashMap<String, Arc<Exec>>>,
 }
 
 impl Sandbox {
-    pub(crate) fn is_terminated(&self) -> bool {
-        self.terminated.load(Ordering::SeqCst)
+    pub(crate) fn is_finished(&self) -> bool {
+        self.ending.load(Ordering::SeqCst)
     }
 }
 
-/// How an exec ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Exit {
-    Code(i32),
-    Signal(i32),
+/// What a sandbox is created with.
+pub(crate) struct Definition {
+    pub(crate) app_id: String,
+    pub(crate) tags: Vec<(String, String)>,
+    pub(crate) env: HashMap<String, String>,
+    /// Its lifetime; at the end it finishes with TIMEOUT.
+    pub(crate) timeout_secs: u32,
+    /// Its main process; empty keeps it running until terminated or timed out.
+    pub(crate) entrypoint: Vec<String>,
 }
 
 /// An output stream: everything ever written (for offset reads) and its progress.
@@ -88,7 +92,7 @@ impl Output {
         }
     }
 
-    fn push(&self, bytes: &[u8]) {
+    pub(crate) fn push(&self, bytes: &[u8]) {
         let len = {
             let mut data = lock(&self.data);
             data.extend_from_slice(bytes);
@@ -115,7 +119,8 @@ impl Output {
     }
 }
 
-enum Sink {
+/// Where an exec's stdin goes.
+pub(crate) enum Sink {
     Child(ChildStdin),
     /// fs-tools `WriteFile` of the sandbox path `path` (`host` on this machine): the bytes
     /// arrive here and are written when stdin closes.
@@ -141,13 +146,12 @@ pub(crate) struct Exec {
     pub(crate) stdout: Output,
     pub(crate) stderr: Output,
     pub(crate) exit: watch::Sender<Option<Exit>>,
-    pgid: Mutex<Option<i32>>,
 }
 
 impl Exec {
-    fn new(argv: Vec<String>, sink: Sink) -> Self {
+    pub(crate) fn new(argv: Vec<String>, sink: Sink) -> Self {
         Self {
-            tool: is_tool(&argv),
+            tool: tools::is_tool(&argv),
             argv,
             stdin: tokio::sync::Mutex::new(Stdin {
                 written: 0,
@@ -157,25 +161,25 @@ impl Exec {
             stdout: Output::new(),
             stderr: Output::new(),
             exit: watch::channel(None).0,
-            pgid: Mutex::new(None),
         }
     }
 
-    fn finish(&self, exit: Exit) {
+    pub(crate) fn finish(&self, exit: Exit) {
         self.stdout.finish();
         self.stderr.finish();
         self.exit.send_replace(Some(exit));
     }
 
     /// An exec that ended at once with `code`, having printed `stderr`.
-    fn exited(argv: Vec<String>, code: i32, stderr: &str) -> Arc<Self> {
+    pub(crate) fn exited(argv: Vec<String>, code: i32, stderr: &str) -> Arc<Self> {
         let exec = Arc::new(Self::new(argv, Sink::Discard));
         exec.stderr.push(stderr.as_bytes());
         exec.finish(Exit::Code(code));
         exec
     }
 
-    fn fail(&self, code: i32, error_kind: &str, message: &str) {
+    /// An fs-tools failure: exit `code` with Modal's JSON error on stderr.
+    pub(crate) fn fail(&self, code: i32, error_kind: &str, message: &str) {
         let payload =
             serde_json::json!({"error_kind": error_kind, "message": message, "detail": null});
         self.stderr.push(payload.to_string().as_bytes());
@@ -183,23 +187,24 @@ impl Exec {
     }
 }
 
-/// Maps an absolute sandbox path into `root`, never above it.
-pub(crate) fn map_path(root: &Path, sandbox_path: &str) -> Result<PathBuf, String> {
-    let path = Path::new(sandbox_path);
-    if !path.is_absolute() {
-        return Err(format!("{sandbox_path:?} is not absolute"));
-    }
-    let mut rel = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(part) => rel.push(part),
-            Component::ParentDir => {
-                rel.pop();
-            }
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-        }
-    }
-    Ok(root.join(rel))
+/// How an exec was asked to run (from `TaskExecStartRequest`).
+pub(crate) struct ExecSpec {
+    pub(crate) argv: Vec<String>,
+    pub(crate) env: HashMap<String, String>,
+    pub(crate) workdir: Option<String>,
+    /// stdout to a pipe the client reads (PIPE) or discarded (DEVNULL).
+    pub(crate) stdout: bool,
+    pub(crate) stderr: StderrTo,
+    /// Killed after this long.
+    pub(crate) timeout: Option<Duration>,
+}
+
+/// `TaskExecStderrConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StderrTo {
+    Devnull,
+    Pipe,
+    Stdout,
 }
 
 pub(crate) fn now_secs() -> f64 {
@@ -215,20 +220,31 @@ pub(crate) fn short_id(prefix: &str) -> String {
     format!("{prefix}-{}", &hex[..22])
 }
 
-/// Creates a sandbox.
-pub(crate) fn create(
-    state: &State,
-    app_id: &str,
-    tags: Vec<(String, String)>,
-    env: HashMap<String, String>,
-    timeout_secs: u32,
-) -> Result<String, Status> {
+fn result(status: GenericStatus, exitcode: i32, exception: &str) -> GenericResult {
+    GenericResult {
+        status: status as i32,
+        exception: exception.to_owned(),
+        exitcode,
+        traceback: String::new(),
+    }
+}
+
+/// The result of a sandbox terminated from outside (exit code 137 in the SDKs).
+pub(crate) fn terminated_result() -> GenericResult {
+    result(GenericStatus::Terminated, 137, "terminated")
+}
+
+/// Creates a sandbox: its root, its network, its lifetime and its entrypoint.
+pub(crate) async fn create(state: &Arc<State>, definition: Definition) -> Result<String, Status> {
     let id = short_id("sb");
     let task_id = short_id("ta");
     let root = state.dir.path().join(&id);
     std::fs::create_dir_all(root.join("tmp"))
         .map_err(|e| Status::internal(format!("fake: creating the sandbox root: {e}")))?;
-    {
+    let network = SandboxNetwork::create(&state.config.uplinks)
+        .await
+        .map_err(|e| Status::internal(format!("fake: creating the sandbox network: {e}")))?;
+    let sandbox = {
         let mut world = lock(&state.world);
         // Strictly increasing, so paging by created_at never sees ties.
         let created_at = now_secs().max(world.last_created_at + 0.001);
@@ -236,39 +252,104 @@ pub(crate) fn create(
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             task_id: task_id.clone(),
-            app_id: app_id.to_owned(),
-            tags: tags.clone(),
-            env: env.clone(),
+            app_id: definition.app_id.clone(),
+            tags: definition.tags.clone(),
+            env: definition.env.clone(),
             root: root.clone(),
             created_at,
-            terminated: AtomicBool::new(false),
+            network,
+            ending: AtomicBool::new(false),
+            result: watch::channel(None).0,
             execs: Mutex::new(HashMap::new()),
         });
-        world.sandboxes.insert(id.clone(), sandbox);
+        world.sandboxes.insert(id.clone(), Arc::clone(&sandbox));
         world.tasks.insert(task_id.clone(), id.clone());
-    }
+        sandbox
+    };
     state.update(|r| {
         r.sandboxes.push(SandboxRecord {
             id: id.clone(),
-            app_id: app_id.to_owned(),
+            app_id: definition.app_id,
             task_id,
-            tags,
-            env,
-            timeout_secs,
+            tags: definition.tags,
+            env: definition.env,
+            timeout_secs: definition.timeout_secs,
             root,
             created_at: Instant::now(),
             terminated_at: None,
         })
     });
+    expire_after(
+        state,
+        &sandbox,
+        Duration::from_secs(definition.timeout_secs.into()),
+    );
+    if !definition.entrypoint.is_empty() {
+        run_entrypoint(state, &sandbox, &definition.entrypoint);
+    }
     Ok(id)
 }
 
-/// Terminates a sandbox: kills its processes and marks it gone. False if it already was.
+/// Finishes the sandbox with TIMEOUT once its lifetime is over.
+fn expire_after(state: &Arc<State>, sandbox: &Arc<Sandbox>, lifetime: Duration) {
+    let (state, sandbox) = (Arc::clone(state), Arc::clone(sandbox));
+    let mut finished = sandbox.result.subscribe();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(lifetime) => {
+                let timed_out = result(GenericStatus::Timeout, 124, "sandbox timed out");
+                finish(&state, &sandbox, timed_out);
+            }
+            _ = finished.wait_for(Option::is_some) => {}
+        }
+    });
+}
+
+/// Runs the sandbox's main process; when it exits, the sandbox finishes with its exit code.
+fn run_entrypoint(state: &Arc<State>, sandbox: &Arc<Sandbox>, argv: &[String]) {
+    let spec = Spec {
+        argv,
+        env: HashMap::new(),
+        workdir: None,
+    };
+    let spawned = process::command(state, sandbox, spec).and_then(|mut command| {
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", argv[0]))
+    });
+    let (state, sandbox) = (Arc::clone(state), Arc::clone(sandbox));
+    tokio::spawn(async move {
+        let ended = match spawned {
+            Ok(mut child) => match child.wait().await.map(|s| s.code()) {
+                Ok(Some(0)) => result(GenericStatus::Success, 0, ""),
+                Ok(Some(code)) => result(GenericStatus::Failure, code, "the entrypoint failed"),
+                // Killed by a signal: terminated (from outside, or by the fake itself).
+                Ok(None) | Err(_) => terminated_result(),
+            },
+            Err(e) => result(GenericStatus::InitFailure, 0, &e),
+        };
+        finish(&state, &sandbox, ended);
+    });
+}
+
+/// Terminates a sandbox from outside. False if it had already finished.
 pub(crate) fn terminate(state: &State, sandbox: &Sandbox) -> bool {
-    if sandbox.terminated.swap(true, Ordering::SeqCst) {
+    finish(state, sandbox, terminated_result())
+}
+
+/// Ends a sandbox with `result` (unless it already ended): every process in it is killed,
+/// detached ones included, and its emulated tools stop; then the result is published. False if
+/// it had already finished.
+pub(crate) fn finish(state: &State, sandbox: &Sandbox, ended: GenericResult) -> bool {
+    if sandbox.ending.swap(true, Ordering::SeqCst) {
         return false;
     }
-    kill_execs(sandbox);
+    kill_processes(sandbox);
+    sandbox.network.disconnect();
+    sandbox.result.send_replace(Some(ended));
     state.update(|r| {
         if let Some(s) = r.sandboxes.iter_mut().find(|s| s.id == sandbox.id) {
             s.terminated_at = Some(Instant::now());
@@ -277,17 +358,12 @@ pub(crate) fn terminate(state: &State, sandbox: &Sandbox) -> bool {
     true
 }
 
-fn kill_execs(sandbox: &Sandbox) {
+fn kill_processes(sandbox: &Sandbox) {
+    network::kill_processes_in(&sandbox.network.netns);
     let execs: Vec<Arc<Exec>> = lock(&sandbox.execs).values().cloned().collect();
     for exec in execs {
-        if let Some(pgid) = *lock(&exec.pgid) {
-            // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
         if exec.exit.borrow().is_none() && exec.tool {
-            exec.finish(Exit::Signal(9));
+            exec.finish(Exit::Signal(libc::SIGKILL));
         }
     }
 }
@@ -296,22 +372,21 @@ fn kill_execs(sandbox: &Sandbox) {
 pub(crate) fn kill_all(state: &State) {
     let sandboxes: Vec<Arc<Sandbox>> = lock(&state.world).sandboxes.values().cloned().collect();
     for sandbox in sandboxes {
-        kill_execs(&sandbox);
+        kill_processes(&sandbox);
     }
 }
 
 /// Starts an exec; idempotent per exec id.
 pub(crate) fn start_exec(
-    state: &State,
+    state: &Arc<State>,
     sandbox: &Arc<Sandbox>,
     exec_id: &str,
-    argv: Vec<String>,
-    env: HashMap<String, String>,
+    spec: ExecSpec,
 ) -> Result<(), Status> {
     {
         let execs = lock(&sandbox.execs);
         if let Some(existing) = execs.get(exec_id) {
-            return if existing.argv == argv {
+            return if existing.argv == spec.argv {
                 Ok(())
             } else {
                 Err(Status::already_exists(format!(
@@ -320,19 +395,10 @@ pub(crate) fn start_exec(
             };
         }
     }
-    let exec = if argv.first().map(String::as_str) == Some(FS_TOOLS) {
-        start_fs_tools(sandbox, argv)
-    } else if let Some(args) = chmod_args(&argv) {
-        if state.config.image_has_chmod {
-            let exec = Arc::new(Exec::new(argv.clone(), Sink::Discard));
-            chmod(&sandbox.root, args, &exec);
-            exec
-        } else {
-            let stderr = format!("{}: not found\n", argv[0]);
-            Exec::exited(argv, 127, &stderr)
-        }
-    } else {
-        spawn_process(state, sandbox, argv, env)
+    let stdout_piped = spec.stdout;
+    let exec = match tools::start(state, &sandbox.root, &spec.argv) {
+        Some(exec) => exec,
+        None => spawn_exec(state, sandbox, spec),
     };
     lock(&sandbox.execs).insert(exec_id.to_owned(), Arc::clone(&exec));
     state.update(|r| {
@@ -340,293 +406,93 @@ pub(crate) fn start_exec(
             sandbox_id: sandbox.id.clone(),
             exec_id: exec_id.to_owned(),
             argv: exec.argv.clone(),
+            stdout_piped,
             stdin_bytes: 0,
+            exit: None,
         })
     });
-    Ok(())
-}
-
-fn chmod(root: &Path, args: &[String], exec: &Exec) {
-    let (Some(mode), Some(path)) = (args.first(), args.last()) else {
-        exec.stderr.push(b"chmod: missing operand\n");
-        exec.finish(Exit::Code(1));
-        return;
-    };
-    let result = u32::from_str_radix(mode, 8)
-        .map_err(|e| e.to_string())
-        .and_then(|mode| {
-            let host = map_path(root, path)?;
-            std::fs::set_permissions(host, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| e.to_string())
-        });
-    match result {
-        Ok(()) => exec.finish(Exit::Code(0)),
-        Err(e) => {
-            exec.stderr.push(format!("chmod: {path}: {e}\n").as_bytes());
-            exec.finish(Exit::Code(1));
-        }
-    }
-}
-
-/// The fs-tools operations tailbox uses: `Stat` at once, `WriteFile` when stdin closes.
-fn start_fs_tools(sandbox: &Sandbox, argv: Vec<String>) -> Arc<Exec> {
-    let op: Option<serde_json::Value> = argv.get(1).and_then(|a| serde_json::from_str(a).ok());
-    let write_path = op
-        .as_ref()
-        .and_then(|o| o.get("WriteFile"))
-        .and_then(|w| w.get("path"))
-        .and_then(|p| p.as_str())
-        .map(str::to_owned);
-    if let Some(path) = write_path {
-        let host = map_path(&sandbox.root, &path);
-        let sink = Sink::WriteFile {
-            path,
-            host,
-            data: Vec::new(),
+    let (state, exec_id) = (Arc::clone(state), exec_id.to_owned());
+    let mut exit = exec.exit.subscribe();
+    tokio::spawn(async move {
+        let Ok(status) = exit.wait_for(Option::is_some).await.map(|e| *e) else {
+            return;
         };
-        return Arc::new(Exec::new(argv, sink));
-    }
-    let exec = Arc::new(Exec::new(argv, Sink::Discard));
-    let stat_path = op
-        .as_ref()
-        .and_then(|o| o.get("Stat"))
-        .and_then(|w| w.get("path"))
-        .and_then(|p| p.as_str());
-    match stat_path {
-        Some(path) => stat(&sandbox.root, path, &exec),
-        None => exec.fail(
-            1,
-            "NotSupported",
-            "the fake fs-tools knows only WriteFile and Stat",
-        ),
-    }
-    exec
-}
-
-fn stat(root: &Path, path: &str, exec: &Exec) {
-    let host = match map_path(root, path) {
-        Ok(host) => host,
-        Err(e) => return exec.fail(1, "InvalidPath", &e),
-    };
-    match std::fs::symlink_metadata(&host) {
-        Ok(meta) => {
-            let mode = meta.permissions().mode();
-            let kind = if meta.is_dir() {
-                "directory"
-            } else if meta.file_type().is_symlink() {
-                "symlink"
-            } else {
-                "file"
-            };
-            let info = serde_json::json!({
-                "name": Path::new(path).file_name().and_then(|n| n.to_str()).unwrap_or_default(),
-                "path": path,
-                "type": kind,
-                "size": meta.len(),
-                "mode": mode,
-                "permissions": permissions_string(mode),
-                "owner": "root",
-                "group": "root",
-                "modified_time": 0.0,
-                "symlink_target": null,
-            });
-            exec.stdout.push(info.to_string().as_bytes());
-            exec.finish(Exit::Code(0));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            exec.fail(1, "NotFound", &format!("{path}: no such file or directory"));
-        }
-        Err(e) => exec.fail(1, "PermissionDenied", &e.to_string()),
-    }
-}
-
-fn permissions_string(mode: u32) -> String {
-    let mut out = String::new();
-    for shift in [6, 3, 0] {
-        let bits = (mode >> shift) & 7;
-        out.push(if bits & 4 != 0 { 'r' } else { '-' });
-        out.push(if bits & 2 != 0 { 'w' } else { '-' });
-        out.push(if bits & 1 != 0 { 'x' } else { '-' });
-    }
-    out
-}
-
-/// `WriteFile` completes when stdin closes: writes the buffer (an existing file keeps its mode,
-/// as when a file is truncated in place).
-fn complete_write_file(
-    state: &State,
-    exec: &Exec,
-    path: String,
-    host: Result<PathBuf, String>,
-    data: Vec<u8>,
-) {
-    let result = host.and_then(|host| {
-        if let Some(parent) = host.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-        }
-        let existed = host.exists();
-        std::fs::write(&host, &data).map_err(|e| e.to_string())?;
-        if !existed {
-            std::fs::set_permissions(
-                &host,
-                std::fs::Permissions::from_mode(state.config.write_file_mode),
-            )
-            .map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    });
-    match result {
-        Ok(()) => {
-            let len = data.len() as u64;
-            state.update(|r| {
-                r.bytes_written += len;
-                r.files_written.push(path);
-            });
-            exec.finish(Exit::Code(0));
-        }
-        Err(e) => exec.fail(1, "PermissionDenied", &e),
-    }
-}
-
-/// Sandbox directories that processes see at their sandbox path (in a private mount namespace)
-/// rather than only through argv[0] mapping: where tailbox pushes binaries.
-pub(crate) const VISIBLE_DIRS: &[&str] = &["/tmp/tailbox"];
-
-/// Whether this process may give children a private mount namespace (it is root and the kernel
-/// allows it), probed once with `/bin/true`.
-pub(crate) fn mount_namespaces_work() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return false;
-    }
-    let mut probe = std::process::Command::new("/bin/true");
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut probe, || private_mounts(&[]));
-    }
-    probe.status().is_ok_and(|s| s.success())
-}
-
-/// In a forked child: a private mount namespace with each `(source, target)` bind-mounted.
-fn private_mounts(binds: &[(std::ffi::CString, std::ffi::CString)]) -> std::io::Result<()> {
-    // SAFETY: plain system calls on NUL-terminated strings prepared before the fork.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::mount(
-            c"none".as_ptr(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        for (source, target) in binds {
-            if libc::mount(
-                source.as_ptr(),
-                target.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND | libc::MS_REC,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+        state.update(|r| {
+            if let Some(e) = r.execs.iter_mut().find(|e| e.exec_id == exec_id) {
+                e.exit = status;
             }
-        }
-    }
+        });
+    });
     Ok(())
 }
 
-fn spawn_process(
-    state: &State,
-    sandbox: &Sandbox,
-    argv: Vec<String>,
-    exec_env: HashMap<String, String>,
-) -> Arc<Exec> {
-    let Some(first) = argv.first() else {
-        return Exec::exited(argv, 127, "empty command\n");
-    };
-    // Only absolute commands exist in the fake image (mapped into the root): nothing may touch
-    // the host by accident.
-    let program = if first.starts_with('/') {
-        map_path(&sandbox.root, first).ok()
-    } else {
-        None
-    };
-    let Some(program) = program else {
-        let stderr = format!("{first}: not found in the fake image\n");
-        return Exec::exited(argv, 127, &stderr);
-    };
-    let mut env = sandbox.env.clone();
-    if let Some(home) = env.get("HOME").cloned()
-        && let Ok(mapped) = map_path(&sandbox.root, &home)
-    {
-        let _ = std::fs::create_dir_all(&mapped);
-        env.insert("HOME".into(), mapped.display().to_string());
-    }
-    env.insert(
-        "TMPDIR".into(),
-        sandbox.root.join("tmp").display().to_string(),
-    );
-    env.insert("PATH".into(), std::env::var("PATH").unwrap_or_default());
-    env.extend(exec_env);
-
-    let mut command = tokio::process::Command::new(&program);
-    command
-        .args(&argv[1..])
-        .current_dir(&sandbox.root)
-        .env_clear()
-        .envs(&env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    if state.mount_namespaces {
-        let binds: Vec<(std::ffi::CString, std::ffi::CString)> = VISIBLE_DIRS
-            .iter()
-            .filter_map(|dir| {
-                let source = map_path(&sandbox.root, dir).ok()?;
-                std::fs::create_dir_all(&source).ok()?;
-                // The mount point on this machine: an empty directory, shared harmlessly by
-                // every fake sandbox (each mounts over it privately).
-                std::fs::create_dir_all(dir).ok()?;
-                Some((
-                    std::ffi::CString::new(source.into_os_string().into_encoded_bytes()).ok()?,
-                    std::ffi::CString::new(dir.as_bytes()).ok()?,
-                ))
-            })
-            .collect();
-        // SAFETY: the closure only makes async-signal-safe system calls.
-        unsafe {
-            command.pre_exec(move || private_mounts(&binds));
-        }
-    }
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(e) => {
+/// Runs an exec as a process in the sandbox: its stdout and stderr are pipes the fake reads
+/// until every holder has closed them (a background child that keeps them keeps the streams
+/// open); its exit is its own, whenever its output ends.
+fn spawn_exec(state: &State, sandbox: &Sandbox, spec: ExecSpec) -> Arc<Exec> {
+    let spawned = (|| {
+        let mut command = process::command(
+            state,
+            sandbox,
+            Spec {
+                argv: &spec.argv,
+                env: spec.env,
+                workdir: spec.workdir.as_deref(),
+            },
+        )?;
+        let io = |e: std::io::Error| e.to_string();
+        let (stdout_reader, stdout) = if spec.stdout {
+            let (reader, writer) = process::pipe().map_err(io)?;
+            (Some(reader), ProcessOutput::Pipe(writer))
+        } else {
+            (None, ProcessOutput::Null)
+        };
+        let (stderr_reader, stderr) = match (spec.stderr, &stdout) {
+            (StderrTo::Pipe, _) => {
+                let (reader, writer) = process::pipe().map_err(io)?;
+                (Some(reader), ProcessOutput::Pipe(writer))
+            }
+            (StderrTo::Stdout, ProcessOutput::Pipe(writer)) => {
+                (None, ProcessOutput::Pipe(writer.try_clone().map_err(io)?))
+            }
+            (StderrTo::Stdout | StderrTo::Devnull, _) => (None, ProcessOutput::Null),
+        };
+        command
+            .stdin(std::process::Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr);
+        let child = command.spawn().map_err(|e| {
             let code = if e.kind() == std::io::ErrorKind::PermissionDenied {
                 126
             } else {
                 127
             };
-            let stderr = format!("{first}: {e}\n");
-            return Exec::exited(argv, code, &stderr);
-        }
+            (code, format!("{}: {e}\n", spec.argv[0]))
+        });
+        // `command` (and with it our copies of the pipes' write ends) is dropped here, so the
+        // pipes end when the processes that hold them do.
+        Ok::<_, String>((child, stdout_reader, stderr_reader))
+    })();
+    let (mut child, stdout_reader, stderr_reader) = match spawned {
+        Ok((Ok(child), stdout, stderr)) => (child, stdout, stderr),
+        Ok((Err((code, message)), ..)) => return Exec::exited(spec.argv, code, &message),
+        Err(message) => return Exec::exited(spec.argv, 127, &format!("{message}\n")),
     };
     let stdin = child.stdin.take().map_or(Sink::Discard, Sink::Child);
-    let exec = Arc::new(Exec::new(argv, stdin));
-    *lock(&exec.pgid) = child.id().and_then(|pid| i32::try_from(pid).ok());
-    let out_task = tokio::spawn(pump(Arc::clone(&exec), Fd::Stdout, child.stdout.take()));
-    let err_task = tokio::spawn(pump(Arc::clone(&exec), Fd::Stderr, child.stderr.take()));
+    let exec = Arc::new(Exec::new(spec.argv, stdin));
+    let pgid = child.id().and_then(|pid| i32::try_from(pid).ok());
+    let out_task = tokio::spawn(pump(Arc::clone(&exec), Fd::Stdout, stdout_reader));
+    let err_task = tokio::spawn(pump(Arc::clone(&exec), Fd::Stderr, stderr_reader));
+    if let (Some(timeout), Some(pgid)) = (spec.timeout, pgid) {
+        kill_after(&exec, pgid, timeout);
+    }
     let waiter = Arc::clone(&exec);
     tokio::spawn(async move {
         use std::os::unix::process::ExitStatusExt as _;
         let status = child.wait().await;
-        // Output that is still in the pipes belongs before the exit.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        // Output already in the pipes belongs before the exit (a background child still
+        // holding them does not hold the exit back for long).
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = out_task.await;
             let _ = err_task.await;
         })
@@ -644,6 +510,23 @@ fn spawn_process(
     exec
 }
 
+/// `timeout_secs`: SIGKILL to the exec's process group once `timeout` has passed, if it still
+/// runs. Processes that left the group (`setsid`) are not the exec's any more and survive.
+fn kill_after(exec: &Exec, pgid: i32, timeout: Duration) {
+    let mut exit = exec.exit.subscribe();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => {
+                // SAFETY: kill(2) on the exec's own process group; no memory is involved.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+            _ = exit.wait_for(Option::is_some) => {}
+        }
+    });
+}
+
 /// Which output of an exec.
 #[derive(Clone, Copy)]
 enum Fd {
@@ -651,8 +534,9 @@ enum Fd {
     Stderr,
 }
 
-/// Copies a process's pipe into the exec's output, then marks that output finished.
-async fn pump(exec: Arc<Exec>, fd: Fd, pipe: Option<impl tokio::io::AsyncRead + Unpin>) {
+/// Copies a process's pipe into the exec's output, then marks that output finished. The pipe
+/// ends only when every process holding its write end has closed it.
+async fn pump(exec: Arc<Exec>, fd: Fd, pipe: Option<tokio::net::unix::pipe::Receiver>) {
     let output = match fd {
         Fd::Stdout => &exec.stdout,
         Fd::Stderr => &exec.stderr,
@@ -720,7 +604,7 @@ pub(crate) async fn write_stdin(
         stdin.closed = true;
         let sink = std::mem::replace(&mut stdin.sink, Sink::Discard);
         if let Sink::WriteFile { path, host, data } = sink {
-            complete_write_file(state, exec, path, host, data);
+            tools::complete_write_file(state, exec, path, host, data);
         }
     }
     Ok(())
