@@ -6,7 +6,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     println!("cargo:rerun-if-changed=proto");
 
-    let agent_fds = protox::compile(["tailbox/agent/v1/agent.proto"], ["proto"])?;
+    let agent_fds = protox::compile(
+        [
+            "tailbox/agent/v1/agent.proto",
+            "tailbox/agent/v1/sidecar.proto",
+        ],
+        ["proto"],
+    )?;
     let agent_descriptor_path = out_dir.join("tailbox_agent_v1_descriptor.bin");
     std::fs::write(
         &agent_descriptor_path,

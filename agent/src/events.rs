@@ -50,9 +50,19 @@ pub struct RunRecord {
 impl EventSink {
     /// A sink that sends to `tx`.
     pub fn new(tx: mpsc::Sender<EventItem>) -> Self {
+        Self::with_stream(Some(tx))
+    }
+
+    /// A sink that only records: its events reach no stream (the sidecar's `Up`, which answers
+    /// with the recorded checks once it is done).
+    pub fn recording() -> Self {
+        Self::with_stream(None)
+    }
+
+    fn with_stream(tx: Option<mpsc::Sender<EventItem>>) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Inner {
-                tx: Some(tx),
+                tx,
                 next_seq: 1,
                 record: RunRecord::default(),
                 failed_checks: 0,
@@ -157,6 +167,21 @@ impl EventSink {
             let _ = tx.send(Err(status)).await;
         }
     }
+}
+
+/// Runs one phase between its started and finished events; the phase fails if any check that
+/// finished during it failed.
+pub async fn run_phase(sink: &EventSink, phase: Phase, body: impl Future<Output = ()>) {
+    let failed_before = sink.failed_checks().await;
+    let started = std::time::Instant::now();
+    sink.phase_started(phase).await;
+    body.await;
+    let status = if sink.failed_checks().await > failed_before {
+        CheckStatus::Fail
+    } else {
+        CheckStatus::Pass
+    };
+    sink.phase_finished(phase, status, started.elapsed()).await;
 }
 
 #[cfg(test)]

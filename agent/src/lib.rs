@@ -4,7 +4,11 @@
 //! - [`stdio`]: takes fds 0/1 for the gRPC wire and points them at /dev/null and stderr.
 //! - [`server`]: serves the tonic service over one duplex byte stream (HTTP/2 via hyper).
 //! - [`service`]: the `tailbox.agent.v1.Agent` implementation (handshake and `Run`).
-//! - [`run`]: one job from request to report: phases, checks, verdict ([`verdict`]).
+//! - [`run`]: one job from request to report: phases, checks, verdict ([`verdict`]);
+//!   [`bringup`] (daemon, login, teardown) and [`targets`] (the checks runner) are shared with
+//!   the sidecar.
+//! - [`sidecar`]: the long-lived agent that keeps the sandbox on the tailnet; [`commands`]: its
+//!   commands for scripts, whose data goes to stdout through [`output`] only.
 //! - [`events`]: the ordered event stream and the record the final report is built from.
 //! - [`preflight`]: facts about the sandbox.
 //! - [`daemon`]: finding tailscaled (and a loader if needed), supervising and restarting it.
@@ -14,25 +18,40 @@
 //!   panic hook.
 #![deny(clippy::print_stdout, clippy::disallowed_methods)]
 
+pub mod bringup;
 pub mod checks;
+pub mod commands;
 pub mod daemon;
 pub mod events;
 pub mod localapi;
 pub mod logging;
 pub mod login;
+pub mod output;
 pub mod preflight;
 pub mod redact;
 pub mod run;
 pub mod server;
 pub mod service;
+pub mod sidecar;
 pub mod stdio;
+pub mod targets;
 pub mod verdict;
 
 /// Version of this agent, from Cargo.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Capabilities announced in the handshake.
-pub const FEATURES: &[&str] = &["preflight", "tailnet", "ping", "http", "git", "git-v2"];
+/// Capabilities announced in the handshake. "sidecar": the `sidecar` and `attach` commands and
+/// the `Sidecar` service exist; "grpc-health": the sidecar serves `grpc.health.v1`.
+pub const FEATURES: &[&str] = &[
+    "preflight",
+    "tailnet",
+    "ping",
+    "http",
+    "git",
+    "git-v2",
+    "sidecar",
+    "grpc-health",
+];
 
 /// Renders an error with its sources, skipping sources already contained in the text.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

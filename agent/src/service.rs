@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tailbox_proto::PROTO_VERSION;
 use tailbox_proto::agent::v1::agent_server::Agent;
-use tailbox_proto::agent::v1::{HelloRequest, HelloResponse, RunRequest};
+use tailbox_proto::agent::v1::{HelloRequest, HelloResponse, RunRequest, ServeMode};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::task::TaskTracker;
@@ -20,6 +20,9 @@ const EVENT_BUFFER: usize = 64;
 #[derive(Clone)]
 pub struct AgentService {
     context: RunContext,
+    /// A one-shot stdio agent runs jobs; a sidecar only says hello (its node is checked with
+    /// `Sidecar.Check`, and a second tailscaled would fight the sidecar's over the proxy port).
+    mode: ServeMode,
     /// One run at a time: two runs would fight over tailscaled's socket and ports.
     run_slot: Arc<Semaphore>,
     /// Runs in flight, so shutdown can wait for their teardown.
@@ -29,8 +32,18 @@ pub struct AgentService {
 impl AgentService {
     /// A service whose runs use `context`.
     pub fn new(context: RunContext) -> Self {
+        Self::with_mode(context, ServeMode::Stdio)
+    }
+
+    /// The Agent service of a sidecar: `Hello` only.
+    pub fn sidecar(context: RunContext) -> Self {
+        Self::with_mode(context, ServeMode::Sidecar)
+    }
+
+    fn with_mode(context: RunContext, mode: ServeMode) -> Self {
         Self {
             context,
+            mode,
             run_slot: Arc::new(Semaphore::new(1)),
             runs: TaskTracker::new(),
         }
@@ -65,12 +78,18 @@ impl Agent for AgentService {
             features: crate::FEATURES.iter().map(|f| (*f).to_owned()).collect(),
             arch: std::env::consts::ARCH.into(),
             pid: std::process::id(),
+            serve_mode: self.mode as i32,
         }))
     }
 
     type RunStream = ReceiverStream<EventItem>;
 
     async fn run(&self, request: Request<RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+        if self.mode == ServeMode::Sidecar {
+            return Err(Status::failed_precondition(
+                "this agent is a sidecar, whose node stays up: call Sidecar.Check to check targets over it",
+            ));
+        }
         let permit = self.run_slot.clone().try_acquire_owned().map_err(|_| {
             Status::failed_precondition("a run is already in progress on this agent")
         })?;

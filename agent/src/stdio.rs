@@ -77,7 +77,7 @@ fn unsupported(which: &str, what: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
         format!(
-            "{which} is {what}; `serve --stdio` speaks gRPC and expects pipes from the tailbox controller"
+            "{which} is {what}; the agent speaks gRPC on it and expects pipes or a socket from the tailbox controller"
         ),
     )
 }

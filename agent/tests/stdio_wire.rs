@@ -11,6 +11,7 @@ use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::{
     DaemonConfig, Deadlines, HelloRequest, RunRequest, TailnetConfig, event,
 };
+use tailbox_testkit::agent::channel_over;
 use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
 use tokio::process::Command;
 
@@ -72,18 +73,7 @@ async fn connect(
         copy,
     };
     let stdin = child.stdin.take().unwrap();
-    let io = Arc::new(Mutex::new(Some(tokio::io::join(stdout, stdin))));
-    let channel = tonic::transport::Endpoint::from_static("http://agent")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let io = io.lock().unwrap().take();
-            async move {
-                io.map(hyper_util::rt::TokioIo::new)
-                    .ok_or_else(|| std::io::Error::other("used"))
-            }
-        }))
-        .await
-        .unwrap();
-    AgentClient::new(channel)
+    AgentClient::new(channel_over(tokio::io::join(stdout, stdin)).await)
 }
 
 /// A stand-in tailscaled that makes noise everywhere it can: on its own stdout and stderr, and
@@ -239,7 +229,7 @@ fn a_terminal_or_file_on_stdin_is_refused_with_an_explanation() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("expects pipes from the tailbox controller"),
+        stderr.contains("expects pipes or a socket from the tailbox controller"),
         "{stderr}"
     );
     assert!(output.stdout.is_empty());

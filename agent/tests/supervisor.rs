@@ -1,14 +1,15 @@
 //! The supervisor against a real tailscaled: restarts after each death until the budget is
-//! spent, then reports the daemon gone for good.
+//! spent, then reports the daemon gone for good; a healthy period resets the budget.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tailbox_agent::daemon::provision;
 use tailbox_agent::daemon::supervisor::{Supervisor, SupervisorConfig};
 use tailbox_agent::events::EventSink;
 use tailbox_agent::preflight::Host;
-use tailbox_proto::agent::v1::{DaemonConfig, event};
+use tailbox_proto::agent::v1::{DaemonConfig, DaemonRestart, event};
 use tailbox_testkit::lab::{Binaries, Lab, processes_mentioning};
 
 /// The pid of the tailscaled serving `socket` right now (found by its unique socket argument).
@@ -27,61 +28,110 @@ fn kill(pid: u32) {
     .unwrap();
 }
 
+/// Where [`start_supervisor`] puts tailscaled's socket.
+fn socket_of(dir: &Path) -> String {
+    dir.join("ts.sock").display().to_string()
+}
+
+/// Starts a supervisor for the lab's tailscaled in `dir`, with port-0 proxies, and returns it with
+/// its evidence and its event stream.
+async fn start_supervisor(
+    lab: &Lab,
+    dir: &Path,
+    max_restarts: u32,
+    healthy_period: Duration,
+) -> (
+    Supervisor,
+    tailbox_proto::agent::v1::DaemonEvidence,
+    tokio::sync::mpsc::Receiver<tailbox_agent::events::EventItem>,
+) {
+    let daemon_config = DaemonConfig {
+        tailscaled_path: lab.bins().tailscaled().display().to_string(),
+        ..Default::default()
+    };
+    let binary = provision::find(&daemon_config, None, &Host::default())
+        .await
+        .unwrap();
+    let (tx, events) = tokio::sync::mpsc::channel(4096);
+    let config = SupervisorConfig {
+        binary,
+        socket: PathBuf::from(socket_of(dir)),
+        state: "mem:".into(),
+        state_dir: dir.join("state"),
+        proxy_listen: "127.0.0.1:0".parse().unwrap(),
+        env: lab.tailscaled_env(),
+        max_restarts,
+        healthy_period,
+        ready_timeout: Duration::from_secs(30),
+        secrets: Vec::new(),
+    };
+    let (supervisor, evidence) = Supervisor::start(config, EventSink::new(tx)).await.unwrap();
+    (supervisor, evidence, events)
+}
+
+/// Kills the tailscaled serving `socket` and waits until the supervisor has brought a new one
+/// up (true) or given up (false).
+async fn kill_and_wait(supervisor: &Supervisor, socket: &str) -> bool {
+    let readiness = supervisor.readiness();
+    kill(tailscaled_serving(socket));
+    assert!(
+        readiness
+            .wait_not_ready(tokio::time::Instant::now() + Duration::from_secs(10))
+            .await
+    );
+    readiness.wait().await
+}
+
+/// The `total` of each restart event.
+fn supervisor_restarts(restarts: &[DaemonRestart]) -> Vec<u32> {
+    restarts.iter().map(|r| r.total).collect()
+}
+
+/// The restart events received so far.
+fn restart_events(
+    events: &mut tokio::sync::mpsc::Receiver<tailbox_agent::events::EventItem>,
+) -> Vec<DaemonRestart> {
+    let mut restarts = Vec::new();
+    while let Ok(item) = events.try_recv() {
+        if let Some(event::Kind::DaemonRestart(r)) = item.unwrap().kind {
+            restarts.push(r);
+        }
+    }
+    restarts
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn restarts_until_the_budget_is_spent_then_the_daemon_is_gone() {
     Binaries::locate().await.unwrap();
     let lab = Lab::start().await.unwrap();
     tokio::time::timeout(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("ts.sock");
-        let daemon_config = DaemonConfig {
-            tailscaled_path: lab.bins().tailscaled().display().to_string(),
-            ..Default::default()
-        };
-        let binary = provision::find(&daemon_config, None, &Host::default())
-            .await
-            .unwrap();
-        let (tx, mut events) = tokio::sync::mpsc::channel(4096);
-        let config = SupervisorConfig {
-            binary,
-            socket: socket.clone(),
-            state: "mem:".into(),
-            state_dir: dir.path().join("state"),
-            proxy_listen: "127.0.0.1:0".parse().unwrap(),
-            env: lab.tailscaled_env(),
-            max_restarts: 2,
-            ready_timeout: Duration::from_secs(30),
-            secrets: Vec::new(),
-        };
-        let (supervisor, evidence) = Supervisor::start(config, EventSink::new(tx)).await.unwrap();
-        let socket = socket.display().to_string();
+        let (supervisor, evidence, mut events) =
+            start_supervisor(&lab, dir.path(), 2, Duration::from_secs(3600)).await;
+        let socket = socket_of(dir.path());
         assert_eq!(tailscaled_serving(&socket), evidence.pid);
-        let readiness = supervisor.readiness();
+        assert_eq!(supervisor.pid(), Some(evidence.pid));
         let proxy = supervisor.proxy();
+        // Port 0 gives tailscaled two listeners, both announced and both kept across restarts.
+        let http_proxy = supervisor.http_proxy();
+        assert_ne!(http_proxy.port(), 0);
 
         // Two deaths are within the budget: each is restarted and answers again, on the same
         // proxy address.
         for attempt in 1..=2 {
             let pid = tailscaled_serving(&socket);
-            kill(pid);
             assert!(
-                readiness
-                    .wait_not_ready(tokio::time::Instant::now() + Duration::from_secs(10))
-                    .await
+                kill_and_wait(&supervisor, &socket).await,
+                "restart #{attempt} came back"
             );
-            assert!(readiness.wait().await, "restart #{attempt} came back");
             assert_ne!(tailscaled_serving(&socket), pid);
+            assert_eq!(supervisor.pid(), Some(tailscaled_serving(&socket)));
             assert_eq!(supervisor.proxy(), proxy);
+            assert_eq!(supervisor.http_proxy(), http_proxy);
             supervisor.api().status(false).await.unwrap();
         }
         // The third death spends the budget.
-        kill(tailscaled_serving(&socket));
-        assert!(
-            readiness
-                .wait_not_ready(tokio::time::Instant::now() + Duration::from_secs(10))
-                .await
-        );
-        assert!(!readiness.wait().await, "gone for good");
+        assert!(!kill_and_wait(&supervisor, &socket).await, "gone for good");
         assert_eq!(supervisor.stop(Duration::from_secs(5)).await, "not running");
 
         let mut restarts = Vec::new();
@@ -95,6 +145,7 @@ async fn restarts_until_the_budget_is_spent_then_the_daemon_is_gone() {
         }
         let attempts: Vec<u32> = restarts.iter().map(|r| r.attempt).collect();
         assert_eq!(attempts, [1, 2]);
+        assert_eq!(supervisor_restarts(&restarts), [1, 2]);
         assert!(
             restarts.iter().all(|r| r.exit == "signal 9"),
             "{restarts:?}"
@@ -106,6 +157,37 @@ async fn restarts_until_the_budget_is_spent_then_the_daemon_is_gone() {
                 .unwrap()
                 .is_empty()
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_healthy_period_gives_the_daemon_a_fresh_restart_budget() {
+    let lab = Lab::start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let healthy = Duration::from_secs(2);
+        let (supervisor, _, mut events) = start_supervisor(&lab, dir.path(), 1, healthy).await;
+        let socket = socket_of(dir.path());
+
+        // One restart is the whole budget...
+        assert!(kill_and_wait(&supervisor, &socket).await);
+        // ...but after a healthy period, the next death is restart #1 of a fresh budget.
+        tokio::time::sleep(healthy + Duration::from_millis(500)).await;
+        assert!(
+            kill_and_wait(&supervisor, &socket).await,
+            "the budget was reset"
+        );
+        // A death right after that restart spends the fresh budget: a crash loop still ends.
+        assert!(!kill_and_wait(&supervisor, &socket).await, "gone for good");
+
+        let restarts = restart_events(&mut events);
+        let attempts: Vec<u32> = restarts.iter().map(|r| r.attempt).collect();
+        assert_eq!(attempts, [1, 1], "{restarts:?}");
+        assert_eq!(supervisor_restarts(&restarts), [1, 2]);
+        assert_eq!(supervisor.restarts(), 2);
+        assert_eq!(supervisor.pid(), None);
     })
     .await
     .expect("test timed out");

@@ -3,7 +3,6 @@
 //! tailscaled of its own.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use serde_json::Value;
 use tailbox_proto::arch::Arch;
 use tailbox_testkit::agent::{agent_binary, static_agent_binary_for};
 use tailbox_testkit::lab::{Binaries, Lab};
+use tailbox_testkit::scan::ProcessScanner;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// Generous bound for one whole test; the lab needs a few seconds, runs well under ten.
@@ -455,24 +455,6 @@ async fn tailscaled_killed_mid_run_is_restarted_and_the_checks_finish() {
     .expect("test timed out");
 }
 
-/// Every process's argv and environment, as raw bytes.
-fn process_texts() -> BTreeMap<u32, Vec<u8>> {
-    let mut texts = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let mut text = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        text.extend(std::fs::read(entry.path().join("environ")).unwrap_or_default());
-        texts.insert(pid, text);
-    }
-    texts
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_auth_key_appears_in_no_argv_environment_log_or_report() {
     let lab = lab().await;
@@ -488,26 +470,7 @@ async fn the_auth_key_appears_in_no_argv_environment_log_or_report() {
             "--verbose".into(),
         ]);
         // Scan every process on the machine, repeatedly, for as long as the run lasts.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let scanner = {
-            let stop = stop.clone();
-            let key = key.clone();
-            std::thread::spawn(move || {
-                let (mut scans, mut pids_seen) = (0, std::collections::BTreeSet::new());
-                let mut hits = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    for (pid, text) in process_texts() {
-                        pids_seen.insert(pid);
-                        if contains(&text, key.as_bytes()) {
-                            hits.push((pid, String::from_utf8_lossy(&text).replace('\0', " ")));
-                        }
-                    }
-                    scans += 1;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                (scans, pids_seen, hits)
-            })
-        };
+        let scanner = ProcessScanner::start(&key);
         let mut agent_pid = None;
         let mut tailscaled_pid = None;
         let run = run_tailbox(&lab, args, |event, _| {
@@ -519,16 +482,20 @@ async fn the_auth_key_appears_in_no_argv_environment_log_or_report() {
             }
         })
         .await;
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let (scans, pids_seen, hits) = scanner.join().unwrap();
+        let scan = scanner.stop();
         assert_eq!(run.code, Some(0), "stderr:\n{}", run.stderr);
-        assert!(scans > 5, "the scanner ran during the run ({scans} scans)");
-        // The scanner saw the processes that handled the key.
-        assert!(pids_seen.contains(&agent_pid.unwrap()));
-        assert!(pids_seen.contains(&tailscaled_pid.unwrap()));
         assert!(
-            hits.is_empty(),
-            "auth key found in process argv/env: {hits:?}"
+            scan.scans > 5,
+            "the scanner ran during the run ({} scans)",
+            scan.scans
+        );
+        // The scanner saw the processes that handled the key.
+        assert!(scan.pids_seen.contains(&agent_pid.unwrap()));
+        assert!(scan.pids_seen.contains(&tailscaled_pid.unwrap()));
+        assert!(
+            scan.hits.is_empty(),
+            "auth key found in process argv/env: {:?}",
+            scan.hits
         );
 
         let stdout: String = run.events.iter().map(|e| e.to_string()).collect();

@@ -1,7 +1,10 @@
 #![doc = include_str!("../README.md")]
 
 /// Contract revision implemented by this crate; bumped whenever fields are added to `tailbox.agent.v1`.
-pub const PROTO_VERSION: u32 = 1;
+///
+/// - 1: `Agent` (Hello, Run).
+/// - 2: the `Sidecar` service (sidecar.proto), `HelloResponse.serve_mode`, `DaemonRestart.total`.
+pub const PROTO_VERSION: u32 = 2;
 
 /// Layout version of the JSON report (`Report.schema_version`).
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -9,7 +12,8 @@ pub const REPORT_SCHEMA_VERSION: u32 = 1;
 pub mod arch;
 pub mod convert;
 
-/// `tailbox.agent.v1`: the controller ↔ agent contract.
+/// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`) and the sidecar's service
+/// (`sidecar.proto`).
 pub mod agent {
     /// Generated types, client and server for `tailbox.agent.v1`, with serde (proto3 JSON) impls.
     pub mod v1 {

@@ -10,6 +10,26 @@ use std::sync::{Mutex, OnceLock};
 
 use tailbox_proto::arch::Arch;
 
+/// A gRPC channel over one byte stream that is already connected to an agent: a child's
+/// stdin/stdout (`serve --stdio`, `attach`), joined with `tokio::io::join`. Single-use, as the
+/// stream is.
+pub async fn channel_over<IO>(io: IO) -> tonic::transport::Channel
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let io = std::sync::Arc::new(std::sync::Mutex::new(Some(io)));
+    tonic::transport::Endpoint::from_static("http://agent")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let io = io.lock().ok().and_then(|mut io| io.take());
+            async move {
+                io.map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the agent's stream is single-use"))
+            }
+        }))
+        .await
+        .unwrap_or_else(|err| panic!("connecting over the agent's stream: {err}"))
+}
+
 /// Path of a freshly built `tailbox-agent` (debug profile, for this machine). Panics with the
 /// build output if the build fails: a missing agent must fail the test, never skip it.
 pub fn agent_binary() -> PathBuf {

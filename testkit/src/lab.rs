@@ -53,6 +53,7 @@ pub const PEER_HOSTNAME: &str = "devhost";
 #[derive(Clone, Debug, Default)]
 pub struct LabConfig {
     auth_key: Option<String>,
+    verbose_control: bool,
 }
 
 impl LabConfig {
@@ -60,6 +61,14 @@ impl LabConfig {
     /// labs with different keys let a test hand one lab's key to the other's control.
     pub fn auth_key(mut self, key: impl Into<String>) -> Self {
         self.auth_key = Some(key.into());
+        self
+    }
+
+    /// Makes the control server log every request it receives (`tailbox-lab control
+    /// --verbose`), so a test can see what a node told control, e.g. a logout
+    /// ([`Lab::control_log`]). The log then holds the lab's auth key.
+    pub fn verbose_control(mut self) -> Self {
+        self.verbose_control = true;
         self
     }
 }
@@ -141,18 +150,17 @@ impl Lab {
         node::write_secret(&auth_key_file, &auth_key)?;
 
         // Control and dev host start side by side; each announces itself with a JSON line.
+        let mut control_flags = vec![format!("--auth-key-file={}", auth_key_file.display())];
+        if config.verbose_control {
+            control_flags.push("--verbose".into());
+        }
         let (control, devhost) = tokio::join!(
-            start_lab_program::<ControlInfo>(
-                &bins,
-                root,
-                "control",
-                format!("--auth-key-file={}", auth_key_file.display()),
-            ),
+            start_lab_program::<ControlInfo>(&bins, root, "control", control_flags),
             start_lab_program::<DevhostInfo>(
                 &bins,
                 root,
                 "devhost",
-                format!("--dir={}", root.join("devhost").display()),
+                vec![format!("--dir={}", root.join("devhost").display())],
             ),
         );
         let (control, control_info) = control?;
@@ -393,6 +401,13 @@ impl Lab {
             .with_context(|| format!("trap answered {body:?}"))
     }
 
+    /// Everything the control server has logged so far (every request it received, with
+    /// [`LabConfig::verbose_control`]).
+    pub fn control_log(&self) -> Result<String> {
+        let path = self.dir.path().join("logs").join("control.log");
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
     /// Everything the lab logged so far (control, dev host, peer), for failure messages.
     pub fn log_tails(&self) -> String {
         let mut out = vec![self.peer.log_tail(), self.devhost.log_tail()];
@@ -418,16 +433,16 @@ pub fn random_auth_key() -> String {
     format!("tskey-auth-lab{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Starts `tailbox-lab <subcommand> <flag>` in `root`, logging to `logs/<subcommand>.log`, and
+/// Starts `tailbox-lab <subcommand> <flags>` in `root`, logging to `logs/<subcommand>.log`, and
 /// waits for the JSON line it prints once it listens.
 async fn start_lab_program<T: DeserializeOwned>(
     bins: &Binaries,
     root: &Path,
     subcommand: &str,
-    flag: String,
+    flags: Vec<String>,
 ) -> Result<(LabProcess, T)> {
     let mut command = std::process::Command::new(bins.lab());
-    command.arg(subcommand).arg(flag).current_dir(root);
+    command.arg(subcommand).args(flags).current_dir(root);
     let (watch, seen) = process::watch(Stream::Stdout, "{");
     let mut program = LabProcess::spawn(Spawn {
         name: subcommand.into(),

@@ -7,12 +7,36 @@
 //!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
 //! - [`qemu`]: running another architecture's binaries (through qemu-user and binfmt_misc).
+//! - [`scan`]: watching every process's argv and environment for a secret.
 
 pub mod agent;
 pub mod fake_modal;
 pub mod lab;
 pub mod modal_descriptors;
 pub mod qemu;
+pub mod scan;
+
+/// Removes the host's proxy variables and git configuration from a client command (curl, git),
+/// so what it measures is the lab (or the proxy a test hands it), not the developer's shell.
+/// For tokio's `Command`, pass `as_std_mut()`.
+pub fn isolate_client(command: &mut std::process::Command) -> &mut std::process::Command {
+    for var in [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+}
 
 /// Reads a child's whole stderr in the background (so the child never blocks on a full pipe);
 /// the task yields the text once the child closes it.

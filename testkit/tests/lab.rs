@@ -35,22 +35,8 @@ fn text(out: &Output) -> String {
 /// measure is the lab, not the developer's shell.
 fn clean_command(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    for var in [
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .kill_on_drop(true);
+    tailbox_testkit::isolate_client(cmd.as_std_mut());
+    cmd.kill_on_drop(true);
     cmd
 }
 

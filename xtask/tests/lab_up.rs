@@ -177,21 +177,7 @@ fn sourced(file: &Path) -> BTreeMap<String, String> {
 /// A command with the host's proxy and git settings removed.
 fn clean_command(program: &str) -> Command {
     let mut cmd = Command::new(program);
-    for var in [
-        "ALL_PROXY",
-        "all_proxy",
-        "HTTP_PROXY",
-        "http_proxy",
-        "HTTPS_PROXY",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_TERMINAL_PROMPT", "0");
+    tailbox_testkit::isolate_client(&mut cmd);
     cmd
 }
 

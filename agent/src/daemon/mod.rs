@@ -16,6 +16,10 @@ pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:1055";
 pub const DEFAULT_STATE: &str = "mem:";
 /// Default restart budget.
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+/// Uptime after which tailscaled's restart budget starts over: five crashes within minutes is a
+/// crash loop worth giving up on, while a crash after this long is an isolated event (a
+/// sidecar lives for hours, and must not run out of restarts after a few spread over a day).
+pub const DEFAULT_HEALTHY_PERIOD: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
 /// Paths and listeners for tailscaled, with the request's overrides applied.
 #[derive(Debug, Clone)]

@@ -7,6 +7,10 @@
 //!   the event stream.
 //! - If it dies, it is restarted with bounded backoff and logged in again; each restart is an
 //!   event. The PID is tracked; nothing is ever killed by name.
+//! - The restart budget is for crash loops, not for a lifetime: once a (re)started tailscaled has
+//!   stayed up for [`SupervisorConfig::healthy_period`], its next death starts a fresh budget
+//!   (and a fresh backoff). A sidecar that lives for days therefore survives a crash every few
+//!   hours, while a daemon that keeps dying within minutes is still given up on.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -14,6 +18,7 @@ use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +61,9 @@ pub struct SupervisorConfig {
     pub env: BTreeMap<String, String>,
     /// Restarts allowed after unexpected deaths.
     pub max_restarts: u32,
+    /// Uptime after which a death no longer counts against the restart budget: the budget and
+    /// the backoff start over (see the module docs).
+    pub healthy_period: Duration,
     /// Time for a (re)started daemon to answer the LocalAPI.
     pub ready_timeout: Duration,
     /// Strings to scrub from every log line (the auth key).
@@ -107,11 +115,29 @@ pub type ReloginHook =
 pub struct Supervisor {
     state: watch::Receiver<DaemonState>,
     logs: LogRing,
-    /// The SOCKS5/HTTP proxy listener, fixed for the supervisor's life (restarts reuse it).
-    proxy: SocketAddr,
+    /// The proxy listeners, fixed for the supervisor's life (restarts reuse them).
+    listeners: Listeners,
+    counters: Arc<Counters>,
     stop_tx: mpsc::Sender<StopRequest>,
     relogin: Arc<Mutex<Option<ReloginHook>>>,
     api: LocalApi,
+}
+
+/// Where tailscaled's SOCKS5 server and HTTP proxy listen. They share one listener when the
+/// configured address has a port; with port 0, tailscaled opens two and announces each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Listeners {
+    socks: SocketAddr,
+    http: SocketAddr,
+}
+
+/// What the watcher task updates and the supervisor's owner reads.
+#[derive(Default)]
+struct Counters {
+    /// Pid of the current tailscaled; 0 while none runs.
+    pid: AtomicU32,
+    /// Restarts over the supervisor's life.
+    restarts: AtomicU32,
 }
 
 /// A running tailscaled process with its parent-death pipe.
@@ -146,36 +172,44 @@ impl Supervisor {
                 )
             })?;
         }
-        let (announced_proxy, mut proxy_rx) = watch::channel(None);
+        let (announced, mut announced_rx) = watch::channel(Announced::default());
         let output = OutputReader {
             ring: logs.clone(),
             forwarder: LogForwarder::start(sink.clone()),
             secrets: config.secrets.clone().into(),
-            announced_proxy,
+            announced,
         };
         let api = LocalApi::new(&config.socket);
         let started = Instant::now();
-        let mut running = spawn(&config, &output).map_err(|e| fail(e, &logs))?;
+        let requested = Listeners {
+            socks: config.proxy_listen,
+            http: config.proxy_listen,
+        };
+        let mut running = spawn(&config, requested, &output).map_err(|e| fail(e, &logs))?;
         if let Err(err) = wait_ready(&api, &mut running.child, config.ready_timeout).await {
             let _ = running.child.start_kill();
             let _ = running.child.wait().await;
             return Err(fail(err, &logs));
         }
         let time_to_ready = started.elapsed();
-        let proxy = match wait_proxy(&config, &mut proxy_rx, config.ready_timeout).await {
-            Some(proxy) => proxy,
+        let listeners = match wait_listeners(requested, &mut announced_rx, config.ready_timeout)
+            .await
+        {
+            Some(listeners) => listeners,
             None => {
                 let _ = running.child.start_kill();
                 let _ = running.child.wait().await;
                 return Err(fail(
                     StartError::NotReady {
                         after: config.ready_timeout,
-                        last_error: "tailscaled never reported its SOCKS5 listener".into(),
+                        last_error: "tailscaled never reported its SOCKS5 and HTTP proxy listeners"
+                            .into(),
                     },
                     &logs,
                 ));
             }
         };
+        let proxy = listeners.socks;
         let pid = running.child.id().unwrap_or_default();
         let evidence = DaemonEvidence {
             source: config.binary.source as i32,
@@ -195,25 +229,28 @@ impl Supervisor {
         };
 
         // Restarts listen where this process did, so checks holding the address keep working.
-        let mut config = config;
-        config.proxy_listen = proxy;
         let (state_tx, state) = watch::channel(DaemonState::Ready);
         let (stop_tx, stop_rx) = mpsc::channel(1);
         let relogin: Arc<Mutex<Option<ReloginHook>>> = Arc::default();
+        let counters = Arc::new(Counters::default());
+        counters.pid.store(pid, Ordering::Relaxed);
         let watcher = Watcher {
             config,
+            listeners,
             output,
             sink,
             state_tx,
             relogin: Arc::clone(&relogin),
             api: api.clone(),
+            counters: Arc::clone(&counters),
         };
         tokio::spawn(watcher.run(running, stop_rx));
         Ok((
             Self {
                 state,
                 logs,
-                proxy,
+                listeners,
+                counters,
                 stop_tx,
                 relogin,
                 api,
@@ -232,9 +269,29 @@ impl Supervisor {
         DaemonReady::new(self.state.clone())
     }
 
-    /// The proxy listener (fixed for the supervisor's life: restarts reuse the same address).
+    /// The SOCKS5 listener (fixed for the supervisor's life: restarts reuse the same address).
     pub fn proxy(&self) -> SocketAddr {
-        self.proxy
+        self.listeners.socks
+    }
+
+    /// The HTTP proxy listener: the SOCKS5 one unless tailscaled was asked for port 0.
+    pub fn http_proxy(&self) -> SocketAddr {
+        self.listeners.http
+    }
+
+    /// tailscaled's state as the supervisor sees it, to follow its changes.
+    pub fn state_changes(&self) -> watch::Receiver<DaemonState> {
+        self.state.clone()
+    }
+
+    /// Pid of the current tailscaled; `None` while none runs (between a death and its restart).
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.counters.pid.load(Ordering::Relaxed)).filter(|&pid| pid != 0)
+    }
+
+    /// Restarts over the supervisor's life (budget resets do not clear it).
+    pub fn restarts(&self) -> u32 {
+        self.counters.restarts.load(Ordering::Relaxed)
     }
 
     /// The last `n` lines tailscaled wrote.
@@ -263,11 +320,13 @@ impl Supervisor {
 /// The task that owns the child.
 struct Watcher {
     config: SupervisorConfig,
+    listeners: Listeners,
     output: OutputReader,
     sink: EventSink,
     state_tx: watch::Sender<DaemonState>,
     relogin: Arc<Mutex<Option<ReloginHook>>>,
     api: LocalApi,
+    counters: Arc<Counters>,
 }
 
 impl Watcher {
@@ -281,6 +340,7 @@ impl Watcher {
         };
         let mut running = Some(running);
         let mut restarts = 0u32;
+        let mut ready_since = Instant::now();
         loop {
             // Wait for the current process to die (or for a stop request).
             let exit = match running.as_mut() {
@@ -296,7 +356,15 @@ impl Watcher {
                 None => "it could not be started again".to_owned(),
             };
             running = None;
+            self.counters.pid.store(0, Ordering::Relaxed);
             let _ = self.state_tx.send(DaemonState::NotReady);
+            if ready_since.elapsed() >= self.config.healthy_period && restarts > 0 {
+                tracing::info!(
+                    "tailscaled ran for {:?} since its last restart; the restart budget starts over",
+                    ready_since.elapsed()
+                );
+                restarts = 0;
+            }
             restarts += 1;
             if restarts > self.config.max_restarts {
                 tracing::error!(
@@ -320,6 +388,7 @@ impl Watcher {
                 return;
             }
             let delay = backoff.delay(restarts);
+            let total = self.counters.restarts.fetch_add(1, Ordering::Relaxed) + 1;
             tracing::warn!("tailscaled died ({exit}); restart #{restarts} in {delay:?}");
             self.sink
                 .daemon_restart(DaemonRestart {
@@ -327,6 +396,7 @@ impl Watcher {
                     exit,
                     backoff: Some(duration(delay)),
                     log_tail: self.output.ring.tail(LOG_TAIL_LINES),
+                    total,
                 })
                 .await;
             tokio::select! {
@@ -336,7 +406,7 @@ impl Watcher {
                     return;
                 }
             }
-            let mut fresh = match spawn(&self.config, &self.output) {
+            let mut fresh = match spawn(&self.config, self.listeners, &self.output) {
                 Ok(fresh) => fresh,
                 Err(err) => {
                     tracing::warn!("restarting tailscaled failed: {err}");
@@ -351,6 +421,9 @@ impl Watcher {
                 let _ = fresh.child.wait().await;
                 continue;
             }
+            self.counters
+                .pid
+                .store(fresh.child.id().unwrap_or_default(), Ordering::Relaxed);
             running = Some(fresh);
             let hook = self.relogin.lock().ok().and_then(|h| h.clone());
             if let Some(hook) = hook
@@ -358,11 +431,13 @@ impl Watcher {
             {
                 tracing::warn!("logging the restarted tailscaled in failed: {err}");
             }
+            ready_since = Instant::now();
             let _ = self.state_tx.send(DaemonState::Ready);
         }
     }
 
     fn finish(&self, request: Option<StopRequest>, how: &'static str) {
+        self.counters.pid.store(0, Ordering::Relaxed);
         let _ = self.state_tx.send(DaemonState::Gone);
         if let Some((_, reply)) = request {
             let _ = reply.send(how);
@@ -406,7 +481,11 @@ fn describe_exit(status: &std::io::Result<std::process::ExitStatus>) -> String {
     }
 }
 
-fn spawn(config: &SupervisorConfig, output: &OutputReader) -> Result<Running, StartError> {
+fn spawn(
+    config: &SupervisorConfig,
+    listeners: Listeners,
+    output: &OutputReader,
+) -> Result<Running, StartError> {
     let spawn_error = |source| StartError::Spawn {
         path: config.binary.path.clone(),
         source,
@@ -422,11 +501,8 @@ fn spawn(config: &SupervisorConfig, output: &OutputReader) -> Result<Running, St
         .arg(format!("--socket={}", config.socket.display()))
         .arg(format!("--state={}", config.state))
         .arg(format!("--statedir={}", config.state_dir.display()))
-        .arg(format!("--socks5-server={}", config.proxy_listen))
-        .arg(format!(
-            "--outbound-http-proxy-listen={}",
-            config.proxy_listen
-        ))
+        .arg(format!("--socks5-server={}", listeners.socks))
+        .arg(format!("--outbound-http-proxy-listen={}", listeners.http))
         .envs(&config.env)
         .env("TS_PARENT_DEATH_FD", death_fd.to_string())
         .env("TS_LOGS_DIR", &logs_dir)
@@ -500,27 +576,42 @@ async fn wait_ready(api: &LocalApi, child: &mut Child, limit: Duration) -> Resul
     }
 }
 
-/// Waits for the proxy address: the configured one, or the one tailscaled logs for port 0.
-async fn wait_proxy(
-    config: &SupervisorConfig,
-    announced: &mut watch::Receiver<Option<SocketAddr>>,
+/// Waits for the listeners: the requested ones, or those tailscaled announces for port 0.
+async fn wait_listeners(
+    requested: Listeners,
+    announced: &mut watch::Receiver<Announced>,
     limit: Duration,
-) -> Option<SocketAddr> {
-    if config.proxy_listen.port() != 0 {
-        return Some(config.proxy_listen);
+) -> Option<Listeners> {
+    if requested.socks.port() != 0 {
+        return Some(requested);
     }
-    let announced = tokio::time::timeout(limit, announced.wait_for(Option::is_some)).await;
-    announced.ok()?.ok().and_then(|addr| *addr)
+    let announced = tokio::time::timeout(
+        limit,
+        announced.wait_for(|a| a.socks.is_some() && a.http.is_some()),
+    )
+    .await;
+    let announced = *announced.ok()?.ok()?;
+    Some(Listeners {
+        socks: announced.socks?,
+        http: announced.http?,
+    })
+}
+
+/// The listeners tailscaled announced (it does so only for port 0).
+#[derive(Debug, Clone, Copy, Default)]
+struct Announced {
+    socks: Option<SocketAddr>,
+    http: Option<SocketAddr>,
 }
 
 /// Where tailscaled's output goes: scrubbed of secrets, into the ring and (without blocking)
-/// the event stream; the SOCKS5 address it announces is published for a port-0 listener.
+/// the event stream; the listeners it announces are published for a port-0 request.
 #[derive(Clone)]
 struct OutputReader {
     ring: LogRing,
     forwarder: LogForwarder,
     secrets: Arc<[String]>,
-    announced_proxy: watch::Sender<Option<SocketAddr>>,
+    announced: watch::Sender<Announced>,
 }
 
 impl OutputReader {
@@ -528,23 +619,27 @@ impl OutputReader {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             let line = scrub(&line, &self.secrets);
-            if let Some(addr) = line
-                .split_once("SOCKS5 listening on ")
-                .and_then(|(_, rest)| rest.trim().parse::<SocketAddr>().ok())
-            {
-                // The first announcement wins; a restart pins the same address anyway.
-                self.announced_proxy.send_if_modified(|slot| {
-                    let first = slot.is_none();
-                    if first {
-                        *slot = Some(addr);
-                    }
-                    first
+            let socks = announced_listener(&line, "SOCKS5 listening on ");
+            let http = announced_listener(&line, "HTTP proxy listening on ");
+            if socks.is_some() || http.is_some() {
+                // The first announcement wins; a restart pins the same addresses anyway.
+                self.announced.send_if_modified(|slot| {
+                    let before = *slot;
+                    slot.socks = slot.socks.or(socks);
+                    slot.http = slot.http.or(http);
+                    before.socks != slot.socks || before.http != slot.http
                 });
             }
             self.ring.push(line.clone());
             self.forwarder.forward(line);
         }
     }
+}
+
+/// The address after `prefix` in a line of tailscaled's log, e.g. `SOCKS5 listening on ADDR`.
+fn announced_listener(line: &str, prefix: &str) -> Option<SocketAddr> {
+    line.split_once(prefix)
+        .and_then(|(_, rest)| rest.trim().parse::<SocketAddr>().ok())
 }
 
 /// Replaces every secret in `line` with `****`.
