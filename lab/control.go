@@ -18,6 +18,9 @@ import (
 	"tailscale.com/tstest/integration/testcontrol"
 )
 
+// magicDNSDomain is the suffix of every node's MagicDNS name (devhost.tailbox-lab.test).
+const magicDNSDomain = "tailbox-lab.test"
+
 // controlInfo is the line `control` prints once every listener is bound.
 type controlInfo struct {
 	ControlURL string `json:"control_url"`
@@ -28,6 +31,8 @@ type controlInfo struct {
 	TrapURL string `json:"trap_url"`
 	// AuthKeyRequired says whether registration needs the key from --auth-key-file.
 	AuthKeyRequired bool `json:"auth_key_required"`
+	// MagicDNSSuffix is the domain of every node's MagicDNS name.
+	MagicDNSSuffix string `json:"magic_dns_suffix"`
 }
 
 func runControl(args []string) error {
@@ -69,7 +74,10 @@ func runControl(args []string) error {
 		// Without this peers are reported offline, which skips the fast disco paths real
 		// control would take.
 		AllOnline: true,
-		Verbose:   *verbose,
+		// Nodes get FQDNs (devhost.tailbox-lab.test) as on a real tailnet, so names resolve
+		// from the netmap the way MagicDNS names do. A reserved TLD: nothing leaves the lab.
+		MagicDNSDomain: magicDNSDomain,
+		Verbose:        *verbose,
 	}
 	go serveOrDie("control", ln, onlyControlPaths(control))
 
@@ -86,6 +94,7 @@ func runControl(args []string) error {
 		STUNAddr:        net.JoinHostPort(derpNode.IPv4, fmt.Sprint(derpNode.STUNPort)),
 		TrapURL:         "http://" + trapLn.Addr().String(),
 		AuthKeyRequired: authKey != "",
+		MagicDNSSuffix:  magicDNSDomain,
 	}); err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"crypto/subtle"
 	"errors"
 	"flag"
 	"fmt"
@@ -22,7 +23,13 @@ type devhostInfo struct {
 	HTTPPort int    `json:"http_port"`
 	GitPort  int    `json:"git_port"`
 	GitPath  string `json:"git_path"` // URL path of the repository on the git port, e.g. "/lab.git"
-	RepoDir  string `json:"repo_dir"` // the bare repository on disk, for reading its refs
+	// The same repository from a server that ignores the Git-Protocol header, as servers that
+	// speak only protocol version 0 do.
+	GitV0Path string `json:"git_v0_path"`
+	// The same repository behind HTTP basic authentication (the --git-auth-file credentials);
+	// empty without that flag.
+	GitAuthPath string `json:"git_auth_path"`
+	RepoDir     string `json:"repo_dir"` // the bare repository on disk, for reading its refs
 }
 
 const (
@@ -31,6 +38,7 @@ const (
 	// typo cannot wedge the lab.
 	maxLargeBytes = 1 << 30
 	maxSlow       = 10 * time.Minute
+	maxRedirects  = 20
 )
 
 func runDevhost(args []string) error {
@@ -38,9 +46,21 @@ func runDevhost(args []string) error {
 	dir := fs.String("dir", "", "directory for the lab repository (created if missing)")
 	httpListen := fs.String("http-listen", "127.0.0.1:0", "address for the HTTP server")
 	gitListen := fs.String("git-listen", "127.0.0.1:0", "address for the git smart-HTTP server")
+	gitAuthFile := fs.String("git-auth-file", "", "file holding user:password for the git server's /auth/ path")
 	fs.Parse(args)
 	if *dir == "" {
 		return errors.New("--dir is required")
+	}
+	var gitAuth []byte
+	if *gitAuthFile != "" {
+		b, err := os.ReadFile(*gitAuthFile)
+		if err != nil {
+			return fmt.Errorf("reading --git-auth-file: %w", err)
+		}
+		gitAuth = bytes.TrimSpace(b)
+		if !bytes.Contains(gitAuth, []byte(":")) {
+			return errors.New("--git-auth-file must hold user:password")
+		}
 	}
 	root, err := filepath.Abs(filepath.Join(*dir, "repos"))
 	if err != nil {
@@ -64,14 +84,23 @@ func runDevhost(args []string) error {
 		return fmt.Errorf("git listen: %w", err)
 	}
 	go serveOrDie("http", httpLn, logRequests("http", httpMux()))
-	go serveOrDie("git", gitLn, logRequests("git", gitHandler(gitBin, root, *dir)))
+	gitMux := http.NewServeMux()
+	gitMux.Handle("/", gitHandler(gitBin, root, *dir, true))
+	gitMux.Handle("/v0/", http.StripPrefix("/v0", gitHandler(gitBin, root, *dir, false)))
+	info := devhostInfo{
+		HTTPPort:  httpLn.Addr().(*net.TCPAddr).Port,
+		GitPort:   gitLn.Addr().(*net.TCPAddr).Port,
+		GitPath:   "/" + repoName,
+		GitV0Path: "/v0/" + repoName,
+		RepoDir:   repo,
+	}
+	if gitAuth != nil {
+		gitMux.Handle("/auth/", requireBasicAuth(gitAuth, http.StripPrefix("/auth", gitHandler(gitBin, root, *dir, true))))
+		info.GitAuthPath = "/auth/" + repoName
+	}
+	go serveOrDie("git", gitLn, logRequests("git", gitMux))
 
-	if err := announce(devhostInfo{
-		HTTPPort: httpLn.Addr().(*net.TCPAddr).Port,
-		GitPort:  gitLn.Addr().(*net.TCPAddr).Port,
-		GitPath:  "/" + repoName,
-		RepoDir:  repo,
-	}); err != nil {
+	if err := announce(info); err != nil {
 		return err
 	}
 	log.Printf("devhost serving http on %s and git on %s", httpLn.Addr(), gitLn.Addr())
@@ -134,14 +163,29 @@ func httpMux() *http.ServeMux {
 			n -= m
 		}
 	})
+	mux.HandleFunc("GET /redirect/{n}", func(w http.ResponseWriter, r *http.Request) {
+		n, err := strconv.Atoi(r.PathValue("n"))
+		if err != nil || n < 1 || n > maxRedirects {
+			http.Error(w, fmt.Sprintf("n must be 1..%d", maxRedirects), http.StatusBadRequest)
+			return
+		}
+		// A chain of n relative redirects that ends at /health.
+		next := "/health"
+		if n > 1 {
+			next = fmt.Sprintf("/redirect/%d", n-1)
+		}
+		http.Redirect(w, r, next, http.StatusFound)
+	})
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		fmt.Fprint(w, "tailbox lab dev host: /health, /status/<code>, /slow?ms=N, /large?bytes=N\n")
+		fmt.Fprint(w, "tailbox lab dev host: /health, /status/<code>, /slow?ms=N, /large?bytes=N, /redirect/<n>\n")
 	})
 	return mux
 }
 
-// gitHandler runs the real `git http-backend` as CGI, so clients speak to stock git.
-func gitHandler(gitBin, projectRoot, home string) http.Handler {
+// gitHandler runs the real `git http-backend` as CGI, so clients speak to stock git. With
+// passProtocol false it drops the Git-Protocol header, like a server that only speaks protocol
+// version 0.
+func gitHandler(gitBin, projectRoot, home string, passProtocol bool) http.Handler {
 	base := cgi.Handler{
 		Path: gitBin,
 		Args: []string{"http-backend"},
@@ -153,12 +197,31 @@ func gitHandler(gitBin, projectRoot, home string) http.Handler {
 		Stderr: os.Stderr,
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !passProtocol {
+			// Go's CGI would also pass it on as HTTP_GIT_PROTOCOL, which newer git reads.
+			r.Header.Del("Git-Protocol")
+		}
 		h := base
 		// Protocol v2 is negotiated through the Git-Protocol header. CGI exposes it only as
 		// HTTP_GIT_PROTOCOL, which not every git release reads, so hand it over as GIT_PROTOCOL,
 		// the variable upload-pack itself looks at.
 		if p := r.Header.Get("Git-Protocol"); p != "" && validGitProtocol(p) {
 			h.Env = append(append([]string(nil), base.Env...), "GIT_PROTOCOL="+p)
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// requireBasicAuth serves h only to requests with the credentials in userPass ("user:password");
+// others get 401 with a challenge, as git servers do.
+func requireBasicAuth(userPass []byte, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		user, pass, ok := r.BasicAuth()
+		given := []byte(user + ":" + pass)
+		if !ok || subtle.ConstantTimeCompare(given, userPass) != 1 {
+			w.Header().Set("WWW-Authenticate", `Basic realm="tailbox lab"`)
+			http.Error(w, "authentication required", http.StatusUnauthorized)
+			return
 		}
 		h.ServeHTTP(w, r)
 	})

@@ -20,7 +20,7 @@ use crate::daemon::{DEFAULT_HEALTHY_PERIOD, DaemonSettings};
 use crate::events::{EventSink, run_phase, to_std_duration};
 use crate::login::{self, LoginParams};
 use crate::preflight;
-use crate::redact::redact_url;
+use tailbox_proto::redact::redact_url;
 
 /// What bringing a node up needs.
 pub struct Bringup<'a> {
@@ -277,13 +277,7 @@ impl Bringup<'_> {
 pub async fn teardown(supervisor: Supervisor, grace: Duration, sink: &EventSink) -> Teardown {
     let mut teardown = Teardown::default();
     run_phase(sink, Phase::Teardown, async {
-        teardown.logout_attempted = true;
-        let logout = tokio::time::timeout(grace / 2, supervisor.api().logout()).await;
-        match logout {
-            Ok(Ok(())) => teardown.logged_out = true,
-            Ok(Err(err)) => teardown.logout_error = err.to_string(),
-            Err(_) => teardown.logout_error = format!("no answer within {:?}", grace / 2),
-        }
+        teardown = supervisor.leave_tailnet(grace).await;
         if !teardown.logged_out {
             sink.warning(Warning {
                 code: "logout-failed".into(),
@@ -295,7 +289,6 @@ pub async fn teardown(supervisor: Supervisor, grace: Duration, sink: &EventSink)
             })
             .await;
         }
-        teardown.daemon_stop = supervisor.stop(grace / 2).await.to_owned();
     })
     .await;
     teardown

@@ -13,9 +13,10 @@
 //! - [`preflight`]: facts about the sandbox.
 //! - [`daemon`]: finding tailscaled (and a loader if needed), supervising and restarting it.
 //! - [`localapi`]: tailscaled's LocalAPI over its unix socket; [`login`]: the `up` sequence.
-//! - [`checks`]: status, netmap and ping (LocalAPI); HTTP and git (through the SOCKS5 proxy).
-//! - [`redact`]: keeping URL credentials out of output; [`logging`]: tracing to stderr and the
-//!   panic hook.
+//! - [`checks`]: status, netmap and ping (LocalAPI, targets by IP or name); HTTP and git
+//!   (through the SOCKS5 proxy).
+//! - [`redact`]: keeping a target URL's credentials out of output; [`logging`]: tracing to
+//!   stderr and the panic hook.
 #![deny(clippy::print_stdout, clippy::disallowed_methods)]
 
 pub mod bringup;
@@ -46,9 +47,9 @@ pub const FEATURES: &[&str] = &[
     "preflight",
     "tailnet",
     "ping",
+    "ping-by-name",
     "http",
     "git",
-    "git-v2",
     "sidecar",
     "grpc-health",
 ];

@@ -171,6 +171,17 @@ pub struct Notify {
     pub browse_to_url: Option<String>,
 }
 
+/// What `POST /localapi/v0/dial` said about a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialAnswer {
+    /// The name resolved (tailscaled dialed it, or handed it back as a non-tailnet address).
+    Resolved,
+    /// The name did not resolve; tailscaled's reason.
+    ResolveFailed(String),
+    /// The name resolved but the dial failed; tailscaled's reason.
+    DialFailed(String),
+}
+
 /// ipn.State values.
 pub mod state {
     /// Waiting for a login.
@@ -197,6 +208,17 @@ impl LocalApi {
         path_and_query: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, LocalApiError> {
+        self.send_with_headers(method, path_and_query, body, &[])
+            .await
+    }
+
+    async fn send_with_headers(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<hyper::Response<Incoming>, LocalApiError> {
         let what = format!(
             "{method} {}",
             path_and_query.split('?').next().unwrap_or("")
@@ -219,11 +241,15 @@ impl LocalApi {
                 tracing::debug!("LocalAPI connection ended: {err}");
             }
         });
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(format!("/localapi/v0/{path_and_query}"))
             .header(http::header::HOST, LOCALAPI_HOST)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|err| LocalApiError::Status {
                 what: what.clone(),
@@ -373,6 +399,43 @@ impl LocalApi {
         Self::decode("POST ping", &bytes)
     }
 
+    /// Asks tailscaled to dial `host:port` the way its SOCKS5 proxy would, to learn whether the
+    /// name resolved: tailscaled (1.98 and later) resolves first and answers a failure of that
+    /// step with 502 "resolve failure: …". A connection it opens is closed at once. The caller
+    /// bounds the time.
+    pub async fn dial(&self, host: &str, port: u16) -> Result<DialAnswer, LocalApiError> {
+        let port = port.to_string();
+        let response = self
+            .send_with_headers(
+                Method::POST,
+                "dial",
+                None,
+                &[
+                    ("Connection", "upgrade"),
+                    ("Upgrade", "ts-dial"),
+                    ("Dial-Host", host),
+                    ("Dial-Port", &port),
+                    ("Dial-Network", "tcp"),
+                ],
+            )
+            .await?;
+        let status = response.status();
+        if matches!(status, StatusCode::SWITCHING_PROTOCOLS | StatusCode::OK) {
+            // 101: a tunnel (dropped here); 200: a non-tailnet address to dial directly.
+            return Ok(DialAnswer::Resolved);
+        }
+        let body = body_text(response).await;
+        match (status, body.strip_prefix("resolve failure: ")) {
+            (StatusCode::BAD_GATEWAY, Some(why)) => Ok(DialAnswer::ResolveFailed(why.to_owned())),
+            (StatusCode::BAD_GATEWAY, None) => Ok(DialAnswer::DialFailed(body)),
+            _ => Err(LocalApiError::Status {
+                what: "POST dial".into(),
+                status,
+                body: body.chars().take(500).collect(),
+            }),
+        }
+    }
+
     /// Opens the IPN bus. The response headers arrive only once the watcher is registered, so
     /// nothing that happens after this returns is missed.
     pub async fn watch_ipn_bus(&self, mask: u64) -> Result<BusWatcher, LocalApiError> {
@@ -380,12 +443,7 @@ impl LocalApi {
         let response = self.send(Method::GET, &path, None).await?;
         if response.status() != StatusCode::OK {
             let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
-                .unwrap_or_default();
+            let body = body_text(response).await;
             return Err(LocalApiError::Status {
                 what: "GET watch-ipn-bus".into(),
                 status,
@@ -397,6 +455,16 @@ impl LocalApi {
             buffer: Vec::new(),
         })
     }
+}
+
+/// The body of an answer that is not what was asked for, as text for an error.
+async fn body_text(response: hyper::Response<Incoming>) -> String {
+    response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// An open IPN bus: newline-delimited JSON `ipn.Notify` messages.

@@ -140,7 +140,7 @@ pub async fn login(
         backend_state: status.backend_state,
         self_ips: status.tailscale_ips.unwrap_or_default(),
         hostname: params.hostname.clone(),
-        control_url: crate::redact::redact_url(&control_url),
+        control_url: tailbox_proto::redact::redact_url(&control_url),
         time_to_running: Some(duration(started.elapsed())),
     })
 }
@@ -248,7 +248,7 @@ fn daemon_failure(err: LocalApiError) -> LoginFailure {
 }
 
 fn control_unreachable(control_url: &str, why: &str) -> LoginFailure {
-    let shown = crate::redact::redact_url(control_url);
+    let shown = tailbox_proto::redact::redact_url(control_url);
     LoginFailure {
         class: FailureClass::ControlUnreachable,
         layer: Layer::Control,

@@ -1,21 +1,17 @@
 //! Checking the requested targets over a running node: netmap visibility first, then ping, HTTP
 //! and git concurrently. The one-shot `Run` and the sidecar's `Check` share this runner.
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures::future::join_all;
-use tailbox_proto::agent::v1::{
-    CheckResult, FailureClass, GitTarget, HttpTarget, Layer, Phase, PingTarget,
-};
+use tailbox_proto::agent::v1::{CheckResult, GitTarget, HttpTarget, Layer, Phase, PingTarget};
+use tailbox_proto::redact::redact_url;
 use tokio_util::sync::CancellationToken;
 
-use crate::checks::tailnet::{self, Visibility};
+use crate::checks::tailnet;
 use crate::checks::{Outcome, ProxyContext};
 use crate::daemon::supervisor::Supervisor;
 use crate::events::{EventSink, run_phase};
-use crate::redact::redact_url;
 
 /// The targets of one run or check.
 #[derive(Clone, Copy)]
@@ -88,43 +84,27 @@ impl Targets<'_> {
     }
 
     async fn check_all(&self, supervisor: &Supervisor, budget: CheckBudget, sink: &EventSink) {
-        let api = supervisor.api();
+        let daemon = supervisor.daemon();
         let proxy = supervisor.proxy();
-        // Netmap visibility first, once per tailnet host any target names.
-        let hosts: Vec<IpAddr> = self.hosts();
+        // Netmap visibility first, once per tailnet host (IP or name) any target names.
+        let hosts = tailnet::netmap_targets(self.ping, self.http, self.git);
         let netmap_limit = budget.remaining(budget.netmap);
-        let netmap_results = join_all(hosts.iter().map(|&ip| async move {
-            let result = tailnet::check_netmap(api, ip, netmap_limit).await;
-            sink.check(result.clone()).await;
-            (ip, Visibility::of(&result))
+        let netmap = join_all(hosts.into_iter().map(|host| {
+            let daemon = &daemon;
+            async move {
+                let result = tailnet::check_netmap(daemon, &host, netmap_limit).await;
+                sink.check(result.clone()).await;
+                (host, result)
+            }
         }))
         .await;
-        let visibility = |ip: IpAddr| {
-            netmap_results
-                .iter()
-                .find(|(host, _)| *host == ip)
-                .map_or(Visibility::Unknown, |(_, v)| *v)
-        };
 
-        let daemon = supervisor.readiness();
         let pings = self.ping.iter().map(|target| {
-            let daemon = daemon.clone();
+            let (daemon, netmap) = (&daemon, &netmap);
             async move {
-                let outcome = Outcome::start("ping", target.address.clone(), Layer::Ping);
-                let Ok(ip) = target.address.trim().parse::<IpAddr>() else {
-                    sink.check(outcome.fail(
-                        FailureClass::InvalidInput,
-                        Layer::Ping,
-                        format!("{:?} is not an IP address", target.address),
-                        "ping takes the dev host's tailnet IP",
-                        None,
-                    ))
-                    .await;
-                    return;
-                };
                 let limit = budget.remaining(budget.ping);
                 let (result, warning) =
-                    tailnet::check_ping(api, ip, visibility(ip), limit, &daemon).await;
+                    tailnet::check_ping(daemon, &target.address, netmap, limit).await;
                 if let Some(warning) = warning {
                     sink.warning(warning).await;
                 }
@@ -132,46 +112,20 @@ impl Targets<'_> {
             }
         });
         let https = self.http.iter().map(|target| {
-            let ctx = proxy_context(proxy, budget.remaining(budget.http), supervisor);
+            let ctx = ProxyContext::new(proxy, budget.remaining(budget.http), supervisor.daemon());
             async move {
                 let result = crate::checks::http::check_http(target, &ctx).await;
                 sink.check(result).await;
             }
         });
         let gits = self.git.iter().map(|target| {
-            let ctx = proxy_context(proxy, budget.remaining(budget.git), supervisor);
+            let ctx = ProxyContext::new(proxy, budget.remaining(budget.git), supervisor.daemon());
             async move {
                 let result = crate::checks::git::check_git(target, &ctx).await;
                 sink.check(result).await;
             }
         });
         futures::join!(join_all(pings), join_all(https), join_all(gits));
-    }
-
-    /// Tailnet hosts the targets name: ping addresses and IP-literal hosts of HTTP/git URLs.
-    fn hosts(&self) -> Vec<IpAddr> {
-        let mut hosts = BTreeSet::new();
-        for target in self.ping {
-            if let Ok(ip) = target.address.trim().parse::<IpAddr>() {
-                hosts.insert(ip);
-            }
-        }
-        let url_hosts = self
-            .http
-            .iter()
-            .map(|t| t.url.as_str())
-            .chain(self.git.iter().map(|t| t.url.as_str()));
-        for url in url_hosts {
-            if let Some(ip) = url::Url::parse(url).ok().and_then(|u| match u.host() {
-                Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
-                Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
-                _ => None,
-            }) && tailnet::is_tailnet_ip(ip)
-            {
-                hosts.insert(ip);
-            }
-        }
-        hosts.into_iter().collect()
     }
 
     /// A skip result for every target, with the reason they could not run.
@@ -200,13 +154,5 @@ impl Targets<'_> {
             }
         })
         .await;
-    }
-}
-
-fn proxy_context(proxy: SocketAddr, limit: Duration, supervisor: &Supervisor) -> ProxyContext {
-    ProxyContext {
-        socks_addr: proxy,
-        deadline: tokio::time::Instant::now() + limit,
-        daemon: supervisor.readiness(),
     }
 }

@@ -97,6 +97,7 @@ pub fn class_name(class: FailureClass) -> &'static str {
         FailureClass::DaemonFailed => "daemon_failed",
         FailureClass::InvalidInput => "invalid_input",
         FailureClass::Internal => "internal",
+        FailureClass::DaemonUnresponsive => "daemon_unresponsive",
     }
 }
 

@@ -11,15 +11,15 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use checks_support::{
-    FixedHttp, StandInDaemon, TEST_DEADLINE, class, closed_addr, closed_port, ctx, header, layer,
-    sandbox, status,
+    FixedHttp, ScriptedSocks5, Socks5Script, StandInDaemon, TEST_DEADLINE, class, closed_addr,
+    closed_port, ctx, ctx_at, header, layer, sandbox, status,
 };
-use tailbox_agent::checks::git::{GitOptions, check_git, check_git_with};
+use tailbox_agent::checks::git::check_git;
 use tailbox_proto::agent::v1::{
     CheckResult, CheckStatus, ExpectedRef, FailureClass, GitEvidence, GitTarget, Layer,
     check_result,
 };
-use tailbox_testkit::lab::Lab;
+use tailbox_testkit::lab::{GIT_AUTH_USER, Lab};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 
@@ -126,72 +126,91 @@ async fn git_daemon(base: PathBuf) -> u16 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_lab_repository_lists_over_protocol_v2_with_every_ref() {
+async fn a_server_that_speaks_v2_and_one_that_speaks_only_v0_both_list_every_ref() {
     timeout(TEST_DEADLINE, async {
         let (lab, node) = sandbox().await;
         let expected = all_lab_refs(&lab);
-        let r = check_git(
-            &target(lab.git_url(), &refs_slice(&expected)),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
-        )
-        .await;
-        assert_lab_listing(&lab, &r);
-        let e = evidence(&r);
-        // The lab's http-backend hands the Git-Protocol header to upload-pack.
-        assert_eq!(e.protocol_version, 2, "{r:#?}");
-        assert_eq!(e.proxy, format!("socks5h://{}", node.socks5_addr()));
-        assert_eq!(r.target, lab.git_url());
-        assert!(r.detail.contains("protocol v2"), "{}", r.detail);
+        // The lab's http-backend hands the Git-Protocol header to upload-pack, so it speaks v2
+        // to a client that asks; the other server drops the header, as v0-only servers do.
+        // libgit2 speaks v0 with both.
+        for url in [lab.git_url(), lab.git_v0_url()] {
+            let r = check_git(
+                &target(&url, &refs_slice(&expected)),
+                &ctx(&node, Duration::from_secs(30)),
+            )
+            .await;
+            assert_lab_listing(&lab, &r);
+            let e = evidence(&r);
+            assert_eq!(e.protocol_version, 0, "{r:#?}");
+            assert_eq!(e.proxy, format!("socks5h://{}", node.socks5_addr()));
+            assert_eq!(r.target, url);
+            assert!(r.detail.contains("HEAD -> refs/heads/main"), "{}", r.detail);
+        }
     })
     .await
     .expect("test timed out");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn forcing_protocol_v0_lists_the_same_refs() {
-    timeout(TEST_DEADLINE, async {
-        let (lab, node) = sandbox().await;
-        let expected = all_lab_refs(&lab);
-        let r = check_git_with(
-            &target(lab.git_url(), &refs_slice(&expected)),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
-            &GitOptions { protocol_v2: false },
-        )
-        .await;
-        assert_lab_listing(&lab, &r);
-        assert_eq!(evidence(&r).protocol_version, 0, "{r:#?}");
-    })
-    .await
-    .expect("test timed out");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn git_daemon_over_git_protocol_works_in_v2_and_v0() {
+async fn git_daemon_over_the_git_protocol_lists_every_ref() {
     timeout(TEST_DEADLINE, async {
         let (lab, node) = sandbox().await;
         let base = lab.git_repo_dir().parent().unwrap().to_owned();
         let port = git_daemon(base).await;
         let url = format!("git://{}:{port}/lab.git", lab.peer_ipv4());
         let expected = all_lab_refs(&lab);
-        for v2 in [true, false] {
-            let r = check_git_with(
-                &target(&url, &refs_slice(&expected)),
-                &ctx(node.socks5_addr(), Duration::from_secs(30)),
-                &GitOptions { protocol_v2: v2 },
-            )
-            .await;
-            assert_lab_listing(&lab, &r);
-            assert_eq!(evidence(&r).protocol_version, if v2 { 2 } else { 0 });
-        }
-
-        let missing = format!("git://{}:{port}/nope.git", lab.peer_ipv4());
         let r = check_git(
-            &target(missing, &[]),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+            &target(&url, &refs_slice(&expected)),
+            &ctx(&node, Duration::from_secs(30)),
         )
         .await;
+        assert_lab_listing(&lab, &r);
+
+        let missing = format!("git://{}:{port}/nope.git", lab.peer_ipv4());
+        let r = check_git(&target(missing, &[]), &ctx(&node, Duration::from_secs(30))).await;
         assert_eq!(class(&r), FailureClass::GitNotFound, "{r:#?}");
         assert!(r.hint.contains("export"), "{}", r.hint);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn basic_auth_from_the_url_opens_a_protected_repository_and_is_never_shown() {
+    timeout(TEST_DEADLINE, async {
+        let (lab, node) = sandbox().await;
+        let password = lab.git_password().to_owned();
+        let with = |user: &str, pass: &str| {
+            lab.git_auth_url()
+                .replacen("http://", &format!("http://{user}:{pass}@"), 1)
+        };
+        let expected = all_lab_refs(&lab);
+        let cases = [
+            (with(GIT_AUTH_USER, &password), None),
+            (
+                with(GIT_AUTH_USER, "wrong-password"),
+                Some(FailureClass::GitAuth),
+            ),
+            (lab.git_auth_url(), Some(FailureClass::GitAuth)),
+        ];
+        for (url, want) in cases {
+            let r = check_git(
+                &target(&url, &refs_slice(&expected)),
+                &ctx(&node, Duration::from_secs(30)),
+            )
+            .await;
+            match want {
+                None => assert_lab_listing(&lab, &r),
+                Some(c) => {
+                    assert_eq!(class(&r), c, "{r:#?}");
+                    assert_eq!(layer(&r), Layer::Git);
+                }
+            }
+            for text in [serde_json::to_string(&r).unwrap(), format!("{r:?}")] {
+                assert!(!text.contains(&password), "password leaked: {text}");
+                assert!(!text.contains("wrong-password"), "password leaked: {text}");
+            }
+        }
     })
     .await
     .expect("test timed out");
@@ -206,7 +225,7 @@ async fn an_expected_sha_that_differs_is_a_ref_mismatch_with_the_comparison() {
 
         let r = check_git(
             &target(lab.git_url(), &[("refs/heads/main", &main.to_uppercase())]),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+            &ctx(&node, Duration::from_secs(30)),
         )
         .await;
         assert_eq!(status(&r), CheckStatus::Pass, "{r:#?}");
@@ -220,7 +239,7 @@ async fn an_expected_sha_that_differs_is_a_ref_mismatch_with_the_comparison() {
                     ("refs/heads/gone", &main),
                 ],
             ),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+            &ctx(&node, Duration::from_secs(30)),
         )
         .await;
         assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
@@ -256,11 +275,7 @@ async fn a_repository_path_that_does_not_exist_is_git_not_found() {
     timeout(TEST_DEADLINE, async {
         let (lab, node) = sandbox().await;
         let url = lab.git_url().replace("/lab.git", "/nope.git");
-        let r = check_git(
-            &target(url, &[]),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
-        )
-        .await;
+        let r = check_git(&target(url, &[]), &ctx(&node, Duration::from_secs(30))).await;
         assert_eq!(class(&r), FailureClass::GitNotFound, "{r:#?}");
         assert_eq!(layer(&r), Layer::Git);
         assert!(r.hint.contains("/git/<owner>/<repo>.git"), "{}", r.hint);
@@ -269,7 +284,7 @@ async fn a_repository_path_that_does_not_exist_is_git_not_found() {
         // a 404 cannot be told apart from a git server without that repository.
         let r = check_git(
             &target(lab.health_url(), &[]),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
+            &ctx(&node, Duration::from_secs(30)),
         )
         .await;
         assert_eq!(class(&r), FailureClass::GitNotFound, "{r:#?}");
@@ -301,11 +316,7 @@ async fn a_web_page_or_dumb_http_is_git_protocol() {
         .await;
         for (server, says) in [(html, "HTML"), (dumb, "dumb"), (liar, "git")] {
             let url = format!("http://{}:{}/git/me/repo.git", lab.peer_ipv4(), server.port);
-            let r = check_git(
-                &target(url, &[]),
-                &ctx(node.socks5_addr(), Duration::from_secs(30)),
-            )
-            .await;
+            let r = check_git(&target(url, &[]), &ctx(&node, Duration::from_secs(30))).await;
             assert_eq!(class(&r), FailureClass::GitProtocol, "{r:#?}");
             assert_eq!(layer(&r), Layer::Git);
             assert!(r.detail.contains(says), "{}", r.detail);
@@ -331,11 +342,7 @@ async fn connection_failures_are_classified_like_http() {
             ),
         ];
         for (url, want) in cases {
-            let r = check_git(
-                &target(&url, &[]),
-                &ctx(node.socks5_addr(), Duration::from_secs(30)),
-            )
-            .await;
+            let r = check_git(&target(&url, &[]), &ctx(&node, Duration::from_secs(30))).await;
             assert_eq!(class(&r), want, "{url}: {r:#?}");
             assert_eq!(layer(&r), Layer::Tcp, "{url}");
             assert!(r.hint.contains("0.0.0.0"), "{}", r.hint);
@@ -344,17 +351,27 @@ async fn connection_failures_are_classified_like_http() {
         // No proxy at all.
         let nowhere = closed_addr().await;
         for url in [lab.git_url(), format!("git://{}/lab.git", lab.peer_ipv4())] {
-            let r = check_git(&target(&url, &[]), &ctx(nowhere, Duration::from_secs(10))).await;
+            let r = check_git(
+                &target(&url, &[]),
+                &ctx_at(nowhere, Duration::from_secs(10)),
+            )
+            .await;
             assert_eq!(class(&r), FailureClass::SocksRefused, "{url}: {r:#?}");
+        }
+
+        // The proxy module the HTTP check uses classifies git's tunnels the same way.
+        let refusing =
+            ScriptedSocks5::start(Socks5Script::Reply(vec![5, 5, 0, 1, 0, 0, 0, 0, 0, 0])).await;
+        for url in [lab.git_url(), format!("git://{}/lab.git", lab.peer_ipv4())] {
+            let ctx = ctx_at(refusing.addr, Duration::from_secs(10));
+            let r = check_git(&target(&url, &[]), &ctx).await;
+            assert_eq!(class(&r), FailureClass::TcpRefused, "{url}: {r:#?}");
+            assert!(r.detail.contains("reply 5"), "{}", r.detail);
         }
 
         // TLS spoken to a plain HTTP port: the tunnel opens, the handshake fails.
         let https = lab.git_url().replacen("http://", "https://", 1);
-        let r = check_git(
-            &target(&https, &[]),
-            &ctx(node.socks5_addr(), Duration::from_secs(30)),
-        )
-        .await;
+        let r = check_git(&target(&https, &[]), &ctx(&node, Duration::from_secs(30))).await;
         assert_eq!(layer(&r), Layer::Http, "{r:#?}");
         assert!(r.detail.contains("TLS"), "{}", r.detail);
     })
@@ -373,7 +390,7 @@ async fn a_server_that_never_answers_runs_into_the_deadline_on_time() {
             format!("git://{}:{port}/lab.git", lab.peer_ipv4()),
         ] {
             let started = Instant::now();
-            let r = check_git(&target(&url, &[]), &ctx(node.socks5_addr(), budget)).await;
+            let r = check_git(&target(&url, &[]), &ctx(&node, budget)).await;
             let took = started.elapsed();
             assert_eq!(class(&r), FailureClass::Deadline, "{url}: {r:#?}");
             assert_eq!(layer(&r), Layer::Git, "{url}: {r:#?}");
@@ -426,7 +443,7 @@ async fn credentials_in_the_url_are_used_and_never_shown() {
         for (url, want) in cases {
             let r = check_git(
                 &target(&url, &refs_slice(&expected)),
-                &ctx(node.socks5_addr(), Duration::from_secs(30)),
+                &ctx(&node, Duration::from_secs(30)),
             )
             .await;
             match want {
@@ -470,7 +487,7 @@ async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
             format!("git://{}:{daemon_port}/lab.git", lab.peer_ipv4()),
         ] {
             // tailscaled is down (nothing on its proxy port) and its supervisor says so.
-            let mut daemon = StandInDaemon::down().await;
+            let mut daemon = StandInDaemon::down(node.socket()).await;
             let ctx = daemon.ctx(Duration::from_secs(20));
             let head = lab.git_ref("HEAD").unwrap().to_owned();
             let check =
@@ -489,7 +506,7 @@ async fn a_check_waits_for_a_restarting_daemon_and_then_passes() {
 
 #[tokio::test]
 async fn bad_input_is_invalid_input() {
-    let c = ctx("127.0.0.1:9".parse().unwrap(), Duration::from_secs(5));
+    let c = ctx_at("127.0.0.1:9".parse().unwrap(), Duration::from_secs(5));
     for t in [
         target("ssh://git@host/repo.git", &[]),
         target("not a url", &[]),

@@ -429,6 +429,7 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
                 http_targets: vec![HttpTarget {
                     url: lab.health_url(),
                     expected_status: 0,
+                    expected_status_max: 0,
                 }],
                 git_targets: vec![GitTarget {
                     url: lab.git_url(),

@@ -1,9 +1,10 @@
 //! The supervisor against a real tailscaled: restarts after each death until the budget is
-//! spent, then reports the daemon gone for good; a healthy period resets the budget.
+//! spent, then reports the daemon gone for good; a healthy period resets the budget; a stuck
+//! one is killed at once at the end.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tailbox_agent::daemon::provision;
 use tailbox_agent::daemon::supervisor::{Supervisor, SupervisorConfig};
@@ -72,7 +73,7 @@ async fn start_supervisor(
 /// Kills the tailscaled serving `socket` and waits until the supervisor has brought a new one
 /// up (true) or given up (false).
 async fn kill_and_wait(supervisor: &Supervisor, socket: &str) -> bool {
-    let readiness = supervisor.readiness();
+    let readiness = supervisor.daemon();
     kill(tailscaled_serving(socket));
     assert!(
         readiness
@@ -188,6 +189,45 @@ async fn a_healthy_period_gives_the_daemon_a_fresh_restart_budget() {
         assert_eq!(supervisor_restarts(&restarts), [1, 2]);
         assert_eq!(supervisor.restarts(), 2);
         assert_eq!(supervisor.pid(), None);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_daemon_is_killed_at_once_without_a_logout() {
+    Binaries::locate().await.unwrap();
+    let lab = Lab::start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (supervisor, evidence, _events) =
+            start_supervisor(&lab, dir.path(), 2, Duration::from_secs(3600)).await;
+        // Stopped, the process holds its socket but answers nothing, and ignores SIGTERM.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(evidence.pid as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
+        let started = Instant::now();
+        let teardown = supervisor.leave_tailnet(Duration::from_secs(15)).await;
+        let took = started.elapsed();
+        assert_eq!(teardown.daemon_stop, "sigkill", "{teardown:?}");
+        assert!(
+            !teardown.logout_attempted && !teardown.logged_out,
+            "{teardown:?}"
+        );
+        assert!(
+            teardown.logout_error.contains("did not answer"),
+            "{teardown:?}"
+        );
+        // One health probe (1 s), then the kill: nowhere near the 15 s grace.
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        let socket = socket_of(dir.path());
+        assert!(
+            processes_mentioning(&format!("--socket={socket}"))
+                .unwrap()
+                .is_empty()
+        );
     })
     .await
     .expect("test timed out");

@@ -85,13 +85,16 @@ pub struct CheckArgs {
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
 
-    /// Tailnet IP of the dev host to ping [env: COOK_TAIL_IP]. Repeatable.
-    #[arg(long = "ping", value_name = "IP")]
+    /// The dev host to ping: its tailnet IP, or its name (host name, MagicDNS name or FQDN),
+    /// looked up in the netmap [env: COOK_TAIL_IP]. Repeatable.
+    #[arg(long = "ping", value_name = "HOST")]
     pub ping: Vec<String>,
 
     /// URL to fetch over the tailnet, e.g. http://100.64.0.1:7420/health [env: COOK_HTTP_URL].
-    /// Repeatable.
-    #[arg(long = "http", value_name = "URL")]
+    /// Any 2xx passes, after up to 5 redirects. To expect another status, put it before the URL:
+    /// a code (`302=URL`: that redirect passes and is not followed) or an inclusive range
+    /// (`200-399=URL`). Repeatable.
+    #[arg(long = "http", value_name = "[STATUS=]URL")]
     pub http: Vec<String>,
 
     /// git remote to list over the tailnet [env: COOK_GIT_URL]. Repeatable.

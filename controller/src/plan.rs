@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,6 +47,15 @@ pub struct BackendChoice {
     pub reason: String,
 }
 
+/// One HTTP target: a URL and, when not any 2xx, the statuses that pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// The URL.
+    pub url: String,
+    /// The statuses that pass; `None` means any 2xx.
+    pub expected: Option<RangeInclusive<u16>>,
+}
+
 /// A validated `tailbox check`.
 #[derive(Debug, Clone)]
 pub struct CheckPlan {
@@ -75,10 +85,10 @@ pub struct CheckPlan {
     pub tailscaled_env: BTreeMap<String, String>,
     /// tailscaled's proxy listener override.
     pub proxy_listen: Option<std::net::SocketAddr>,
-    /// Ping targets.
-    pub ping: Vec<IpAddr>,
+    /// Ping targets: tailnet IPs or peer names.
+    pub ping: Vec<String>,
     /// HTTP targets.
-    pub http: Vec<String>,
+    pub http: Vec<HttpCheck>,
     /// git targets.
     pub git: Vec<String>,
     /// Refs every git target must advertise.
@@ -119,16 +129,11 @@ impl CheckPlan {
         let ping_raw = values_or_env(&args.ping, env, env::COOK_TAIL_IP);
         let ping = ping_raw
             .iter()
-            .map(|raw| {
-                raw.parse::<IpAddr>().map_err(|_| {
-                    CliError::usage(format!("`--ping` {raw:?} is not an IP address"))
-                        .with_hint("Give the dev host's tailnet IP, e.g. the output of `tailscale ip -4` on the dev host.")
-                })
-            })
+            .map(|raw| validate_host(raw))
             .collect::<CliResult<Vec<_>>>()?;
         let http = values_or_env(&args.http, env, env::COOK_HTTP_URL)
-            .into_iter()
-            .map(|u| validate_url(&u, "--http", &["http", "https"]))
+            .iter()
+            .map(|raw| parse_http_check(raw))
             .collect::<CliResult<Vec<_>>>()?;
         let git = values_or_env(&args.git, env, env::COOK_GIT_URL)
             .into_iter()
@@ -266,16 +271,23 @@ impl CheckPlan {
             ping_targets: self
                 .ping
                 .iter()
-                .map(|ip| PingTarget {
-                    address: ip.to_string(),
+                .map(|host| PingTarget {
+                    address: host.clone(),
                 })
                 .collect(),
             http_targets: self
                 .http
                 .iter()
-                .map(|url| HttpTarget {
-                    url: url.clone(),
-                    expected_status: 0,
+                .map(|check| {
+                    let (low, high) = check
+                        .expected
+                        .as_ref()
+                        .map_or((0, 0), |r| (*r.start(), *r.end()));
+                    HttpTarget {
+                        url: check.url.clone(),
+                        expected_status: u32::from(low),
+                        expected_status_max: u32::from(high),
+                    }
                 })
                 .collect(),
             git_targets: self
@@ -350,6 +362,66 @@ fn validate_url(raw: &str, flag: &str, schemes: &[&str]) -> CliResult<String> {
             .with_hint("Write a full URL such as http://100.64.0.1:7420/health."));
     }
     Ok(raw.trim().to_owned())
+}
+
+/// A `--ping` target: an IP address, or a name the agent looks up in the netmap.
+fn validate_host(raw: &str) -> CliResult<String> {
+    let host = raw.trim();
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(host.to_owned());
+    }
+    let label_ok = |label: &str| {
+        (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let name = host.trim_end_matches('.');
+    if !name.is_empty() && name.len() <= 253 && name.split('.').all(label_ok) {
+        return Ok(host.to_owned());
+    }
+    Err(CliError::usage(format!(
+        "`--ping` {raw:?} is neither an IP address nor a host name"
+    ))
+    .with_hint(
+        "Give the dev host's tailnet IP (`tailscale ip -4` on the dev host) or its name, \
+                 e.g. `devhost` or `devhost.tail1234.ts.net`.",
+    ))
+}
+
+/// An `--http` value: `[STATUS=]URL`, where STATUS is a code (302) or an inclusive range
+/// (200-399). A URL cannot start that way: its scheme starts with a letter.
+fn parse_http_check(raw: &str) -> CliResult<HttpCheck> {
+    let raw = raw.trim();
+    let (expected, url) = match raw.split_once('=') {
+        Some((status, url))
+            if !status.is_empty() && status.bytes().all(|b| b.is_ascii_digit() || b == b'-') =>
+        {
+            (Some(parse_status_range(status)?), url)
+        }
+        _ => (None, raw),
+    };
+    Ok(HttpCheck {
+        url: validate_url(url, "--http", &["http", "https"])?,
+        expected,
+    })
+}
+
+fn parse_status_range(text: &str) -> CliResult<RangeInclusive<u16>> {
+    let code = |s: &str| s.parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+    let range = match text.split_once('-') {
+        None => code(text).map(|c| c..=c),
+        Some((low, high)) => match (code(low), code(high)) {
+            (Some(low), Some(high)) if low <= high => Some(low..=high),
+            _ => None,
+        },
+    };
+    range.ok_or_else(|| {
+        CliError::usage(format!(
+            "`--http` {text:?}= is not an HTTP status or an inclusive range of them"
+        ))
+        .with_hint("Write a status from 100 to 599 before the URL, e.g. `--http 302=http://100.64.0.1:7420/login`, or a range such as `200-399=URL`.")
+    })
 }
 
 fn parse_expected_ref(raw: &str) -> CliResult<(String, String)> {
@@ -485,20 +557,24 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(p.ping, vec!["100.64.0.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!(p.http, vec!["http://100.64.0.1:7420/health"]);
+        assert_eq!(p.ping, vec!["100.64.0.1"]);
+        assert_eq!(p.http[0].url, "http://100.64.0.1:7420/health");
         assert_eq!(p.git.len(), 1);
         assert_eq!(p.hostname.as_deref(), Some("box-1"));
         assert_eq!(p.auth_key.as_ref().unwrap().expose(), "tskey-auth-x");
 
         let p = plan(&["--ping", "100.64.0.9"], &[("COOK_TAIL_IP", "100.64.0.1")]).unwrap();
-        assert_eq!(p.ping, vec!["100.64.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.ping, vec!["100.64.0.9"]);
     }
 
     #[test]
     fn bad_input_is_a_usage_error_with_a_hint() {
         for (argv, env) in [
-            (vec!["--ping", "devhost"], vec![]),
+            (vec!["--ping", "not a host!"], vec![]),
+            (vec!["--ping", "http://devhost/"], vec![]),
+            (vec!["--http", "99=http://h/x"], vec![]),
+            (vec!["--http", "399-300=http://h/x"], vec![]),
+            (vec!["--http", "302="], vec![]),
             (vec!["--http", "not a url"], vec![]),
             (vec!["--http", "ftp://h/x"], vec![]),
             (
@@ -518,8 +594,63 @@ mod tests {
             let err = plan(&argv, &env).unwrap_err();
             assert_eq!(err.exit_status().code(), 2, "{argv:?}: {}", err.render());
         }
-        let err = plan(&["--ping", "devhost"], &[]).unwrap_err();
+        let err = plan(&["--ping", "not a host!"], &[]).unwrap_err();
         assert!(err.hint.is_some());
+    }
+
+    #[test]
+    fn ping_takes_ips_and_names() {
+        let p = plan(
+            &[
+                "--ping",
+                "100.64.0.1",
+                "--ping",
+                "devhost",
+                "--ping",
+                "devhost.tail1234.ts.net.",
+            ],
+            &[],
+        )
+        .unwrap();
+        let request = p.run_request("r", "s", None);
+        let sent: Vec<&str> = request
+            .ping_targets
+            .iter()
+            .map(|t| t.address.as_str())
+            .collect();
+        assert_eq!(sent, ["100.64.0.1", "devhost", "devhost.tail1234.ts.net."]);
+    }
+
+    #[test]
+    fn an_http_target_may_name_its_expected_status_or_range() {
+        let p = plan(
+            &[
+                "--http",
+                "http://h/health",
+                "--http",
+                "302=http://h/login",
+                "--http",
+                "200-399=https://h/x?a=b",
+            ],
+            &[],
+        )
+        .unwrap();
+        let targets = p.run_request("r", "s", None).http_targets;
+        let got: Vec<(&str, u32, u32)> = targets
+            .iter()
+            .map(|t| (t.url.as_str(), t.expected_status, t.expected_status_max))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("http://h/health", 0, 0),
+                ("http://h/login", 302, 302),
+                ("https://h/x?a=b", 200, 399),
+            ]
+        );
+        // The same syntax in the environment.
+        let p = plan(&[], &[("COOK_HTTP_URL", "401=http://h/private")]).unwrap();
+        assert_eq!(p.http[0].expected, Some(401..=401));
     }
 
     #[test]

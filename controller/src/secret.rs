@@ -31,29 +31,8 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Removes userinfo (`user:password@`) from every URL in `text`, so messages can be printed.
-pub fn redact_urls(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(scheme_end) = rest.find("://") {
-        let (before, after) = rest.split_at(scheme_end + 3);
-        out.push_str(before);
-        let authority_end = after
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"')
-            .unwrap_or(after.len());
-        let authority = &after[..authority_end];
-        match authority.rfind('@') {
-            Some(at) => {
-                out.push_str("****@");
-                out.push_str(&authority[at + 1..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = &after[authority_end..];
-    }
-    out.push_str(rest);
-    out
-}
+/// Removes userinfo (`user:password@`) from every URL in a text: the workspace's one redactor.
+pub use tailbox_proto::redact::redact_urls;
 
 #[cfg(test)]
 mod tests {
@@ -65,15 +44,5 @@ mod tests {
         assert_eq!(format!("{s}"), "****");
         assert_eq!(format!("{s:?}"), "Secret(****)");
         assert_eq!(s.expose(), "tskey-auth-abc123");
-    }
-
-    #[test]
-    fn redact_urls_in_free_text() {
-        assert_eq!(
-            redact_urls("clone https://u:pw@h.example/git/r.git failed; see http://x/y"),
-            "clone https://****@h.example/git/r.git failed; see http://x/y"
-        );
-        assert_eq!(redact_urls("no urls here"), "no urls here");
-        assert_eq!(redact_urls("\"http://a:b@c:1\""), "\"http://****@c:1\"");
     }
 }

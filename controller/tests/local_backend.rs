@@ -226,7 +226,7 @@ fn human_output_shows_phases_on_stderr_and_a_table_on_stdout() {
 
 #[test]
 fn usage_errors_exit_2_with_a_hint() {
-    let output = tailbox(&["check", "--sandbox", "local", "--ping", "devhost"]);
+    let output = tailbox(&["check", "--sandbox", "local", "--ping", "not a host!"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.starts_with("error: "), "{stderr}");

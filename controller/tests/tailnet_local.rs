@@ -601,3 +601,137 @@ async fn the_spike_socket_and_a_state_file_can_be_chosen() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peers_by_name_and_redirects_work_end_to_end() {
+    let lab = lab().await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_key_dir, mut args) = lab_args(&lab);
+        args.extend([
+            // cook's COOK_TAIL_HOSTNAME, the MagicDNS name, and a typo of it.
+            "--ping".into(),
+            "devhost".into(),
+            "--ping".into(),
+            lab.peer_fqdn(),
+            "--ping".into(),
+            "devhots".into(),
+            "--netmap-timeout".into(),
+            "3s".into(),
+            // A redirect expected as such, and a chain that is followed to /health.
+            "--http".into(),
+            format!("302={}", lab.redirect_url(1)),
+            "--http".into(),
+            lab.redirect_url(2),
+        ]);
+        let run = run_tailbox(&lab, args, |_, _| {}).await;
+        assert_eq!(run.code, Some(1), "stderr:\n{}", run.stderr);
+        let by_target = |name: &str, target: &str| {
+            *run.checks(name)
+                .iter()
+                .find(|c| c["target"] == target)
+                .unwrap_or_else(|| panic!("no {name} check of {target}: {:#}", run.report()))
+        };
+        for name in ["devhost".to_owned(), lab.peer_fqdn()] {
+            assert_eq!(status(by_target("netmap", &name)), "CHECK_STATUS_PASS");
+            let ping = by_target("ping", &name);
+            assert!(
+                matches!(status(ping), "CHECK_STATUS_PASS" | "CHECK_STATUS_WARN"),
+                "{ping:#}"
+            );
+            assert_eq!(ping["ping"]["node_ip"], lab.peer_ipv4().to_string());
+        }
+        let unknown = by_target("netmap", "devhots");
+        assert_eq!(unknown["failure_class"], "FAILURE_CLASS_PEER_NOT_IN_NETMAP");
+        assert_eq!(unknown["netmap"]["closest_peers"][0], lab.peer_fqdn());
+        assert!(
+            unknown["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&lab.peer_fqdn()),
+            "{unknown:#}"
+        );
+        let ping = by_target("ping", "devhots");
+        assert_eq!(ping["failure_class"], "FAILURE_CLASS_PEER_NOT_IN_NETMAP");
+        assert_eq!(
+            run.report()["verdict"]["first_failed_layer"],
+            "LAYER_PEER_VISIBLE"
+        );
+
+        let expected = by_target("http", &lab.redirect_url(1));
+        assert_eq!(status(expected), "CHECK_STATUS_PASS", "{expected:#}");
+        assert_eq!(expected["http"]["status_code"], 302);
+        let followed = by_target("http", &lab.redirect_url(2));
+        assert_eq!(status(followed), "CHECK_STATUS_PASS", "{followed:#}");
+        assert_eq!(followed["http"]["final_url"], lab.health_url());
+        assert_eq!(followed["http"]["redirects"].as_array().unwrap().len(), 2);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_tailscaled_fails_at_the_daemon_layer_soon_after_the_deadline() {
+    let lab = lab().await;
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_key_dir, mut args) = lab_args(&lab);
+        let http_timeout = Duration::from_secs(4);
+        args.extend([
+            // The server answers after 20 s; the check gives up after 4.
+            "--http".into(),
+            format!("{}/slow?ms=20000", lab.http_base_url()),
+            "--http-timeout".into(),
+            format!("{}s", http_timeout.as_secs()),
+        ]);
+        let (mut daemon_pid, mut stopped_at) = (None, None);
+        let run = run_tailbox(&lab, args, |event, _| {
+            daemon_pid = daemon_pid.or(event["check"]["daemon"]["pid"].as_u64());
+            // The HTTP check starts once the netmap check has finished: stop tailscaled then.
+            if stopped_at.is_none() && event["check"]["name"] == "netmap" {
+                let pid = nix::unistd::Pid::from_raw(daemon_pid.unwrap() as i32);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+                stopped_at = Some(Instant::now());
+            }
+        })
+        .await;
+        let ended = Instant::now();
+        assert_eq!(run.code, Some(1), "stderr:\n{}", run.stderr);
+
+        let http = run.check("http");
+        assert_eq!(
+            http["failure_class"], "FAILURE_CLASS_DAEMON_UNRESPONSIVE",
+            "{http:#}"
+        );
+        assert_eq!(http["layer"], "LAYER_DAEMON");
+        assert!(
+            http["hint"].as_str().unwrap().contains("tailscaled"),
+            "{http:#}"
+        );
+        let report = run.report();
+        assert_eq!(report["verdict"]["first_failed_layer"], "LAYER_DAEMON");
+        assert_eq!(
+            report["verdict"]["failure_class"],
+            "FAILURE_CLASS_DAEMON_UNRESPONSIVE"
+        );
+        // Killed at once rather than given the teardown's grace: it could not have logged out.
+        assert_eq!(report["teardown"]["daemon_stop"], "sigkill", "{report:#}");
+        assert_eq!(report["teardown"]["logged_out"], false);
+
+        // The HTTP deadline fell at most http_timeout after tailscaled was stopped; the whole
+        // run, tailbox's exit included, ended within 3 s of it.
+        let after_deadline = ended
+            .duration_since(stopped_at.unwrap())
+            .saturating_sub(http_timeout);
+        eprintln!("the run ended {after_deadline:?} after the HTTP deadline");
+        assert!(
+            after_deadline < Duration::from_secs(3),
+            "the run ended {after_deadline:?} after the HTTP deadline"
+        );
+        let pid = daemon_pid.unwrap();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "tailscaled {pid} is still there"
+        );
+    })
+    .await
+    .expect("test timed out");
+}

@@ -4,13 +4,16 @@
 ///
 /// - 1: `Agent` (Hello, Run).
 /// - 2: the `Sidecar` service (sidecar.proto), `HelloResponse.serve_mode`, `DaemonRestart.total`.
-pub const PROTO_VERSION: u32 = 2;
+/// - 3: targets by name, `HttpTarget.expected_status_max`, `HttpEvidence.redirects` and
+///   `final_url`, `NetmapEvidence.peer_ips` and `closest_peers`, `FAILURE_CLASS_DAEMON_UNRESPONSIVE`.
+pub const PROTO_VERSION: u32 = 3;
 
 /// Layout version of the JSON report (`Report.schema_version`).
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
 
 pub mod arch;
 pub mod convert;
+pub mod redact;
 
 /// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`) and the sidecar's service
 /// (`sidecar.proto`).

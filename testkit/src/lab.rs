@@ -5,8 +5,8 @@
 //! - Tailscale's own test control server with DERP and STUN (`tailbox-lab control`), requiring
 //!   an auth key;
 //! - the dev host (`tailbox-lab devhost`): an HTTP server (`/health`, `/status/<code>`,
-//!   `/slow?ms=N`, `/large?bytes=N`) and the real `git http-backend` serving a bare repo with
-//!   known refs;
+//!   `/slow?ms=N`, `/large?bytes=N`, `/redirect/<n>`) and the real `git http-backend` serving a
+//!   bare repo with known refs, also from a protocol-v0-only server and behind basic auth;
 //! - the dev-host peer: a real `tailscaled --tun=userspace-networking` logged in with the real
 //!   `tailscale up`. Tailnet TCP to the peer's port P reaches 127.0.0.1:P, so the dev host's
 //!   servers are reachable from other nodes at `http://<peer tailnet IPv4>:<port>`.
@@ -82,6 +82,7 @@ struct ControlInfo {
     /// `127.0.0.1:S`.
     stun_addr: String,
     trap_url: String,
+    magic_dns_suffix: String,
 }
 
 impl ControlInfo {
@@ -108,8 +109,13 @@ struct DevhostInfo {
     http_port: u16,
     git_port: u16,
     git_path: String,
+    git_v0_path: String,
+    git_auth_path: String,
     repo_dir: PathBuf,
 }
+
+/// The user of the dev host's git server behind basic authentication.
+pub const GIT_AUTH_USER: &str = "lab-user";
 
 /// A running lab. See the module docs.
 pub struct Lab {
@@ -120,6 +126,7 @@ pub struct Lab {
     bins: Binaries,
     auth_key: String,
     auth_key_file: PathBuf,
+    git_password: String,
     control_info: ControlInfo,
     uplinks: Vec<Uplink>,
     devhost_info: DevhostInfo,
@@ -148,20 +155,23 @@ impl Lab {
         let auth_key = config.auth_key.unwrap_or_else(random_auth_key);
         let auth_key_file = root.join("authkey");
         node::write_secret(&auth_key_file, &auth_key)?;
+        // Like the auth key, the git password reaches the dev host in a file, not on argv.
+        let git_password = format!("lab-pw-{}", uuid::Uuid::new_v4().simple());
+        let git_auth_file = root.join("git-auth");
+        node::write_secret(&git_auth_file, &format!("{GIT_AUTH_USER}:{git_password}"))?;
 
         // Control and dev host start side by side; each announces itself with a JSON line.
         let mut control_flags = vec![format!("--auth-key-file={}", auth_key_file.display())];
         if config.verbose_control {
             control_flags.push("--verbose".into());
         }
+        let devhost_flags = [
+            format!("--dir={}", root.join("devhost").display()),
+            format!("--git-auth-file={}", git_auth_file.display()),
+        ];
         let (control, devhost) = tokio::join!(
-            start_lab_program::<ControlInfo>(&bins, root, "control", control_flags),
-            start_lab_program::<DevhostInfo>(
-                &bins,
-                root,
-                "devhost",
-                vec![format!("--dir={}", root.join("devhost").display())],
-            ),
+            start_lab_program::<ControlInfo>(&bins, root, "control", &control_flags),
+            start_lab_program::<DevhostInfo>(&bins, root, "devhost", &devhost_flags),
         );
         let (control, control_info) = control?;
         let (devhost, devhost_info) = devhost?;
@@ -199,6 +209,7 @@ impl Lab {
             bins,
             auth_key,
             auth_key_file,
+            git_password,
             control_info,
             uplinks,
             devhost_info,
@@ -256,6 +267,39 @@ impl Lab {
             "http://{}:{}{}",
             self.peer_ipv4, self.devhost_info.git_port, self.devhost_info.git_path
         )
+    }
+
+    /// The lab repository from a git server that ignores the `Git-Protocol` header, so it
+    /// speaks protocol version 0 only.
+    pub fn git_v0_url(&self) -> String {
+        format!(
+            "http://{}:{}{}",
+            self.peer_ipv4, self.devhost_info.git_port, self.devhost_info.git_v0_path
+        )
+    }
+
+    /// The lab repository behind HTTP basic authentication, without credentials in the URL;
+    /// [`GIT_AUTH_USER`] and [`Lab::git_password`] open it.
+    pub fn git_auth_url(&self) -> String {
+        format!(
+            "http://{}:{}{}",
+            self.peer_ipv4, self.devhost_info.git_port, self.devhost_info.git_auth_path
+        )
+    }
+
+    /// The password of [`Lab::git_auth_url`] (random per lab).
+    pub fn git_password(&self) -> &str {
+        &self.git_password
+    }
+
+    /// `<http_base_url>/redirect/<n>`: a chain of `n` 302 redirects that ends at `/health`.
+    pub fn redirect_url(&self, n: u32) -> String {
+        format!("{}/redirect/{n}", self.http_base_url())
+    }
+
+    /// The dev-host peer's MagicDNS name (FQDN), e.g. `devhost.tailbox-lab.test`.
+    pub fn peer_fqdn(&self) -> String {
+        format!("{PEER_HOSTNAME}.{}", self.control_info.magic_dns_suffix)
     }
 
     /// Every ref of the lab repository with its sha, as `git show-ref --head` reports it in the
@@ -439,7 +483,7 @@ async fn start_lab_program<T: DeserializeOwned>(
     bins: &Binaries,
     root: &Path,
     subcommand: &str,
-    flags: Vec<String>,
+    flags: &[String],
 ) -> Result<(LabProcess, T)> {
     let mut command = std::process::Command::new(bins.lab());
     command.arg(subcommand).args(flags).current_dir(root);

@@ -1,12 +1,11 @@
 //! git ref listing through tailscaled's SOCKS5 proxy.
 //!
-//! libgit2 (`remote.connect` + `remote.list`, like `git ls-remote`) over the custom transports of
-//! [`transport`], which speak protocol v2 when the server offers it. libgit2 blocks, so it runs
-//! on the blocking pool, with every network operation bounded by the check's deadline. The refs
-//! are compared with the expected shas the controller read from the dev host's repository.
+//! libgit2 does the git work (`remote.connect` + `remote.list`, like `git ls-remote`): it speaks
+//! the protocol (version 0, which every server speaks) and parses the advertisement. The
+//! transports of [`transport`] only carry its bytes through the proxy. libgit2 blocks, so it
+//! runs on the blocking pool, with every network operation bounded by the check's deadline. The
+//! refs are compared with the expected shas the controller read from the dev host's repository.
 
-mod advert;
-mod pkt;
 mod transport;
 
 use std::sync::{Arc, Mutex};
@@ -17,48 +16,40 @@ use tailbox_proto::agent::v1::{
 };
 
 use self::transport::{CallSettings, CallState};
-use super::http::failure::{self, Failure};
-use super::http::{self as http_check, Secrets, percent_decode};
+use super::proxy::{self, BasicAuth, Failure};
 use super::{Outcome, ProxyContext};
+use crate::redact::Secrets;
 
 /// How long after the deadline the check stops waiting for the libgit2 thread. The transports
 /// give up at the deadline; this covers libgit2's own work after that.
 const THREAD_GRACE: Duration = Duration::from_millis(500);
 
-/// Options of the git check beyond its target.
-#[derive(Debug, Clone)]
-pub struct GitOptions {
-    /// Ask the server for protocol v2 (the default); off forces the v0 exchange.
-    pub protocol_v2: bool,
-}
+/// What git daemon says (in an `ERR` line, which libgit2 reports as "remote error: …") when the
+/// repository is not there or not exported.
+const NOT_FOUND_SAYINGS: [&str; 4] = [
+    "not exported",
+    "no such repository",
+    "not found",
+    "does not appear",
+];
 
-impl Default for GitOptions {
-    fn default() -> Self {
-        Self { protocol_v2: true }
-    }
+/// Whether `s` is a full object id (40 hex digits for SHA-1, 64 for SHA-256).
+pub(crate) fn is_oid(s: &str) -> bool {
+    matches!(s.len(), 40 | 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Runs the git check: list the remote's refs and compare the expected ones.
 pub async fn check_git(target: &GitTarget, ctx: &ProxyContext) -> CheckResult {
-    check_git_with(target, ctx, &GitOptions::default()).await
-}
-
-/// [`check_git`] with options.
-pub async fn check_git_with(
-    target: &GitTarget,
-    ctx: &ProxyContext,
-    options: &GitOptions,
-) -> CheckResult {
     let secrets = Secrets::from_url(&target.url);
-    let shown = secrets.redact(&target.url);
+    let shown = secrets.scrub(&target.url);
     let outcome = Outcome::start("git", shown.clone(), Layer::Git);
     let proxy = ctx.proxy_url();
     let fail = |f: Failure| {
         outcome.fail(
             f.class,
             f.layer,
-            secrets.redact(&f.detail),
-            secrets.redact(&f.hint),
+            secrets.scrub(&f.detail),
+            secrets.scrub(&f.hint),
             Some(check_result::Evidence::Git(GitEvidence {
                 proxy: proxy.clone(),
                 ..GitEvidence::default()
@@ -66,8 +57,8 @@ pub async fn check_git_with(
         )
     };
 
-    let (mut url, _) = match http_check::parse_url(&target.url, &["http", "https", "git"]) {
-        Ok(parsed) => parsed,
+    let mut url = match proxy::parse_url(&target.url, &["http", "https", "git"]) {
+        Ok((url, _)) => url,
         Err(why) => {
             return fail(Failure::new(
                 FailureClass::InvalidInput,
@@ -81,7 +72,7 @@ pub async fn check_git_with(
     if let Some(bad) = target
         .expected_refs
         .iter()
-        .find(|e| e.name.trim().is_empty() || !advert::is_oid(e.sha.trim()))
+        .find(|e| e.name.trim().is_empty() || !is_oid(e.sha.trim()))
     {
         return fail(Failure::new(
             FailureClass::InvalidInput,
@@ -95,57 +86,33 @@ pub async fn check_git_with(
         ));
     }
     if let Err(e) = transport::register() {
-        return fail(internal(format!("the git transports are unavailable: {e}")));
+        return fail(Failure::internal(
+            Layer::Git,
+            format!("the git transports are unavailable: {e}"),
+        ));
     }
-    let client = if url.scheme() == "git" {
-        None
-    } else {
-        match http_check::client(ctx.socks_addr) {
-            Ok(c) => Some(c),
-            Err(e) => return fail(internal(format!("could not build the HTTP client: {e}"))),
-        }
-    };
-    // libgit2 gets the URL without credentials; the transport adds them to the request, decoded
-    // (userinfo in a parsed URL stays percent-encoded; the server wants the real text).
-    let basic_auth = (!url.username().is_empty()).then(|| {
-        (
-            percent_decode(url.username()),
-            url.password().map(percent_decode),
-        )
-    });
+    // libgit2 gets the URL without credentials; the transport sends them as basic auth.
+    let auth = BasicAuth::from_url(&url);
     let _ = url.set_username("");
     let _ = url.set_password(None);
 
-    let budget = ctx.remaining();
     loop {
         let settings = CallSettings {
             ctx: ctx.clone(),
-            budget,
             handle: tokio::runtime::Handle::current(),
-            client: client.clone(),
-            protocol_v2: options.protocol_v2,
-            basic_auth: basic_auth.clone(),
+            auth: auth.clone(),
             state: Arc::new(Mutex::new(CallState::default())),
         };
         match list(url.as_str(), settings).await {
-            Ok(listing) => return judge(&outcome, target, &listing, &proxy, &shown),
+            Ok(heads) => return judge(&outcome, target, &heads, &proxy, &shown),
             Err(f) => {
-                if failure::daemon_came_back(ctx, &f).await {
+                if proxy::daemon_came_back(ctx, &f).await {
                     continue;
                 }
-                return fail(f);
+                return fail(proxy::blame_stuck_daemon(ctx, f, "git").await);
             }
         }
     }
-}
-
-fn internal(detail: String) -> Failure {
-    Failure::new(
-        FailureClass::Internal,
-        Layer::Git,
-        detail,
-        "This is a bug in the agent; please report it with the agent's log.",
-    )
 }
 
 /// One advertised ref as libgit2 lists it.
@@ -156,51 +123,64 @@ struct Head {
     symref_target: Option<String>,
 }
 
-/// What one listing produced.
-#[derive(Debug)]
-struct Listing {
-    heads: Vec<Head>,
-    protocol_version: u32,
-    unborn_head: Option<String>,
-}
-
 /// Lists the refs on the blocking pool within the deadline.
-async fn list(url: &str, settings: CallSettings) -> Result<Listing, Failure> {
+async fn list(url: &str, settings: CallSettings) -> Result<Vec<Head>, Failure> {
     let state = settings.state.clone();
-    let deadline = settings.ctx.deadline;
-    let budget = settings.budget;
+    let ctx = settings.ctx.clone();
     let url = url.to_owned();
     let job =
         tokio::task::spawn_blocking(move || transport::with_call(settings, || ls_remote(&url)));
-    let outcome = tokio::time::timeout_at(deadline + THREAD_GRACE, job).await;
+    let outcome = tokio::time::timeout_at(ctx.deadline + THREAD_GRACE, job).await;
     let mut state = match state.lock() {
         Ok(mut s) => std::mem::take(&mut *s),
-        Err(_) => return Err(internal("the git transport state is poisoned".into())),
+        Err(_) => {
+            return Err(Failure::internal(
+                Layer::Git,
+                "the git transport state is poisoned",
+            ));
+        }
     };
     match outcome {
         Err(_) => Err(state.failure.take().unwrap_or_else(|| {
-            Failure::deadline(budget, state.connected, "listing the refs", Layer::Git)
+            Failure::deadline(ctx.budget, state.connected, "the ref listing", Layer::Git)
         })),
-        Ok(Err(join)) => Err(internal(format!("the libgit2 thread failed: {join}"))),
-        Ok(Ok(Err(e))) => Err(state.failure.take().unwrap_or_else(|| {
-            // The transport worked but libgit2 could not use the answer.
-            Failure::new(
-                FailureClass::GitProtocol,
-                Layer::Git,
-                format!(
-                    "libgit2 could not read the server's answer: {}",
-                    e.message()
-                ),
-                "The server's answer is not the git protocol libgit2 expects; check that the \
-                 URL leads to a git server.",
-            )
-        })),
-        Ok(Ok(Ok(heads))) => Ok(Listing {
-            heads,
-            protocol_version: state.protocol_version.unwrap_or(0),
-            unborn_head: state.unborn_head.take(),
-        }),
+        Ok(Err(join)) => Err(Failure::internal(
+            Layer::Git,
+            format!("the libgit2 thread failed: {join}"),
+        )),
+        Ok(Ok(Err(e))) => Err(state.failure.take().unwrap_or_else(|| from_libgit2(&e))),
+        Ok(Ok(Ok(heads))) => Ok(heads),
     }
+}
+
+/// Classifies what libgit2 could not make of the server's answer (the transport had no
+/// complaint).
+fn from_libgit2(e: &git2::Error) -> Failure {
+    let message = e.message();
+    if let Some(said) = message.strip_prefix("remote error: ") {
+        if NOT_FOUND_SAYINGS.iter().any(|s| said.contains(s)) {
+            return Failure::new(
+                FailureClass::GitNotFound,
+                Layer::Git,
+                format!("the git server said: {said}"),
+                "Check the repository path, that the repository exists on the dev host, and that \
+                 git daemon exports it (`--export-all` or git-daemon-export-ok).",
+            );
+        }
+        return Failure::new(
+            FailureClass::GitProtocol,
+            Layer::Git,
+            format!("the git server said: {said}"),
+            "The git server refused the listing; check its log on the dev host.",
+        );
+    }
+    Failure::new(
+        FailureClass::GitProtocol,
+        Layer::Git,
+        format!("libgit2 could not read the server's answer: {message}"),
+        "The server's answer is not the git protocol; check that the URL leads to a git server \
+         (git http-backend or git daemon).",
+    )
 }
 
 /// `git ls-remote` with libgit2, on the current (blocking) thread.
@@ -223,16 +203,13 @@ fn ls_remote(url: &str) -> Result<Vec<Head>, git2::Error> {
 fn judge(
     outcome: &Outcome,
     target: &GitTarget,
-    listing: &Listing,
+    heads: &[Head],
     proxy: &str,
     shown: &str,
 ) -> CheckResult {
-    let heads = &listing.heads;
     let find = |name: &str| heads.iter().find(|h| h.name == name);
     let head = find("HEAD");
-    let head_target = head
-        .and_then(|h| h.symref_target.clone())
-        .or_else(|| listing.unborn_head.clone());
+    let head_target = head.and_then(|h| h.symref_target.clone());
     let branch_tip = head_target
         .as_deref()
         .and_then(find)
@@ -269,18 +246,17 @@ fn judge(
         head_target: head_target.clone().unwrap_or_default(),
         branch_tip: branch_tip.clone(),
         comparisons: comparisons.clone(),
-        protocol_version: listing.protocol_version,
+        // libgit2 speaks version 0 only.
+        protocol_version: 0,
         proxy: proxy.to_owned(),
     };
 
     let summary = format!(
-        "listed {ref_count} refs of {shown} over protocol v{}{}",
-        listing.protocol_version,
+        "listed {ref_count} refs of {shown}{}",
         match (&head_target, head) {
             (Some(t), Some(h)) => format!("; HEAD -> {t} at {}", short(&h.oid)),
-            (Some(t), None) => format!("; HEAD -> {t} (unborn)"),
             (None, Some(h)) => format!("; HEAD at {}", short(&h.oid)),
-            (None, None) => String::new(),
+            (_, None) => String::new(),
         }
     );
     let mismatched: Vec<String> = comparisons
@@ -310,8 +286,8 @@ fn judge(
             format!("{summary}, but {}", mismatched.join("; ")),
             format!(
                 "The remote does not have what was expected: push the {} to the dev host's \
-                 repository (git push <remote> <ref>), or check that the URL points at the right \
-                 repository on the right server (another instance on another port?).",
+                 repository (`git push <remote> <ref>`), or check that the URL points at the \
+                 right repository on the right server (another instance on another port?).",
                 if missing {
                     "missing refs"
                 } else {

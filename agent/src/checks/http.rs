@@ -1,101 +1,173 @@
 //! HTTP through tailscaled's SOCKS5 proxy.
 //!
-//! One GET with reqwest (socks5h: tailscaled resolves names, so MagicDNS works), bounded by the
-//! check's deadline, with a capped body read. When the connection cannot be opened, reqwest's
-//! error says little, so the failure is diagnosed with a second, plain SOCKS5 CONNECT that reports
-//! the proxy's reply code ([`failure::open_tunnel`]); the git check shares that machinery.
+//! One GET over a fresh tunnel ([`proxy::get`]; socks5h, so MagicDNS names work), bounded by the
+//! check's deadline, with a capped body read. Redirects are followed through the proxy, at most
+//! [`MAX_REDIRECTS`], unless their status is the expected one, and every one is in the evidence.
+//! The expected status is a code or an inclusive range; any 2xx by default.
 
-pub(crate) mod failure;
-pub(crate) mod socks;
+use std::fmt;
+use std::time::Duration;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, LazyLock, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
-
-use reqwest::{StatusCode, Url};
+use http::StatusCode;
+use http::header::{CONTENT_TYPE, LOCATION};
 use tailbox_proto::agent::v1::{
-    CheckResult, FailureClass, HttpEvidence, HttpTarget, Layer, check_result,
+    CheckResult, FailureClass, HttpEvidence, HttpRedirect, HttpTarget, Layer, check_result,
 };
+use url::Url;
 
-use self::failure::{Endpoint, Failure};
+use super::proxy::{self, Answer, BasicAuth, BodyError, Failure, Get};
 use super::{Outcome, ProxyContext};
-use crate::error_chain;
 use crate::events::duration;
-use crate::redact::redact_url;
+use crate::redact::Secrets;
 
 /// Body bytes read at most; the rest is never read, so a huge response costs nothing.
 pub const BODY_CAP: u64 = 1 << 20;
 /// Body bytes kept as text in the evidence.
 pub const BODY_PREFIX_LEN: usize = 256;
+/// Redirects followed at most, like browsers' lower limits; more is a loop in practice.
+pub const MAX_REDIRECTS: usize = 5;
 
-/// Runs the HTTP check: GET `target.url` through the proxy and compare the status.
+const USER_AGENT: &str = concat!("tailbox-agent/", env!("CARGO_PKG_VERSION"));
+
+/// The statuses that pass: an inclusive range of codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    low: u16,
+    high: u16,
+}
+
+impl Expected {
+    /// Any 2xx.
+    pub const DEFAULT: Self = Self {
+        low: 200,
+        high: 299,
+    };
+
+    /// What `target` expects: `expected_status` alone, the range up to `expected_status_max`, or
+    /// any 2xx when neither is set.
+    pub fn of(target: &HttpTarget) -> Result<Self, String> {
+        let code = |n: u32| {
+            u16::try_from(n)
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+                .ok_or_else(|| format!("{n} is not an HTTP status (100 to 599)"))
+        };
+        match (target.expected_status, target.expected_status_max) {
+            (0, 0) => Ok(Self::DEFAULT),
+            (0, max) => Err(format!("a range up to {max} needs its lower end")),
+            (low, 0) => code(low).map(|low| Self { low, high: low }),
+            (low, high) => {
+                let (low, high) = (code(low)?, code(high)?);
+                if low > high {
+                    return Err(format!("the range {low}-{high} is empty"));
+                }
+                Ok(Self { low, high })
+            }
+        }
+    }
+
+    /// Whether `code` passes.
+    pub fn contains(&self, code: u16) -> bool {
+        (self.low..=self.high).contains(&code)
+    }
+}
+
+impl fmt::Display for Expected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::DEFAULT {
+            f.write_str("2xx")
+        } else if self.low == self.high {
+            write!(f, "{}", self.low)
+        } else {
+            write!(f, "{}-{}", self.low, self.high)
+        }
+    }
+}
+
+/// Runs the HTTP check: GET `target.url` through the proxy, following redirects, and compare
+/// the final status with the expected one.
 pub async fn check_http(target: &HttpTarget, ctx: &ProxyContext) -> CheckResult {
     let secrets = Secrets::from_url(&target.url);
-    let shown = secrets.redact(&target.url);
+    let shown = secrets.scrub(&target.url);
     let outcome = Outcome::start("http", shown.clone(), Layer::Http);
     let proxy = ctx.proxy_url();
-    let no_response = || {
+    let no_response = |redirects: Vec<HttpRedirect>| {
         check_result::Evidence::Http(HttpEvidence {
             proxy: proxy.clone(),
+            redirects,
             ..HttpEvidence::default()
         })
     };
 
-    let (url, to) = match parse_url(&target.url, &["http", "https"]) {
-        Ok(parsed) => parsed,
-        Err(why) => {
-            return outcome.fail(
-                FailureClass::InvalidInput,
-                Layer::Http,
-                format!("{shown} is not a usable URL: {why}"),
-                "Give an http:// or https:// URL, e.g. http://<dev host tailnet IP>:<port>/health.",
-                Some(no_response()),
-            );
-        }
+    let invalid = |why: String| {
+        outcome.fail(
+            FailureClass::InvalidInput,
+            Layer::Http,
+            secrets.scrub(&why),
+            "Give an http:// or https:// URL, e.g. http://<dev host tailnet IP>:<port>/health, \
+             and an expected status from 100 to 599.",
+            Some(no_response(Vec::new())),
+        )
     };
-    let client = match client(ctx.socks_addr) {
-        Ok(c) => c,
-        Err(e) => {
-            return outcome.fail(
-                FailureClass::Internal,
-                Layer::Http,
-                format!("could not build the HTTP client: {e}"),
-                "This is a bug in the agent; please report it with the agent's log.",
-                Some(no_response()),
-            );
+    let url = match proxy::parse_url(&target.url, &["http", "https"]) {
+        Ok((url, _)) => url,
+        Err(why) => return invalid(format!("{shown} is not a usable URL: {why}")),
+    };
+    let expected = match Expected::of(target) {
+        Ok(expected) => expected,
+        Err(why) => {
+            return invalid(format!(
+                "the expected status for {shown} is unusable: {why}"
+            ));
         }
     };
 
-    let limit = ctx.remaining();
-    let mut retried_transient = false;
     loop {
-        match fetch(&client, &url, &to, ctx, limit).await {
-            Ok(fetched) => return judge(&outcome, target, fetched, &shown, &proxy, &secrets),
+        let mut redirects = Vec::new();
+        match follow(ctx, &url, expected, &mut redirects).await {
+            Ok(fetched) => {
+                return judge(
+                    &outcome, expected, fetched, redirects, &shown, &proxy, &secrets,
+                );
+            }
             Err(f) => {
-                if f.transient && !retried_transient {
-                    retried_transient = true;
+                if proxy::daemon_came_back(ctx, &f).await {
                     continue;
                 }
-                if failure::daemon_came_back(ctx, &f).await {
-                    continue;
-                }
+                let f = proxy::blame_stuck_daemon(ctx, f, "HTTP").await;
+                let redirects = scrubbed(&redirects, &secrets);
                 return outcome.fail(
                     f.class,
                     f.layer,
-                    secrets.redact(&f.detail),
-                    secrets.redact(&f.hint),
-                    Some(no_response()),
+                    secrets.scrub(&f.detail),
+                    secrets.scrub(&f.hint),
+                    Some(no_response(redirects)),
                 );
             }
         }
     }
 }
 
-/// What one GET produced once the response headers arrived.
+/// One redirect as it happened, before redaction.
+struct Hop {
+    url: Url,
+    status: StatusCode,
+    location: Url,
+}
+
+fn scrubbed(hops: &[Hop], secrets: &Secrets) -> Vec<HttpRedirect> {
+    hops.iter()
+        .map(|hop| HttpRedirect {
+            url: secrets.scrub(hop.url.as_str()),
+            status_code: u32::from(hop.status.as_u16()),
+            location: secrets.scrub(hop.location.as_str()),
+        })
+        .collect()
+}
+
+/// What the final GET produced once its response headers arrived.
 struct Fetched {
+    url: Url,
     status: StatusCode,
     ttfb: Duration,
     content_type: String,
@@ -107,221 +179,182 @@ struct Fetched {
     body_error: Option<String>,
 }
 
-async fn fetch(
-    client: &reqwest::Client,
-    url: &Url,
-    to: &Endpoint,
+/// GETs `start`, following redirects into `hops` until a response that is not one to follow.
+async fn follow(
     ctx: &ProxyContext,
-    limit: Duration,
+    start: &Url,
+    expected: Expected,
+    hops: &mut Vec<Hop>,
 ) -> Result<Fetched, Failure> {
-    let asked = Instant::now();
-    let (mut response, opened) = send(
-        client.get(url.clone()),
-        ctx,
-        to,
-        url.scheme() == "https",
-        limit,
-        "the response headers",
-        Layer::Http,
-    )
-    .await?;
-    let headers_at = Instant::now();
-    // From the moment the connection was open (the request goes out right then) to the headers;
-    // the SOCKS handshake and tailscaled's dial are not the server's latency.
-    let ttfb = headers_at.duration_since(opened.unwrap_or(asked));
+    let mut url = start.clone();
+    let mut auth = BasicAuth::from_url(&url);
+    loop {
+        let answer = proxy::get(
+            ctx,
+            &Get {
+                url: &url,
+                user_agent: USER_AGENT,
+                auth: auth.as_ref(),
+                waiting_for: "the response headers",
+                layer: Layer::Http,
+            },
+        )
+        .await?;
+        let status = answer.response.status();
+        let next = (hops.len() < MAX_REDIRECTS && !expected.contains(status.as_u16()))
+            .then(|| redirect_target(&answer, &url))
+            .flatten();
+        let Some(next) = next else {
+            return Ok(read(ctx, url, answer).await);
+        };
+        // Credentials go to the origin they were given for, never to another one.
+        if next.origin() != url.origin() {
+            auth = BasicAuth::from_url(&next);
+        } else if let Some(own) = BasicAuth::from_url(&next) {
+            auth = Some(own);
+        }
+        hops.push(Hop {
+            url: std::mem::replace(&mut url, next.clone()),
+            status,
+            location: next,
+        });
+    }
+}
+
+/// Where a redirect response points, if it is one the check can follow: a 301, 302, 303, 307 or
+/// 308 with a Location that resolves to an http(s) URL.
+fn redirect_target(answer: &Answer, from: &Url) -> Option<Url> {
+    let status = answer.response.status();
+    if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+        return None;
+    }
+    let location = answer.response.headers().get(LOCATION)?.to_str().ok()?;
+    let next = from.join(location.trim()).ok()?;
+    matches!(next.scheme(), "http" | "https").then_some(next)
+}
+
+/// Reads the final response's body up to the cap within the deadline.
+async fn read(ctx: &ProxyContext, url: Url, answer: Answer) -> Fetched {
+    let Answer { response, ttfb } = answer;
     let header = |name| {
         response
             .headers()
             .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
-    let content_type = header(reqwest::header::CONTENT_TYPE).unwrap_or_default();
-    let location = header(reqwest::header::LOCATION);
-
     let mut fetched = Fetched {
+        url,
         status: response.status(),
         ttfb,
-        content_type,
-        location,
+        content_type: header(CONTENT_TYPE).unwrap_or_default(),
+        location: header(LOCATION),
         body_bytes: 0,
         truncated: false,
         prefix: Vec::new(),
         body_error: None,
     };
+    let mut body = response.into_body();
     loop {
-        match tokio::time::timeout_at(ctx.deadline, response.chunk()).await {
-            Err(_) => {
+        match proxy::next_chunk(ctx, &mut body).await {
+            Err(BodyError::Deadline) => {
                 fetched.body_error = Some(format!(
-                    "the body was still arriving at the {:.1} s deadline",
-                    limit.as_secs_f64()
+                    "the body was still arriving at the {:.1}s deadline",
+                    ctx.budget.as_secs_f64()
                 ));
                 break;
             }
-            Ok(Err(e)) => {
-                fetched.body_error = Some(error_chain(&e.without_url()));
+            Err(BodyError::Broken(why)) => {
+                fetched.body_error = Some(why);
                 break;
             }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(chunk))) => {
+            Ok(None) => break,
+            Ok(Some(chunk)) => {
                 let room = BODY_CAP - fetched.body_bytes;
                 let take = chunk.len().min(usize::try_from(room).unwrap_or(usize::MAX));
                 let want = BODY_PREFIX_LEN.saturating_sub(fetched.prefix.len());
                 fetched.prefix.extend_from_slice(&chunk[..take.min(want)]);
                 fetched.body_bytes += take as u64;
                 if take < chunk.len() {
-                    // Dropping the response closes the connection; the rest is never read.
+                    // Dropping the body closes the connection; the rest is never read.
                     fetched.truncated = true;
                     break;
                 }
             }
         }
     }
-    Ok(fetched)
+    fetched
 }
 
-/// Sends one request to `to` through the proxy within the check's deadline (`budget` is the
-/// check's whole time, for messages), with a failure classified ([`classify`]); a deadline that
-/// passes once connected is put as `waiting_for` not arriving, at `layer`. Also returns when the
-/// request's connection opened.
-pub(crate) async fn send(
-    request: reqwest::RequestBuilder,
-    ctx: &ProxyContext,
-    to: &Endpoint,
-    https: bool,
-    budget: Duration,
-    waiting_for: &str,
-    layer: Layer,
-) -> Result<(reqwest::Response, Option<Instant>), Failure> {
-    let trace = Arc::new(ConnectTrace::default());
-    let sending = CONNECT_TRACE.scope(trace.clone(), request.send());
-    match tokio::time::timeout_at(ctx.deadline, sending).await {
-        Err(_) => Err(Failure::deadline(
-            budget,
-            trace.opened().is_some(),
-            waiting_for,
-            layer,
-        )),
-        Ok(Err(e)) => Err(classify(e, ctx, to, https, budget).await),
-        Ok(Ok(response)) => Ok((response, trace.opened())),
-    }
-}
-
-/// Turns a reqwest error into a typed failure, opening a diagnostic tunnel when the connection
-/// could not be opened.
-async fn classify(
-    err: reqwest::Error,
-    ctx: &ProxyContext,
-    to: &Endpoint,
-    https: bool,
-    limit: Duration,
-) -> Failure {
-    let connect = err.is_connect();
-    let timeout = err.is_timeout();
-    let text = error_chain(&err.without_url());
-    tracing::debug!(error = %text, "HTTP request through the proxy failed");
-    if !connect {
-        if let Some(gone) = failure::proxy_went_away(ctx).await {
-            return gone;
-        }
-        return Failure::new(
-            FailureClass::HttpStatus,
-            Layer::Http,
-            format!("{to} accepted the connection but no HTTP response came back: {text}"),
-            "Something listens on that port but did not answer HTTP: check the port, and the \
-             scheme (https:// for a TLS port, http:// otherwise).",
-        );
-    }
-    if timeout {
-        return failure::connect_timed_out(ctx.socks_addr, to);
-    }
-    // A fresh tunnel says why reqwest's did not open; if it opens, the failure was above TCP
-    // (TLS) or transient.
-    match failure::open_tunnel(ctx, to, limit).await {
-        Err(f) => f,
-        Ok(_tunnel) if https => Failure::new(
-            FailureClass::HttpStatus,
-            Layer::Http,
-            format!("TCP to {to} opens through the tailnet, but TLS failed: {text}"),
-            "The TLS handshake failed: check that the port serves https, that its certificate \
-             is valid for the host in the URL, and that its CA is trusted in the sandbox (the \
-             system CA bundle, or SSL_CERT_FILE).",
-        ),
-        Ok(_tunnel) => Failure {
-            transient: true,
-            ..Failure::new(
-                FailureClass::TcpRefused,
-                Layer::Tcp,
-                format!(
-                    "opening the connection to {to} failed ({text}), although a second tunnel \
-                     opened"
-                ),
-                "The path through the tailnet is flaky; retry, and check tailscaled's log.",
-            )
-        },
-    }
-}
-
-/// Decides pass or fail from the response.
+/// Decides pass or fail from the final response.
 fn judge(
     outcome: &Outcome,
-    target: &HttpTarget,
+    expected: Expected,
     f: Fetched,
+    hops: Vec<Hop>,
     shown: &str,
     proxy: &str,
     secrets: &Secrets,
 ) -> CheckResult {
     let code = f.status.as_u16();
+    let final_url = secrets.scrub(f.url.as_str());
     let evidence = check_result::Evidence::Http(HttpEvidence {
         status_code: u32::from(code),
         time_to_first_byte: Some(duration(f.ttfb)),
         body_bytes: f.body_bytes,
         body_truncated: f.truncated,
-        body_prefix: secrets.redact(&prefix_text(&f.prefix)),
+        body_prefix: secrets.scrub(&prefix_text(&f.prefix)),
         content_type: f.content_type.clone(),
         proxy: proxy.to_owned(),
+        redirects: scrubbed(&hops, secrets),
+        final_url: final_url.clone(),
     });
-    let expected = target.expected_status;
-    let ok = match expected {
-        0 => f.status.is_success(),
-        want => u32::from(code) == want,
-    };
-    let want_text = match expected {
-        0 => "2xx".to_owned(),
-        want => want.to_string(),
-    };
     let size = if f.truncated {
         format!("first {} bytes read, body truncated", f.body_bytes)
     } else {
         format!("{} bytes", f.body_bytes)
     };
+    let redirected = match hops.len() {
+        0 => String::new(),
+        1 => format!(", redirected once to {final_url},"),
+        n => format!(", redirected {n} times to {final_url},"),
+    };
     let answered = format!(
-        "GET {shown} answered {} after {} ms ({size})",
+        "GET {shown}{redirected} answered {} after {}ms ({size})",
         status_text(f.status),
         f.ttfb.as_millis()
     );
-    if !ok {
+    if !expected.contains(code) {
+        let expect_it =
+            format!("if {code} is the right answer, expect it with `--http {code}=<URL>`");
         let hint = match code {
+            300..=399 if hops.len() == MAX_REDIRECTS => format!(
+                "The server redirected more than {MAX_REDIRECTS} times (a redirect loop?); point \
+                 the check at the final URL, or, {expect_it}."
+            ),
             300..=399 => format!(
-                "The server redirects to {}; point the check at the final URL, or expect {code}.",
-                secrets.redact(f.location.as_deref().unwrap_or("(no Location header)"))
+                "The server redirects to {}, which the check cannot follow; point the check at \
+                 the final URL, or, {expect_it}.",
+                secrets.scrub(
+                    f.location
+                        .as_deref()
+                        .unwrap_or("nowhere (no Location header)")
+                )
             ),
             401 | 403 => format!(
                 "The server wants credentials or refused them; put them in the URL \
-                 (user:password@, never printed), or expect {code}."
+                 (`user:password@`, never printed), or, {expect_it}."
             ),
             404 => "Nothing is at that path on the server; check the URL's path.".to_owned(),
             500..=599 => {
                 "The server was reached and answered with an error; check its log on the dev host."
                     .to_owned()
             }
-            _ => {
-                format!("The server was reached; check the URL, or expect {code} if that is right.")
-            }
+            _ => format!("The server was reached; check the URL, or, {expect_it}."),
         };
         return outcome.fail(
             FailureClass::HttpStatus,
             Layer::Http,
-            format!("{answered}, expected {want_text}"),
+            format!("{answered}, expected {expected}"),
             hint,
             Some(evidence),
         );
@@ -330,7 +363,7 @@ fn judge(
         Some(e) => outcome.warn(
             format!(
                 "{answered}, but reading the body failed: {}",
-                secrets.redact(e)
+                secrets.scrub(e)
             ),
             "The status is right but the body was cut off; check the server and the path \
              through the tailnet.",
@@ -358,235 +391,32 @@ fn prefix_text(prefix: &[u8]) -> String {
     String::from_utf8_lossy(&prefix[..cut]).into_owned()
 }
 
-/// Parses a target URL of one of `schemes`, returning it and where it connects to.
-pub(crate) fn parse_url(raw: &str, schemes: &[&str]) -> Result<(Url, Endpoint), String> {
-    let url = Url::parse(raw.trim()).map_err(|e| e.to_string())?;
-    if !schemes.contains(&url.scheme()) {
-        return Err(format!(
-            "scheme {:?} is not supported here (use {})",
-            url.scheme(),
-            schemes.join(", ")
-        ));
-    }
-    let host = url.host_str().ok_or("the URL has no host")?.to_owned();
-    let port = url
-        .port_or_known_default()
-        .or_else(|| (url.scheme() == "git").then_some(9418))
-        .ok_or("the URL has no port")?;
-    Ok((url, Endpoint { host, port }))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Keeping credentials out of results.
-
-/// The credentials of a target URL, to scrub from anything that leaves the agent.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Secrets(Vec<String>);
-
-impl Secrets {
-    /// Collects the user name and password of `url`, as written and percent-decoded.
-    pub(crate) fn from_url(url: &str) -> Self {
-        let mut found = Vec::new();
-        if let Some(scheme_end) = url.find("://") {
-            let rest = &url[scheme_end + 3..];
-            let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
-            if let Some(at) = authority.rfind('@') {
-                let userinfo = &authority[..at];
-                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                for part in [user, pass] {
-                    // Very short strings would scrub ordinary words; they are still kept out of
-                    // URLs by the URL redaction.
-                    if part.len() >= 3 {
-                        found.push(part.to_owned());
-                        let decoded = percent_decode(part);
-                        if decoded != part {
-                            found.push(decoded);
-                        }
-                    }
-                }
-            }
-        }
-        // Longest first, so a password containing the user name is replaced whole.
-        found.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        Self(found)
-    }
-
-    /// Redacts URLs in `text` and replaces every occurrence of a known secret.
-    pub(crate) fn redact(&self, text: &str) -> String {
-        let mut out = redact_urls_in(text);
-        for secret in &self.0 {
-            if out.contains(secret.as_str()) {
-                out = out.replace(secret.as_str(), "****");
-            }
-        }
-        out
-    }
-}
-
-/// Applies [`redact_url`] to every URL-looking token of a free text (error messages quote URLs).
-pub(crate) fn redact_urls_in(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find("://") {
-        let start = rest[..i]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || "+.-".contains(c)))
-            .map_or(0, |p| p + 1);
-        let end = rest[i + 3..]
-            .find(|c: char| c.is_whitespace() || "\"'<>()`".contains(c))
-            .map_or(rest.len(), |p| i + 3 + p);
-        out.push_str(&rest[..start]);
-        out.push_str(&redact_url(&rest[start..end]));
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Percent-decodes a URL component (user names and passwords stay encoded in parsed URLs).
-pub(crate) fn percent_decode(s: &str) -> String {
-    let hex = |b: u8| {
-        char::from(b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let (Some(hi), Some(lo)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push(hi << 4 | lo);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The shared client.
-
-/// One client per proxy address for the life of the process: building one loads the CA store,
-/// which costs milliseconds.
-static CLIENTS: LazyLock<Mutex<HashMap<SocketAddr, reqwest::Client>>> =
-    LazyLock::new(|| Mutex::new(HashMap::new()));
-
-/// The reqwest client that goes through the SOCKS5 proxy at `proxy` (socks5h).
-pub(crate) fn client(proxy: SocketAddr) -> Result<reqwest::Client, String> {
-    let mut clients = CLIENTS
-        .lock()
-        .map_err(|_| "the HTTP client cache is poisoned".to_owned())?;
-    if let Some(c) = clients.get(&proxy) {
-        return Ok(c.clone());
-    }
-    let c = reqwest::Client::builder()
-        .proxy(reqwest::Proxy::all(format!("socks5h://{proxy}")).map_err(|e| error_chain(&e))?)
-        // A check reports what the server said, not where it led.
-        .redirect(reqwest::redirect::Policy::none())
-        .retry(reqwest::retry::never())
-        // Each check opens its own connection: that is what it measures, and a pooled one could
-        // have gone through a tailscaled that has since been restarted.
-        .pool_max_idle_per_host(0)
-        .connect_timeout(failure::CONNECT_TIMEOUT)
-        .connector_layer(tower::layer::layer_fn(|inner| TraceConnect { inner }))
-        .user_agent(concat!("tailbox-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| error_chain(&e))?;
-    clients.insert(proxy, c.clone());
-    Ok(c)
-}
-
-tokio::task_local! {
-    /// Where the connector of the request being made records when its connection opened.
-    static CONNECT_TRACE: Arc<ConnectTrace>;
-}
-
-/// When the connection of one request opened (SOCKS handshake, dial and TLS done).
-#[derive(Debug, Default)]
-struct ConnectTrace {
-    opened: Mutex<Option<Instant>>,
-}
-
-impl ConnectTrace {
-    /// When the connection opened, if it did.
-    fn opened(&self) -> Option<Instant> {
-        self.opened.lock().ok().and_then(|g| *g)
-    }
-
-    fn mark(&self) {
-        if let Ok(mut g) = self.opened.lock() {
-            *g = Some(Instant::now());
-        }
-    }
-}
-
-/// Connector middleware that marks the [`ConnectTrace`] of the current request.
-#[derive(Clone)]
-struct TraceConnect<S> {
-    inner: S,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S, R> tower::Service<R> for TraceConnect<S>
-where
-    S: tower::Service<R>,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: R) -> Self::Future {
-        // The connector is called while the request future is polled, so the task-local of the
-        // check that made the request is in scope (the pool is off, nothing runs detached).
-        let trace = CONNECT_TRACE.try_with(Arc::clone).ok();
-        let connecting = self.inner.call(req);
-        Box::pin(async move {
-            let result = connecting.await;
-            if let (Ok(_), Some(trace)) = (&result, trace) {
-                trace.mark();
-            }
-            result
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn secrets_are_scrubbed_from_urls_and_free_text() {
-        let s = Secrets::from_url("https://alice:s3cr%40t-pass@cook.example.com/git/a.git");
-        let text = "error for url (https://alice:s3cr%40t-pass@cook.example.com/x): \
-                    auth s3cr@t-pass rejected for alice";
-        let out = s.redact(text);
-        assert!(!out.contains("s3cr"), "{out}");
-        assert!(!out.contains("alice"), "{out}");
-        assert!(out.contains("https://****@cook.example.com/x"), "{out}");
+    fn target(low: u32, high: u32) -> HttpTarget {
+        HttpTarget {
+            url: "http://h/".into(),
+            expected_status: low,
+            expected_status_max: high,
+        }
     }
 
     #[test]
-    fn urls_in_text_are_redacted_without_touching_the_rest() {
-        assert_eq!(
-            redact_urls_in("a http://u:p@h:1/x b (git://h/y) c"),
-            "a http://****@h:1/x b (git://h/y) c"
-        );
-        assert_eq!(redact_urls_in("no urls here"), "no urls here");
-        assert_eq!(redact_urls_in("://odd"), "://odd");
+    fn expected_statuses_are_a_code_a_range_or_any_2xx() {
+        let any = Expected::of(&target(0, 0)).unwrap();
+        assert!(any.contains(204) && !any.contains(302));
+        assert_eq!(any.to_string(), "2xx");
+        let one = Expected::of(&target(302, 0)).unwrap();
+        assert!(one.contains(302) && !one.contains(301));
+        assert_eq!(one.to_string(), "302");
+        let range = Expected::of(&target(300, 399)).unwrap();
+        assert!(range.contains(301) && range.contains(399) && !range.contains(200));
+        assert_eq!(range.to_string(), "300-399");
+        for (low, high) in [(0, 399), (99, 0), (600, 0), (400, 300), (200, 1000)] {
+            assert!(Expected::of(&target(low, high)).is_err(), "{low}-{high}");
+        }
     }
 
     #[test]
@@ -595,17 +425,5 @@ mod tests {
         bytes.pop();
         assert_eq!(prefix_text(&bytes), "ok ");
         assert_eq!(prefix_text(b"a\xffb"), "a\u{fffd}b");
-    }
-
-    #[test]
-    fn urls_parse_into_endpoints() {
-        let (_, e) = parse_url("http://100.64.0.1:7420/health", &["http", "https"]).unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("100.64.0.1", 7420));
-        let (_, e) = parse_url("https://devhost/x", &["http", "https"]).unwrap();
-        assert_eq!(e.port, 443);
-        let (_, e) = parse_url("git://devhost/lab.git", &["git"]).unwrap();
-        assert_eq!(e.port, 9418);
-        assert!(parse_url("ftp://h/x", &["http", "https"]).is_err());
-        assert!(parse_url("not a url", &["http"]).is_err());
     }
 }

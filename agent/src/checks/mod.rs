@@ -1,39 +1,61 @@
 //! The connectivity checks. Each check returns a [`CheckResult`] with typed evidence and, on
 //! failure, a failure class, the layer, and a hint; none of them returns an error.
+//!
+//! - [`tailnet`]: status, the netmap wait and pings, answered by the LocalAPI; targets by IP or
+//!   by name ([`names`] resolves names from the netmap).
+//! - [`proxy`]: tunnels through tailscaled's SOCKS5 proxy and HTTP over them, with every failure
+//!   classified where it happens; [`http`] and [`git`] go through it.
 
 pub mod git;
 pub mod http;
+pub mod names;
+pub mod proxy;
 pub mod tailnet;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tailbox_proto::agent::v1::{CheckResult, CheckStatus, FailureClass, Layer, check_result};
 use tokio::sync::watch;
 
 use crate::events::duration;
+use crate::localapi::{LocalApi, LocalApiError};
+
+/// How long tailscaled's LocalAPI gets to answer a health probe. It answers `status` within
+/// milliseconds even when busy; a daemon that needs longer is stuck, and the run must still end
+/// within seconds of a check's deadline.
+pub const HEALTH_PROBE: Duration = Duration::from_millis(750);
 
 /// What a check that goes through tailscaled's proxy needs from the run.
 #[derive(Clone, Debug)]
 pub struct ProxyContext {
     /// tailscaled's SOCKS5 (and HTTP proxy) listener.
     pub socks_addr: SocketAddr,
+    /// The check's whole time, for messages.
+    pub budget: Duration,
     /// When the check must give up.
     pub deadline: tokio::time::Instant,
-    /// Readiness of the supervised tailscaled, for retrying after a daemon restart.
-    pub daemon: DaemonReady,
+    /// The supervised tailscaled: to wait out a restart, and to ask when the check runs out of
+    /// time.
+    pub daemon: Daemon,
 }
 
 impl ProxyContext {
+    /// A context for a check that starts now and may take `budget`.
+    pub fn new(socks_addr: SocketAddr, budget: Duration, daemon: Daemon) -> Self {
+        Self {
+            socks_addr,
+            budget,
+            deadline: tokio::time::Instant::now() + budget,
+            daemon,
+        }
+    }
+
     /// The proxy URL in socks5h form (names are resolved by tailscaled, which knows MagicDNS).
     pub fn proxy_url(&self) -> String {
         format!("socks5h://{}", self.socks_addr)
-    }
-
-    /// Time left before the deadline (zero when it has passed).
-    pub fn remaining(&self) -> Duration {
-        self.deadline
-            .saturating_duration_since(tokio::time::Instant::now())
     }
 }
 
@@ -48,33 +70,67 @@ pub enum DaemonState {
     Gone,
 }
 
-/// A handle to wait for tailscaled to be (again) ready.
+/// tailscaled as the checks see it: what its supervisor says, and its LocalAPI to ask directly.
+/// Clones share what the checks found out.
 #[derive(Clone, Debug)]
-pub struct DaemonReady(watch::Receiver<DaemonState>);
+pub struct Daemon {
+    state: watch::Receiver<DaemonState>,
+    api: LocalApi,
+    /// A check found the LocalAPI not answering.
+    found_stuck: Arc<AtomicBool>,
+}
 
-impl DaemonReady {
-    /// Wraps the supervisor's state channel.
-    pub fn new(rx: watch::Receiver<DaemonState>) -> Self {
-        Self(rx)
+/// What a health probe of the LocalAPI found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The LocalAPI answered.
+    Answering,
+    /// The socket accepted (or the process holds it) but no answer came within [`HEALTH_PROBE`].
+    Unresponsive,
+    /// Nothing listens on the socket: the process is gone.
+    Gone(String),
+}
+
+/// Why a check failed when tailscaled, not the target, was at fault.
+#[derive(Debug, Clone)]
+pub struct DaemonFault {
+    /// [`FailureClass::DaemonUnresponsive`] or [`FailureClass::DaemonFailed`].
+    pub class: FailureClass,
+    /// What happened, for the result's detail.
+    pub detail: String,
+    /// What to do about it.
+    pub hint: &'static str,
+}
+
+impl Daemon {
+    /// The supervisor's state channel and the daemon's LocalAPI.
+    pub fn new(state: watch::Receiver<DaemonState>, api: LocalApi) -> Self {
+        Self {
+            state,
+            api,
+            found_stuck: Arc::default(),
+        }
     }
 
-    /// A handle that is always ready (tests of a single check).
-    pub fn always() -> Self {
-        let (tx, rx) = watch::channel(DaemonState::Ready);
-        // Keep the sender alive for the life of the process so the state never reads as closed.
-        std::mem::forget(tx);
-        Self(rx)
+    /// Whether a check found the LocalAPI not answering (so teardown need not ask again).
+    pub fn found_stuck(&self) -> bool {
+        self.found_stuck.load(Ordering::Relaxed)
+    }
+
+    /// The daemon's LocalAPI.
+    pub fn api(&self) -> &LocalApi {
+        &self.api
     }
 
     /// Whether tailscaled is ready right now.
     pub fn is_ready(&self) -> bool {
-        *self.0.borrow() == DaemonState::Ready
+        *self.state.borrow() == DaemonState::Ready
     }
 
     /// Waits until the supervisor has noticed that tailscaled is down (true), or `until` passes
     /// (false).
     pub async fn wait_not_ready(&self, until: tokio::time::Instant) -> bool {
-        let mut rx = self.0.clone();
+        let mut rx = self.state.clone();
         matches!(
             tokio::time::timeout_at(until, rx.wait_for(|s| *s != DaemonState::Ready)).await,
             Ok(Ok(_))
@@ -83,13 +139,62 @@ impl DaemonReady {
 
     /// Waits until tailscaled is ready (true) or gone for good (false).
     pub async fn wait(&self) -> bool {
-        let mut rx = self.0.clone();
+        let mut rx = self.state.clone();
         match rx
             .wait_for(|s| matches!(s, DaemonState::Ready | DaemonState::Gone))
             .await
         {
             Ok(state) => *state == DaemonState::Ready,
             Err(_) => false,
+        }
+    }
+
+    /// Asks the LocalAPI for its status, bounded by [`HEALTH_PROBE`].
+    pub async fn health(&self) -> Health {
+        match tokio::time::timeout(HEALTH_PROBE, self.api.status(false)).await {
+            Err(_) => Health::Unresponsive,
+            Ok(Err(LocalApiError::Connect { source, .. })) => Health::Gone(source.to_string()),
+            // Any answer, even an error status, means the daemon is alive and serving.
+            Ok(_) => Health::Answering,
+        }
+    }
+
+    /// After `what` ran out of time: whether tailscaled, rather than the target, is to blame.
+    /// Probes the LocalAPI once; `None` when the daemon answers and its supervisor has it
+    /// ready.
+    pub async fn fault_after_timeout(&self, what: &str) -> Option<DaemonFault> {
+        let restarting = !self.is_ready();
+        match self.health().await {
+            Health::Unresponsive => {
+                self.found_stuck.store(true, Ordering::Relaxed);
+                Some(DaemonFault {
+                    class: FailureClass::DaemonUnresponsive,
+                    detail: format!(
+                        "{what} ran out of time, and tailscaled's LocalAPI did not answer within {}: \
+                     tailscaled is stuck",
+                        tailnet::humanize(HEALTH_PROBE)
+                    ),
+                    hint: "tailscaled stopped answering (stopped, deadlocked or starved), so \
+                           the check could not finish; the target was not necessarily at fault. \
+                           Check tailscaled's log, and whether something stopped it or starves \
+                           it of CPU or memory.",
+                })
+            }
+            Health::Gone(why) => Some(DaemonFault {
+                class: FailureClass::DaemonFailed,
+                detail: format!(
+                    "{what} ran out of time while tailscaled was gone (its LocalAPI: {why})"
+                ),
+                hint: "tailscaled died during the check; see the daemon restarts and \
+                       tailscaled's log.",
+            }),
+            Health::Answering if restarting => Some(DaemonFault {
+                class: FailureClass::DaemonFailed,
+                detail: format!("{what} ran out of time while tailscaled was being restarted"),
+                hint: "tailscaled died during the check and was not back in time; see the \
+                       daemon restarts and tailscaled's log.",
+            }),
+            Health::Answering => None,
         }
     }
 }

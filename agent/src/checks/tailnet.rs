@@ -1,15 +1,17 @@
 //! Checks answered by the LocalAPI: the node's status, whether a target peer is visible in the
-//! netmap, and disco pings.
+//! netmap, and disco pings. Targets are IPs or names ([`names`]).
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tailbox_proto::agent::v1::{
-    CheckResult, FailureClass, Layer, NetmapEvidence, PingEvidence, PingPath,
-    TailnetStatusEvidence, Warning, check_result,
+    CheckResult, FailureClass, GitTarget, HttpTarget, Layer, NetmapEvidence, PingEvidence,
+    PingPath, PingTarget, TailnetStatusEvidence, Warning, check_result,
 };
 
-use super::{DaemonReady, Outcome};
+use super::names::{self, Resolution, Target};
+use super::{Daemon, HEALTH_PROBE, Outcome};
 use crate::events::duration;
 use crate::localapi::{LocalApi, LocalApiError, PeerStatus, Status};
 
@@ -34,7 +36,7 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
                     FailureClass::DaemonFailed,
                     Layer::Daemon,
                     format!("reading tailscaled's status failed: {err}"),
-                    "see tailscaled's log tail",
+                    "See tailscaled's log tail.",
                     None,
                 ),
                 None,
@@ -72,13 +74,14 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
             FailureClass::Deadline,
             Layer::Login,
             format!("the node is {}, not Running", evidence.backend_state),
-            "see tailscaled's log tail",
+            "See tailscaled's log tail.",
             Some(check_result::Evidence::TailnetStatus(evidence)),
         )
     } else if evidence.home_derp.is_empty() {
         outcome.warn(
             detail,
-            "no home DERP region: relayed fallback paths will not work; outbound UDP 3478 and HTTPS to DERP must be allowed",
+            "No home DERP region: relayed fallback paths will not work; outbound UDP 3478 and \
+             HTTPS to DERP must be allowed.",
             check_result::Evidence::TailnetStatus(evidence),
         )
     } else {
@@ -102,14 +105,12 @@ pub fn is_tailnet_ip(ip: IpAddr) -> bool {
 }
 
 /// The peer that owns `ip`, if any.
-fn find_peer(status: &Status, ip: IpAddr) -> Option<PeerStatus> {
-    status.peer.as_ref()?.values().find_map(|peer| {
-        let owns = peer
-            .tailscale_ips
+fn find_peer(status: &Status, ip: IpAddr) -> Option<&PeerStatus> {
+    status.peer.as_ref()?.values().find(|peer| {
+        peer.tailscale_ips
             .iter()
             .flatten()
-            .any(|a| a.parse::<IpAddr>().ok() == Some(ip));
-        owns.then(|| peer.clone())
+            .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
     })
 }
 
@@ -147,50 +148,137 @@ fn prefix_contains(prefix: &str, ip: IpAddr) -> bool {
     }
 }
 
-/// Waits (bounded) until the peer owning `ip` is in the netmap and online.
-pub async fn check_netmap(api: &LocalApi, ip: IpAddr, limit: Duration) -> CheckResult {
-    let outcome = Outcome::start("netmap", ip.to_string(), Layer::PeerVisible);
+/// What one look at the netmap found for a target.
+enum Sighting<'a> {
+    /// The peer the target names.
+    Peer(&'a PeerStatus),
+    /// A name more than one peer has.
+    Ambiguous(Vec<&'a PeerStatus>),
+    /// An IP no peer has or routes, outside the tailnet ranges: it never will be there.
+    NotTailnet,
+    /// Not there (yet).
+    Absent,
+}
+
+fn sight<'a>(status: &'a Status, target: &Target) -> Sighting<'a> {
+    match target {
+        Target::Ip(ip) => match find_peer(status, *ip) {
+            Some(peer) => Sighting::Peer(peer),
+            None if !is_tailnet_ip(*ip) && !routed_by_a_peer(status, *ip) => Sighting::NotTailnet,
+            None => Sighting::Absent,
+        },
+        Target::Name(name) => match names::resolve(status, name) {
+            Resolution::Peer(peer) => Sighting::Peer(peer),
+            Resolution::Ambiguous(peers) => Sighting::Ambiguous(peers),
+            Resolution::Unknown => Sighting::Absent,
+        },
+    }
+}
+
+/// The hosts whose netmap visibility the run waits for: every ping target (IP or name) and the
+/// tailnet IP literals of HTTP and git URLs. URL names are left to tailscaled: they may be
+/// public names, which are never in the netmap.
+pub fn netmap_targets(ping: &[PingTarget], http: &[HttpTarget], git: &[GitTarget]) -> Vec<Target> {
+    let mut hosts = BTreeSet::new();
+    for target in ping {
+        if let Ok(target) = Target::parse(&target.address) {
+            hosts.insert(target);
+        }
+    }
+    let urls = http
+        .iter()
+        .map(|t| t.url.as_str())
+        .chain(git.iter().map(|t| t.url.as_str()));
+    for url in urls {
+        if let Some(ip) = url::Url::parse(url).ok().and_then(|u| match u.host() {
+            Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
+            Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+            _ => None,
+        }) && is_tailnet_ip(ip)
+        {
+            hosts.insert(Target::Ip(ip));
+        }
+    }
+    hosts.into_iter().collect()
+}
+
+/// Waits (bounded) until the peer `target` names is in the netmap and online.
+pub async fn check_netmap(daemon: &Daemon, target: &Target, limit: Duration) -> CheckResult {
+    let outcome = Outcome::start("netmap", target.to_string(), Layer::PeerVisible);
+    let api = daemon.api();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + limit;
-    let mut bus = match api.watch_ipn_bus(BUS_MASK_PEERS).await {
-        Ok(bus) => Some(bus),
-        Err(err) => {
+    let mut bus = match tokio::time::timeout_at(deadline, api.watch_ipn_bus(BUS_MASK_PEERS)).await {
+        Ok(Ok(bus)) => Some(bus),
+        Ok(Err(err)) => {
             tracing::debug!("no IPN bus for the netmap wait, polling status instead: {err}");
             None
         }
+        Err(_) => None,
     };
     let mut last_error = None;
+    let mut last_status = None;
     let mut seen_offline: Option<PeerStatus> = None;
     loop {
-        match api.status(true).await {
-            Ok(status) => match find_peer(&status, ip) {
-                Some(peer) if peer.online => {
-                    return outcome.pass(
-                        format!(
-                            "{} is in the netmap and online (visible after {})",
-                            peer_label(&peer),
-                            humanize(started.elapsed())
-                        ),
-                        check_result::Evidence::Netmap(netmap_evidence(
-                            &peer,
-                            true,
-                            started.elapsed(),
-                        )),
-                    );
-                }
-                Some(peer) => seen_offline = Some(peer),
-                None if !is_tailnet_ip(ip) && !routed_by_a_peer(&status, ip) => {
-                    return outcome.fail(
-                            FailureClass::PeerNotInNetmap,
+        // The last look, at the deadline, still gets the time a healthy LocalAPI needs.
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(remaining.max(HEALTH_PROBE), api.status(true)).await {
+            Ok(Ok(status)) => {
+                match sight(&status, target) {
+                    Sighting::Peer(peer) if peer.online => {
+                        return outcome.pass(
+                            format!(
+                                "{} is in the netmap and online (visible after {})",
+                                peer_label(peer),
+                                humanize(started.elapsed())
+                            ),
+                            check_result::Evidence::Netmap(netmap_evidence(
+                                peer,
+                                true,
+                                started.elapsed(),
+                            )),
+                        );
+                    }
+                    Sighting::Peer(peer) => seen_offline = Some(peer.clone()),
+                    Sighting::Ambiguous(peers) => {
+                        let names: Vec<String> =
+                            peers.iter().map(|p| names::peer_name(p)).collect();
+                        return outcome.fail(
+                            FailureClass::InvalidInput,
                             Layer::PeerVisible,
-                            format!("{ip} is not a tailnet address and no peer routes it"),
-                            "use the dev host's tailnet IP (`tailscale ip -4` on the dev host); tailnet addresses are in 100.64.0.0/10 or fd7a:115c:a1e0::/48",
+                            format!("{target} names {} peers: {}", names.len(), names.join(", ")),
+                            "Name one peer: give its full MagicDNS name (FQDN) or its tailnet IP.",
                             Some(check_result::Evidence::Netmap(NetmapEvidence::default())),
                         );
+                    }
+                    Sighting::NotTailnet => {
+                        return outcome.fail(
+                            FailureClass::PeerNotInNetmap,
+                            Layer::PeerVisible,
+                            format!("{target} is not a tailnet address and no peer routes it"),
+                            "Use the dev host's tailnet IP (`tailscale ip -4` on the dev host); \
+                             tailnet addresses are in 100.64.0.0/10 or fd7a:115c:a1e0::/48.",
+                            Some(check_result::Evidence::Netmap(NetmapEvidence::default())),
+                        );
+                    }
+                    Sighting::Absent => {}
                 }
-                None => {}
-            },
-            Err(err) => last_error = Some(err),
+                last_status = Some(status);
+            }
+            Ok(Err(err)) => last_error = Some(err.to_string()),
+            Err(_) => {
+                // The LocalAPI did not answer before the deadline: is tailscaled stuck?
+                if let Some(fault) = daemon.fault_after_timeout("the netmap wait").await {
+                    return outcome.fail(
+                        fault.class,
+                        Layer::Daemon,
+                        fault.detail,
+                        fault.hint,
+                        None,
+                    );
+                }
+                last_error = Some("the LocalAPI's status was slow to answer".into());
+            }
         }
         if tokio::time::Instant::now() >= deadline {
             break;
@@ -217,25 +305,46 @@ pub async fn check_netmap(api: &LocalApi, ip: IpAddr, limit: Duration) -> CheckR
                 "{} is in the netmap but control reports it offline",
                 peer_label(&peer)
             ),
-            "if the following checks fail, make sure tailscale is running on the dev host",
+            "If the following checks fail, make sure tailscale is running on the dev host.",
             check_result::Evidence::Netmap(netmap_evidence(&peer, false, started.elapsed())),
         );
     }
-    let detail = match last_error {
-        Some(err) => {
-            format!("{ip} did not appear in the netmap within {limit:?} (last status error: {err})")
+    let closest = match (target, &last_status) {
+        (Target::Name(name), Some(status)) => names::closest_peers(status, name),
+        _ => Vec::new(),
+    };
+    let what = match target {
+        Target::Ip(ip) => format!("no node with address {ip}"),
+        Target::Name(name) => format!("no peer named {name}"),
+    };
+    let mut detail = format!("{what} appeared in the netmap within {}", humanize(limit));
+    if let Some(err) = last_error {
+        detail.push_str(&format!(" (last status error: {err})"));
+    }
+    if !closest.is_empty() {
+        detail.push_str(&format!("; closest peers: {}", closest.join(", ")));
+    }
+    let hint = match target {
+        Target::Ip(_) => {
+            "Check the address (`tailscale ip -4` on the dev host), that the dev host \
+                          is logged in to the same tailnet, and that the tailnet policy (ACLs) \
+                          lets the sandbox's node see it."
         }
-        None => format!(
-            "no node with address {ip} appeared in the netmap within {}",
-            humanize(limit)
-        ),
+        Target::Name(_) => {
+            "Check the name (`tailscale status` on the dev host shows its MagicDNS \
+                            name), that the dev host is logged in to the same tailnet, and that \
+                            the tailnet policy (ACLs) lets the sandbox's node see it."
+        }
     };
     outcome.fail(
         FailureClass::PeerNotInNetmap,
         Layer::PeerVisible,
         detail,
-        "check the address (`tailscale ip -4` on the dev host), that the dev host is logged in to the same tailnet, and that the tailnet policy (ACLs) lets the sandbox's node see it",
-        Some(check_result::Evidence::Netmap(NetmapEvidence::default())),
+        hint,
+        Some(check_result::Evidence::Netmap(NetmapEvidence {
+            closest_peers: closest,
+            ..NetmapEvidence::default()
+        })),
     )
 }
 
@@ -246,6 +355,8 @@ fn netmap_evidence(peer: &PeerStatus, online: bool, waited: Duration) -> NetmapE
         peer_hostname: peer.host_name.clone(),
         peer_dns_name: peer.dns_name.trim_end_matches('.').to_owned(),
         time_to_visible: Some(duration(waited)),
+        peer_ips: peer.tailscale_ips.clone().unwrap_or_default(),
+        closest_peers: Vec::new(),
     }
 }
 
@@ -283,17 +394,38 @@ impl Visibility {
     }
 }
 
-/// Pings `ip` with disco pings until a pong or the deadline; a relayed path passes with a
-/// warning. Errors from tailscaled ("no matching peer") are retried until the deadline, because
-/// netmap propagation can lag.
+/// Pings the peer `raw` names with disco pings until a pong or the deadline; a relayed path
+/// passes with a warning. A name is pinged at the address its netmap check (in `netmap`)
+/// resolved it to. Errors from tailscaled ("no matching peer") are retried until the deadline,
+/// because netmap propagation can lag.
 pub async fn check_ping(
-    api: &LocalApi,
-    ip: IpAddr,
-    visibility: Visibility,
+    daemon: &Daemon,
+    raw: &str,
+    netmap: &[(Target, CheckResult)],
     limit: Duration,
-    daemon: &DaemonReady,
 ) -> (CheckResult, Option<Warning>) {
-    let outcome = Outcome::start("ping", ip.to_string(), Layer::Ping);
+    let outcome = Outcome::start("ping", raw.trim(), Layer::Ping);
+    let target = match Target::parse(raw) {
+        Ok(target) => target,
+        Err(why) => {
+            let hint = "Ping takes the dev host's tailnet IP or its name (host name, MagicDNS \
+                        name or FQDN).";
+            return (
+                outcome.fail(FailureClass::InvalidInput, Layer::Ping, why, hint, None),
+                None,
+            );
+        }
+    };
+    let seen = netmap.iter().find(|(t, _)| *t == target).map(|(_, r)| r);
+    let visibility = seen.map_or(Visibility::Unknown, Visibility::of);
+    let ip = match &target {
+        Target::Ip(ip) => *ip,
+        Target::Name(name) => match seen.and_then(resolved_ip) {
+            Some(ip) => ip,
+            None => return (unresolved(&outcome, name, seen), None),
+        },
+    };
+    let api = daemon.api();
     let deadline = tokio::time::Instant::now() + limit;
     let mut attempts = 0u32;
     let mut best: Option<crate::localapi::PingResult> = None;
@@ -330,7 +462,7 @@ pub async fn check_ping(
                         FailureClass::InvalidInput,
                         Layer::Ping,
                         format!("{ip} is this sandbox's own tailnet address"),
-                        "ping the dev host's tailnet IP instead",
+                        "Ping the dev host's tailnet IP or name instead.",
                         None,
                     ),
                     None,
@@ -343,7 +475,10 @@ pub async fn check_ping(
             Err(err @ LocalApiError::Connect { .. }) => {
                 // tailscaled is down; wait for the supervisor to bring it back.
                 last_problem = err.to_string();
-                if !daemon.wait().await {
+                if !matches!(
+                    tokio::time::timeout_at(deadline, daemon.wait()).await,
+                    Ok(true)
+                ) {
                     break;
                 }
                 continue;
@@ -358,21 +493,29 @@ pub async fn check_ping(
     match best {
         Some(pong) => pong_result(&outcome, ip, &pong, attempts),
         None => {
+            if let Some(fault) = daemon.fault_after_timeout("the ping check").await {
+                let result =
+                    outcome.fail(fault.class, Layer::Daemon, fault.detail, fault.hint, None);
+                return (result, None);
+            }
             let (class, layer, hint) = match visibility {
                 Visibility::Absent => (
                     FailureClass::PeerNotInNetmap,
                     Layer::PeerVisible,
-                    "the address is not a node this sandbox can see in the tailnet; check it and the tailnet policy",
+                    "The address is not a node this sandbox can see in the tailnet; check it and \
+                     the tailnet policy.",
                 ),
                 Visibility::Offline => (
                     FailureClass::PeerOffline,
                     Layer::PeerVisible,
-                    "the dev host is offline on the tailnet: start tailscale there (`tailscale up`)",
+                    "The dev host is offline on the tailnet: start tailscale there \
+                     (`tailscale up`).",
                 ),
                 _ => (
                     FailureClass::PingNoReply,
                     Layer::Ping,
-                    "the peer is in the netmap but did not answer: the dev host's tailscaled may be stuck, or UDP is blocked both ways and DERP unreachable",
+                    "The peer is in the netmap but did not answer: the dev host's tailscaled may \
+                     be stuck, or UDP is blocked both ways and DERP unreachable.",
                 ),
             };
             (
@@ -392,6 +535,39 @@ pub async fn check_ping(
                 None,
             )
         }
+    }
+}
+
+/// The address a passed netmap check resolved its peer to (IPv4 first).
+fn resolved_ip(netmap: &CheckResult) -> Option<IpAddr> {
+    let Some(check_result::Evidence::Netmap(evidence)) = &netmap.evidence else {
+        return None;
+    };
+    let ips: Vec<IpAddr> = evidence
+        .peer_ips
+        .iter()
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
+}
+
+/// A ping of a name its netmap check did not resolve: it fails the way the netmap check did.
+fn unresolved(outcome: &Outcome, name: &str, netmap: Option<&CheckResult>) -> CheckResult {
+    match netmap {
+        Some(seen) => outcome.fail(
+            FailureClass::try_from(seen.failure_class).unwrap_or(FailureClass::PeerNotInNetmap),
+            Layer::try_from(seen.layer).unwrap_or(Layer::PeerVisible),
+            format!("{name} cannot be pinged: {}", seen.detail),
+            seen.hint.clone(),
+            None,
+        ),
+        None => outcome.fail(
+            FailureClass::Internal,
+            Layer::Ping,
+            format!("{name} was never looked up in the netmap"),
+            "This is a bug in tailbox; please report it with the output above.",
+            None,
+        ),
     }
 }
 
@@ -455,7 +631,8 @@ fn pong_result(
     (
         outcome.warn(
             detail,
-            "a direct path needs UDP between the sandbox and the dev host; relayed is fine for git and HTTP",
+            "A direct path needs UDP between the sandbox and the dev host; relayed is fine for \
+             git and HTTP.",
             check_result::Evidence::Ping(evidence),
         ),
         Some(warning),

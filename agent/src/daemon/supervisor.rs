@@ -25,16 +25,20 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tailbox_proto::agent::v1::{DaemonEvidence, DaemonRestart, Layer, LogSource, Warning};
+use tailbox_proto::agent::v1::{
+    DaemonEvidence, DaemonRestart, Layer, LogSource, Teardown, Warning,
+};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::backoff::Backoff;
 use super::provision::DaemonBinary;
-use crate::checks::{DaemonReady, DaemonState};
+use crate::checks::tailnet::humanize;
+use crate::checks::{Daemon, DaemonState, HEALTH_PROBE, Health};
 use crate::events::{EventSink, duration};
 use crate::localapi::{LocalApi, LocalApiError};
+use crate::redact::Secrets;
 
 /// Lines of tailscaled output kept for failure reports.
 const LOG_RING_LINES: usize = 200;
@@ -121,6 +125,8 @@ pub struct Supervisor {
     stop_tx: mpsc::Sender<StopRequest>,
     relogin: Arc<Mutex<Option<ReloginHook>>>,
     api: LocalApi,
+    /// What the checks see and found out about it.
+    daemon: Daemon,
 }
 
 /// Where tailscaled's SOCKS5 server and HTTP proxy listen. They share one listener when the
@@ -176,7 +182,7 @@ impl Supervisor {
         let output = OutputReader {
             ring: logs.clone(),
             forwarder: LogForwarder::start(sink.clone()),
-            secrets: config.secrets.clone().into(),
+            secrets: Arc::new(Secrets::new(config.secrets.clone())),
             announced,
         };
         let api = LocalApi::new(&config.socket);
@@ -247,6 +253,7 @@ impl Supervisor {
         tokio::spawn(watcher.run(running, stop_rx));
         Ok((
             Self {
+                daemon: Daemon::new(state.clone(), api.clone()),
                 state,
                 logs,
                 listeners,
@@ -264,9 +271,9 @@ impl Supervisor {
         &self.api
     }
 
-    /// Readiness, for checks that must wait out a restart.
-    pub fn readiness(&self) -> DaemonReady {
-        DaemonReady::new(self.state.clone())
+    /// The daemon as the checks see it: readiness (to wait out a restart) and its LocalAPI.
+    pub fn daemon(&self) -> Daemon {
+        self.daemon.clone()
     }
 
     /// The SOCKS5 listener (fixed for the supervisor's life: restarts reuse the same address).
@@ -306,8 +313,34 @@ impl Supervisor {
         }
     }
 
-    /// Stops tailscaled: SIGTERM, then SIGKILL after `grace`; always reaps. Returns "sigterm",
-    /// "sigkill" or "not running".
+    /// Leaves the tailnet within `grace`: logs the node out (in at most half of it), then stops
+    /// tailscaled (SIGTERM, SIGKILL after the other half). A tailscaled whose LocalAPI does not
+    /// answer (a check found so, or a health probe now) is stuck: it is neither logged out nor
+    /// given a grace but killed at once, so it cannot hold up the end of the run.
+    pub async fn leave_tailnet(self, grace: Duration) -> Teardown {
+        let mut teardown = Teardown::default();
+        if self.daemon.found_stuck() || self.daemon.health().await == Health::Unresponsive {
+            tracing::warn!("tailscaled's LocalAPI does not answer; killing it without a logout");
+            teardown.logout_error = format!(
+                "tailscaled's LocalAPI did not answer within {}, so it was killed without a \
+                 logout",
+                humanize(HEALTH_PROBE)
+            );
+            teardown.daemon_stop = self.stop(Duration::ZERO).await.to_owned();
+            return teardown;
+        }
+        teardown.logout_attempted = true;
+        match tokio::time::timeout(grace / 2, self.api.logout()).await {
+            Ok(Ok(())) => teardown.logged_out = true,
+            Ok(Err(err)) => teardown.logout_error = err.to_string(),
+            Err(_) => teardown.logout_error = format!("no answer within {}", humanize(grace / 2)),
+        }
+        teardown.daemon_stop = self.stop(grace / 2).await.to_owned();
+        teardown
+    }
+
+    /// Stops tailscaled: SIGTERM, then SIGKILL after `grace` (at once for a zero grace); always
+    /// reaps. Returns "sigterm", "sigkill" or "not running".
     pub async fn stop(self, grace: Duration) -> &'static str {
         let (reply_tx, reply_rx) = oneshot::channel();
         if self.stop_tx.send((grace, reply_tx)).await.is_err() {
@@ -457,6 +490,11 @@ async fn terminate(child: &mut Child, grace: Duration) -> &'static str {
         return "not running";
     };
     let pid = Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+    if grace.is_zero() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return "sigkill";
+    }
     if kill(pid, Signal::SIGTERM).is_err() {
         let _ = child.wait().await;
         return "not running";
@@ -610,7 +648,7 @@ struct Announced {
 struct OutputReader {
     ring: LogRing,
     forwarder: LogForwarder,
-    secrets: Arc<[String]>,
+    secrets: Arc<Secrets>,
     announced: watch::Sender<Announced>,
 }
 
@@ -618,7 +656,7 @@ impl OutputReader {
     async fn read(self, stream: impl AsyncRead + Unpin) {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let line = scrub(&line, &self.secrets);
+            let line = self.secrets.scrub(&line);
             let socks = announced_listener(&line, "SOCKS5 listening on ");
             let http = announced_listener(&line, "HTTP proxy listening on ");
             if socks.is_some() || http.is_some() {
@@ -640,15 +678,6 @@ impl OutputReader {
 fn announced_listener(line: &str, prefix: &str) -> Option<SocketAddr> {
     line.split_once(prefix)
         .and_then(|(_, rest)| rest.trim().parse::<SocketAddr>().ok())
-}
-
-/// Replaces every secret in `line` with `****`.
-pub fn scrub(line: &str, secrets: &[String]) -> String {
-    let mut out = line.to_owned();
-    for secret in secrets.iter().filter(|s| s.len() >= 4) {
-        out = out.replace(secret.as_str(), "****");
-    }
-    out
 }
 
 /// Shared ring buffer of tailscaled's output.
@@ -715,16 +744,6 @@ impl LogForwarder {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scrub_removes_every_occurrence() {
-        let secrets = vec!["tskey-auth-abc".to_owned()];
-        assert_eq!(
-            scrub("key tskey-auth-abc and tskey-auth-abc again", &secrets),
-            "key **** and **** again"
-        );
-        assert_eq!(scrub("nothing here", &secrets), "nothing here");
-    }
 
     #[test]
     fn ring_keeps_the_newest_lines() {

@@ -29,9 +29,9 @@ use crate::checks::tailnet;
 use crate::daemon::supervisor::Supervisor;
 use crate::events::{EventItem, EventSink, duration, timestamp};
 use crate::localapi::LocalApi;
-use crate::redact::redact_url;
 use crate::run::{self, Budget, RunContext};
 use crate::targets::Targets;
+use tailbox_proto::redact::redact_url;
 
 /// `NO_PROXY`: what must never go through the proxy.
 const NO_PROXY: &str = "localhost,127.0.0.1,::1";

@@ -1,15 +1,18 @@
 //! What the HTTP and git check tests share: a lab with a logged-in sandbox node, check contexts,
-//! result accessors, loopback stand-in servers on the dev host, and a stand-in tailscaled whose
-//! proxy port and readiness the test drives (down, dying, back, gone for good).
+//! result accessors, loopback stand-in servers on the dev host, a scripted SOCKS5 proxy for the
+//! replies tailscaled never sends, and a stand-in tailscaled whose proxy port and readiness the
+//! test drives (down, dying, back, gone for good).
 //!
 //! Each test file uses part of it.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use tailbox_agent::checks::{DaemonReady, DaemonState, ProxyContext};
+use tailbox_agent::checks::{Daemon, DaemonState, ProxyContext};
+use tailbox_agent::localapi::LocalApi;
 use tailbox_proto::agent::v1::{CheckResult, CheckStatus, FailureClass, Layer};
 use tailbox_testkit::lab::{Binaries, Lab, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,14 +36,31 @@ pub async fn sandbox() -> (Lab, Node) {
     (lab, node)
 }
 
-/// A context for a check through the proxy at `socks_addr`, with a daemon that is always ready.
-pub fn ctx(socks_addr: SocketAddr, budget: Duration) -> ProxyContext {
-    ProxyContext {
-        socks_addr,
-        deadline: tokio::time::Instant::now() + budget,
-        daemon: DaemonReady::always(),
-    }
+/// What the supervisor says in tests of single checks: ready, for the life of the process.
+static READY: LazyLock<watch::Sender<DaemonState>> =
+    LazyLock::new(|| watch::channel(DaemonState::Ready).0);
+
+/// A context for a check through a real node's proxy, with its LocalAPI, and a supervisor that
+/// says it is ready.
+pub fn ctx(node: &Node, budget: Duration) -> ProxyContext {
+    ProxyContext::new(
+        node.socks5_addr(),
+        budget,
+        Daemon::new(READY.subscribe(), LocalApi::new(node.socket())),
+    )
 }
+
+/// A context for a check through whatever is at `socks_addr`, with no LocalAPI behind it.
+pub fn ctx_at(socks_addr: SocketAddr, budget: Duration) -> ProxyContext {
+    ProxyContext::new(
+        socks_addr,
+        budget,
+        Daemon::new(READY.subscribe(), LocalApi::new(NO_SOCKET)),
+    )
+}
+
+/// Where no LocalAPI socket is.
+const NO_SOCKET: &str = "/nonexistent/tailscaled.sock";
 
 pub fn status(r: &CheckResult) -> CheckStatus {
     CheckStatus::try_from(r.status).unwrap()
@@ -157,37 +177,47 @@ impl Drop for StandInProxy {
 }
 
 /// tailscaled as a check sees it, driven by the test: its proxy port (a [`StandInProxy`] in
-/// front of a real node's proxy, or nothing) and what its supervisor says.
+/// front of a real node's proxy, or nothing), what its supervisor says, and a LocalAPI (a real
+/// node's, or none).
 pub struct StandInDaemon {
     at: SocketAddr,
     proxy: Option<StandInProxy>,
     state: watch::Sender<DaemonState>,
+    api: LocalApi,
 }
 
 impl StandInDaemon {
-    /// Down: nothing on its proxy port, and its supervisor says it is not ready.
-    pub async fn down() -> Self {
+    /// Down: nothing on its proxy port, its supervisor says it is not ready, and its LocalAPI is
+    /// `api_socket` (a real node's, for when it comes back, or a path where nothing is).
+    pub async fn down(api_socket: &Path) -> Self {
         Self {
             at: closed_addr().await,
             proxy: None,
             state: watch::channel(DaemonState::NotReady).0,
+            api: LocalApi::new(api_socket),
         }
     }
 
-    /// Up and ready, its proxy port forwarding to `node_proxy`.
-    pub async fn up(node_proxy: SocketAddr) -> Self {
-        let mut daemon = Self::down().await;
-        daemon.come_back(node_proxy).await;
+    /// Down, with no LocalAPI at all.
+    pub async fn down_for_good() -> Self {
+        Self::down(Path::new(NO_SOCKET)).await
+    }
+
+    /// Up and ready as `node`: its proxy port forwards to the node's, its LocalAPI is the
+    /// node's.
+    pub async fn up(node: &Node) -> Self {
+        let mut daemon = Self::down(node.socket()).await;
+        daemon.come_back(node.socks5_addr()).await;
         daemon
     }
 
     /// A context for a check through this daemon's proxy port.
     pub fn ctx(&self, budget: Duration) -> ProxyContext {
-        ProxyContext {
-            socks_addr: self.at,
-            deadline: tokio::time::Instant::now() + budget,
-            daemon: DaemonReady::new(self.state.subscribe()),
-        }
+        ProxyContext::new(
+            self.at,
+            budget,
+            Daemon::new(self.state.subscribe(), self.api.clone()),
+        )
     }
 
     /// Dies: the proxy port and its connections go away, and the supervisor notices.
@@ -207,5 +237,85 @@ impl StandInDaemon {
     /// The supervisor gives up on it for good.
     pub fn gone(&self) {
         self.state.send_replace(DaemonState::Gone);
+    }
+}
+
+/// How a [`ScriptedSocks5`] proxy answers.
+#[derive(Debug, Clone)]
+pub enum Socks5Script {
+    /// Picks this method after the greeting (0xff: none acceptable) and says no more.
+    Method(u8),
+    /// Accepts "no authentication", reads the CONNECT, then writes these bytes verbatim.
+    Reply(Vec<u8>),
+    /// [`Socks5Script::Reply`] after a pause, as a dial nothing answers takes time.
+    SlowReply(Duration, Vec<u8>),
+    /// Opens the tunnel, and answers the first bytes sent through it with these.
+    Tunnel(Vec<u8>),
+}
+
+/// A SOCKS5 proxy on loopback that answers every CONNECT as scripted: the reply codes and
+/// malformed replies tailscaled's own proxy never sends (it answers every failure with 1).
+pub struct ScriptedSocks5 {
+    pub addr: SocketAddr,
+}
+
+impl ScriptedSocks5 {
+    /// Answers every connection with `script`.
+    pub async fn start(script: Socks5Script) -> Self {
+        Self::start_each(vec![script]).await
+    }
+
+    /// Answers the first connection with the first script, and so on; the last one repeats.
+    pub async fn start_each(scripts: Vec<Socks5Script>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut scripts = scripts.into_iter();
+            let mut script = scripts.next().unwrap();
+            while let Ok((mut s, _)) = listener.accept().await {
+                let current = script.clone();
+                if let Some(next) = scripts.next() {
+                    script = next;
+                }
+                let script = current;
+                tokio::spawn(async move {
+                    let mut greeting = [0u8; 2];
+                    s.read_exact(&mut greeting).await.unwrap();
+                    let mut methods = vec![0u8; usize::from(greeting[1])];
+                    s.read_exact(&mut methods).await.unwrap();
+                    const OPENED: [u8; 10] = [5, 0, 0, 1, 100, 64, 0, 1, 0x1c, 0xfc];
+                    let (pause, reply, answer) = match script {
+                        Socks5Script::Method(m) => {
+                            s.write_all(&[5, m]).await.unwrap();
+                            return;
+                        }
+                        Socks5Script::Reply(reply) => (Duration::ZERO, reply, None),
+                        Socks5Script::SlowReply(pause, reply) => (pause, reply, None),
+                        Socks5Script::Tunnel(answer) => {
+                            (Duration::ZERO, OPENED.to_vec(), Some(answer))
+                        }
+                    };
+                    s.write_all(&[5, 0]).await.unwrap();
+                    // VER CMD RSV ATYP, then the address and the port.
+                    let mut head = [0u8; 4];
+                    s.read_exact(&mut head).await.unwrap();
+                    let len = match head[3] {
+                        1 => 4,
+                        4 => 16,
+                        _ => usize::from(s.read_u8().await.unwrap()),
+                    };
+                    let mut rest = vec![0u8; len + 2];
+                    s.read_exact(&mut rest).await.unwrap();
+                    tokio::time::sleep(pause).await;
+                    s.write_all(&reply).await.unwrap();
+                    // Hold the connection until the client sends something or gives up on it.
+                    let _ = s.read(&mut [0u8; 4096]).await;
+                    if let Some(answer) = answer {
+                        let _ = s.write_all(&answer).await;
+                    }
+                });
+            }
+        });
+        Self { addr }
     }
 }

@@ -1,52 +1,44 @@
 //! libgit2 smart subtransports for `http://`, `https://` and `git://` that go through
-//! tailscaled's SOCKS5 proxy.
+//! tailscaled's SOCKS5 proxy. They only carry bytes; libgit2 speaks the git protocol and parses
+//! the advertisement.
 //!
 //! libgit2 has no SOCKS support (and for `http://` it silently connects direct when given a
-//! proxy), so these replace its built-in transports process-wide. libgit2 hands a transport
-//! factory nothing but the remote, so the settings of the check in progress (proxy, deadline,
-//! client, where to put a typed failure) travel in a thread-local that [`with_call`] sets around
-//! the blocking libgit2 calls. Each transport talks the protocol itself far enough to record
-//! the version the server spoke, to run protocol v2's `ls-refs` when offered, and to turn what
-//! went wrong into a typed [`Failure`] instead of a libgit2 message.
+//! proxy), so these replace its built-in transports process-wide. A transport factory gets
+//! nothing but the remote, so the settings of the check in progress travel in a thread-local
+//! that [`with_call`] sets around the blocking libgit2 calls. What went wrong is kept as a typed
+//! [`Failure`] for the check; libgit2 only gets a short message.
 
 use std::cell::RefCell;
-use std::io::{self, Cursor, Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use git2::transport::{Service, SmartSubtransport, SmartSubtransportStream, Transport};
-use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION, USER_AGENT};
+use http::header::{CONTENT_TYPE, LOCATION};
+use hyper::body::Incoming;
 use tailbox_proto::agent::v1::{FailureClass, Layer};
+use url::Url;
 
-use super::advert::{self, AdvertError, Advertisement};
-use super::pkt::{self, PktError, PktReader};
+use super::is_oid;
 use crate::checks::ProxyContext;
-use crate::checks::http as http_check;
-use crate::checks::http::failure::{self, Endpoint, Failure};
+use crate::checks::proxy::{self, BasicAuth, BodyError, Failure, Get};
 
-/// Largest ref advertisement accepted (repositories with very many refs reach megabytes).
-const ADVERT_CAP: usize = 64 << 20;
 /// What smart HTTP answers for `info/refs?service=git-upload-pack`.
 const ADVERT_TYPE: &str = "application/x-git-upload-pack-advertisement";
-/// What smart HTTP answers for a `git-upload-pack` POST.
-const RESULT_TYPE: &str = "application/x-git-upload-pack-result";
 /// Some hosts only speak the smart protocol to user agents that start with `git/`.
 const GIT_USER_AGENT: &str = concat!("git/tailbox-agent-", env!("CARGO_PKG_VERSION"));
+/// Bytes of a wrong answer read to describe it.
+const DESCRIBE_BYTES: usize = 512;
 
 /// Everything the transport needs from the check that is running on this thread.
 pub(crate) struct CallSettings {
     pub ctx: ProxyContext,
-    /// The whole budget of the check, for messages.
-    pub budget: Duration,
-    /// The runtime the check runs on; HTTP goes through its reqwest client.
+    /// The runtime the check runs on; the tunnels and HTTP run there.
     pub handle: tokio::runtime::Handle,
-    /// The proxy client (http and https only).
-    pub client: Option<reqwest::Client>,
-    /// Ask for protocol v2.
-    pub protocol_v2: bool,
     /// Credentials taken out of the URL, so libgit2 never sees them.
-    pub basic_auth: Option<(String, Option<String>)>,
+    pub auth: Option<BasicAuth>,
     pub state: Arc<Mutex<CallState>>,
 }
 
@@ -55,10 +47,6 @@ pub(crate) struct CallSettings {
 pub(crate) struct CallState {
     /// The first typed failure (libgit2 only sees a short message).
     pub failure: Option<Failure>,
-    /// Protocol version the server spoke.
-    pub protocol_version: Option<u32>,
-    /// Target of an unborn HEAD (empty repository over v2), which libgit2 cannot list.
-    pub unborn_head: Option<String>,
     /// Whether a connection to the server was opened.
     pub connected: bool,
 }
@@ -129,9 +117,9 @@ fn record(settings: &CallSettings, f: Failure) -> git2::Error {
     err
 }
 
-fn update(settings: &CallSettings, f: impl FnOnce(&mut CallState)) {
+fn connected(settings: &CallSettings) {
     if let Ok(mut state) = settings.state.lock() {
-        f(&mut state);
+        state.connected = true;
     }
 }
 
@@ -139,8 +127,35 @@ fn only_listing() -> git2::Error {
     git2::Error::from_str("tailbox's git transports only list refs")
 }
 
+/// Keeps why a read failed and hands libgit2 an I/O error.
+fn read_failed(settings: &CallSettings, f: Failure) -> io::Error {
+    let err = io::Error::other(f.detail.clone());
+    let _ = record(settings, f);
+    err
+}
+
+/// A read that ran into the check's deadline, or a connection that broke (because tailscaled
+/// went away, when it did).
+fn interrupted(settings: &CallSettings, timed_out: bool, why: &str) -> Failure {
+    if timed_out {
+        return Failure::deadline(settings.ctx.budget, true, "the ref listing", Layer::Git);
+    }
+    if let Some(gone) = settings
+        .handle
+        .block_on(proxy::proxy_went_away(&settings.ctx))
+    {
+        return gone;
+    }
+    Failure::new(
+        FailureClass::GitProtocol,
+        Layer::Git,
+        format!("the connection to the git server broke: {why}"),
+        "The connection to the git server broke; retry, and check the server.",
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
-// Smart HTTP (stateless).
+// Smart HTTP (stateless): the advertisement is one GET; listing needs nothing else.
 
 struct SmartHttp {
     settings: Arc<CallSettings>,
@@ -156,8 +171,12 @@ impl SmartSubtransport for SmartHttp {
             return Err(only_listing());
         }
         let s = &self.settings;
-        match s.handle.block_on(http_ls(s, url)) {
-            Ok(advertisement) => Ok(Box::new(Cursor::new(advertisement))),
+        match s.handle.block_on(advertisement(s, url)) {
+            Ok(body) => Ok(Box::new(BodyReader {
+                settings: s.clone(),
+                body,
+                pending: Bytes::new(),
+            })),
             Err(f) => Err(record(s, f)),
         }
     }
@@ -167,108 +186,45 @@ impl SmartSubtransport for SmartHttp {
     }
 }
 
-/// `GET info/refs`, then `ls-refs` if the server answered with v2; returns the v0 advertisement
-/// for libgit2.
-async fn http_ls(s: &CallSettings, url: &str) -> Result<Vec<u8>, Failure> {
-    let (parsed, to) = http_check::parse_url(url, &["http", "https"])
-        .map_err(|e| Failure::new(FailureClass::InvalidInput, Layer::Git, e, "Fix the URL."))?;
-    let https = parsed.scheme() == "https";
-    let client = s.client.as_ref().ok_or_else(|| {
+/// `GET info/refs?service=git-upload-pack`: returns the body once the answer is known to be
+/// the smart protocol's.
+async fn advertisement(s: &CallSettings, url: &str) -> Result<Incoming, Failure> {
+    let refs = format!(
+        "{}/info/refs?service=git-upload-pack",
+        url.trim_end_matches('/')
+    );
+    let refs = Url::parse(&refs).map_err(|e| {
         Failure::new(
-            FailureClass::Internal,
+            FailureClass::InvalidInput,
             Layer::Git,
-            "no HTTP client for the git transport",
-            "This is a bug in the agent; please report it.",
+            format!("{refs} is not a URL: {e}"),
+            "Fix the URL.",
         )
     })?;
-    let base = url.trim_end_matches('/');
-
-    let mut get = client
-        .get(format!("{base}/info/refs?service=git-upload-pack"))
-        .header(USER_AGENT, GIT_USER_AGENT);
-    if s.protocol_v2 {
-        get = get.header("Git-Protocol", "version=2");
-    }
-    let response = send(s, get, &to, https).await?;
-    let body = smart_body(s, response, ADVERT_TYPE).await?;
-    let advertisement = advert::read_advertisement(&mut PktReader::new(&body[..]), true)
-        .map_err(|e| advert_failure(e, &to))?;
-    match advertisement {
-        Advertisement::V0 { version, refs } => {
-            update(s, |st| st.protocol_version = Some(version));
-            advert::encode_v0(&refs, true).map_err(|e| protocol_failure(e.to_string()))
-        }
-        Advertisement::V2(caps) => {
-            update(s, |st| st.protocol_version = Some(2));
-            if caps.ls_refs.is_none() {
-                return Err(protocol_failure(
-                    "the server speaks protocol v2 but does not offer ls-refs".into(),
-                ));
-            }
-            let request =
-                advert::ls_refs_request(&caps).map_err(|e| protocol_failure(e.to_string()))?;
-            let post = client
-                .post(format!("{base}/git-upload-pack"))
-                .header(USER_AGENT, GIT_USER_AGENT)
-                .header(CONTENT_TYPE, "application/x-git-upload-pack-request")
-                .header(ACCEPT, RESULT_TYPE)
-                .header("Git-Protocol", "version=2")
-                .body(request);
-            let response = send(s, post, &to, https).await?;
-            let body = smart_body(s, response, RESULT_TYPE).await?;
-            let refs = advert::read_ls_refs(&mut PktReader::new(&body[..]))
-                .map_err(|e| advert_failure(e, &to))?;
-            update(s, |st| st.unborn_head = advert::unborn_head(&refs));
-            advert::v0_from_ls_refs(&refs, &caps, true).map_err(|e| protocol_failure(e.to_string()))
-        }
-    }
-}
-
-/// Sends one request with the credentials within the deadline, classifying failures.
-async fn send(
-    s: &CallSettings,
-    request: reqwest::RequestBuilder,
-    to: &Endpoint,
-    https: bool,
-) -> Result<reqwest::Response, Failure> {
-    let request = match &s.basic_auth {
-        Some((user, password)) => request.basic_auth(user, password.as_ref()),
-        None => request,
-    };
-    let (response, _) = http_check::send(
-        request,
+    let answer = proxy::get(
         &s.ctx,
-        to,
-        https,
-        s.budget,
-        "listing the refs",
-        Layer::Git,
+        &Get {
+            url: &refs,
+            user_agent: GIT_USER_AGENT,
+            auth: s.auth.as_ref(),
+            waiting_for: "the ref listing",
+            layer: Layer::Git,
+        },
     )
     .await?;
-    update(s, |st| st.connected = true);
-    Ok(response)
-}
-
-/// Checks that the response is the smart protocol's and reads its body within the deadline.
-async fn smart_body(
-    s: &CallSettings,
-    mut response: reqwest::Response,
-    want_type: &str,
-) -> Result<Vec<u8>, Failure> {
+    connected(s);
+    let response = answer.response;
     let status = response.status();
     let header = |name| {
         response
             .headers()
             .get(name)
-            .map(|v: &reqwest::header::HeaderValue| {
-                String::from_utf8_lossy(v.as_bytes()).into_owned()
-            })
+            .map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned())
     };
-    let code = status.as_u16();
-    match code {
+    match status.as_u16() {
         200 => {}
         401 | 403 => {
-            let given = s.basic_auth.is_some();
+            let given = s.auth.is_some();
             return Err(Failure::new(
                 FailureClass::GitAuth,
                 Layer::Git,
@@ -281,10 +237,10 @@ async fn smart_body(
                     }
                 ),
                 if given {
-                    "The git server rejected the credentials in the URL (user:password@, which \
+                    "The git server rejected the credentials in the URL (`user:password@`, which \
                      is never printed); check them, and that the user may read the repository."
                 } else {
-                    "The git server wants credentials: put them in the URL as user:password@ \
+                    "The git server wants credentials: put them in the URL as `user:password@` \
                      (they are never printed)."
                 },
             ));
@@ -298,13 +254,13 @@ async fn smart_body(
                  repository exists on the dev host.",
             ));
         }
-        _ => {
+        code => {
             let hint = match code {
                 300..=399 => format!(
                     "The server redirects to {}; use that URL for the remote.",
                     header(LOCATION).as_deref().map_or_else(
-                        || "(no Location header)".to_owned(),
-                        crate::redact::redact_url
+                        || "nowhere (no Location header)".to_owned(),
+                        tailbox_proto::redact::redact_url
                     )
                 ),
                 500..=599 => "The git server failed; check its log on the dev host.".to_owned(),
@@ -320,66 +276,28 @@ async fn smart_body(
     }
     let content_type = header(CONTENT_TYPE).unwrap_or_default();
     let media = content_type.split(';').next().unwrap_or("").trim();
-    let smart = media.eq_ignore_ascii_case(want_type);
-
-    let mut body = Vec::new();
-    loop {
-        match tokio::time::timeout_at(s.ctx.deadline, response.chunk()).await {
-            Err(_) => {
-                return Err(Failure::deadline(
-                    s.budget,
-                    true,
-                    "reading the ref listing",
-                    Layer::Git,
-                ));
-            }
-            Ok(Err(e)) => {
-                if let Some(gone) = failure::proxy_went_away(&s.ctx).await {
-                    return Err(gone);
-                }
-                return Err(Failure::new(
-                    FailureClass::GitProtocol,
-                    Layer::Git,
-                    format!(
-                        "the ref listing broke off after {} bytes: {}",
-                        body.len(),
-                        crate::error_chain(&e.without_url())
-                    ),
-                    "The connection to the git server broke; retry, and check the server.",
-                ));
-            }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(chunk))) => {
-                body.extend_from_slice(&chunk);
-                // A wrong answer needs only its start to be described.
-                if (!smart && body.len() >= 512) || body.len() > ADVERT_CAP {
-                    break;
-                }
-            }
+    let mut body = response.into_body();
+    if media.eq_ignore_ascii_case(ADVERT_TYPE) {
+        return Ok(body);
+    }
+    // A wrong answer needs only its start to be described.
+    let mut start = Vec::new();
+    while start.len() < DESCRIBE_BYTES {
+        match proxy::next_chunk(&s.ctx, &mut body).await {
+            Ok(Some(chunk)) => start.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
         }
     }
-    if !smart {
-        return Err(not_smart(&content_type, &body));
-    }
-    if body.len() > ADVERT_CAP {
-        return Err(protocol_failure(format!(
-            "the server's answer is larger than {} MiB",
-            ADVERT_CAP >> 20
-        )));
-    }
-    Ok(body)
+    Err(not_smart(&content_type, &start))
 }
 
 /// Describes a 200 answer that is not the smart protocol.
 fn not_smart(content_type: &str, body: &[u8]) -> Failure {
-    let start = String::from_utf8_lossy(&body[..body.len().min(512)]);
+    let start = String::from_utf8_lossy(&body[..body.len().min(DESCRIBE_BYTES)]);
     let trimmed = start.trim_start();
     let looks_like = if trimmed.starts_with('<') {
         "an HTML page".to_owned()
-    } else if trimmed
-        .split_once('\t')
-        .is_some_and(|(oid, _)| advert::is_oid(oid))
-    {
+    } else if trimmed.split_once('\t').is_some_and(|(oid, _)| is_oid(oid)) {
         "a plain list of refs: a \"dumb\" HTTP server serving repository files".to_owned()
     } else if content_type.is_empty() {
         "something without a Content-Type".to_owned()
@@ -396,65 +314,48 @@ fn not_smart(content_type: &str, body: &[u8]) -> Failure {
     )
 }
 
-fn protocol_failure(detail: String) -> Failure {
-    Failure::new(
-        FailureClass::GitProtocol,
-        Layer::Git,
-        detail,
-        "The server does not speak git's smart protocol as expected; check that the URL leads \
-         to a git server (git http-backend or git daemon).",
-    )
+/// The advertisement as libgit2 reads it: the response body, pulled chunk by chunk within the
+/// check's deadline.
+struct BodyReader {
+    settings: Arc<CallSettings>,
+    body: Incoming,
+    pending: Bytes,
 }
 
-fn advert_failure(e: AdvertError, to: &Endpoint) -> Failure {
-    match e {
-        AdvertError::Remote(msg) => {
-            // git daemon's only answers for a missing repository; nothing else is parsed.
-            let missing = [
-                "not exported",
-                "no such repository",
-                "not found",
-                "does not appear",
-            ]
-            .iter()
-            .any(|m| msg.contains(m));
-            if missing {
-                Failure::new(
-                    FailureClass::GitNotFound,
-                    Layer::Git,
-                    format!("the git server at {to} said: {msg}"),
-                    "Check the repository path, that the repository exists on the dev host, and \
-                     that git daemon exports it (--export-all or git-daemon-export-ok).",
-                )
-            } else {
-                protocol_failure(format!("the git server at {to} said: {msg}"))
+impl Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let s = &self.settings;
+        while self.pending.is_empty() {
+            match s.handle.block_on(proxy::next_chunk(&s.ctx, &mut self.body)) {
+                Ok(Some(chunk)) => self.pending = chunk,
+                Ok(None) => return Ok(0),
+                Err(BodyError::Deadline) => {
+                    return Err(read_failed(s, interrupted(s, true, "")));
+                }
+                Err(BodyError::Broken(why)) => {
+                    return Err(read_failed(s, interrupted(s, false, &why)));
+                }
             }
         }
-        AdvertError::Pkt(PktError::Io(e)) if is_timeout(&e) => Failure::new(
-            FailureClass::Deadline,
-            Layer::Git,
-            "the ref listing was still arriving at the deadline",
-            "The git server answered too slowly; check the server, or give the check more \
-                 time.",
-        ),
-        AdvertError::Pkt(PktError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            protocol_failure(format!(
-                "the git server at {to} closed the connection before listing any refs"
-            ))
-        }
-        other => protocol_failure(format!("{to} answered outside the git protocol: {other}")),
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending.split_to(n));
+        Ok(n)
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
-    )
+impl Write for BodyReader {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        // A listing sends nothing after the GET.
+        Err(io::Error::other("tailbox's git transports only list refs"))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// git:// (stateful).
+// git:// (stateful): a tunnel, and the one request line git daemon needs before libgit2 talks.
 
 struct GitDaemon {
     settings: Arc<CallSettings>,
@@ -470,19 +371,14 @@ impl SmartSubtransport for GitDaemon {
         action: Service,
     ) -> Result<Box<dyn SmartSubtransportStream>, git2::Error> {
         let s = &self.settings;
-        let (sock, prefix) = match action {
-            Service::UploadPackLs => daemon_ls(s, url).map_err(|f| record(s, f))?,
-            Service::UploadPack => {
-                let conn = self
-                    .conn
-                    .lock()
-                    .ok()
-                    .and_then(|c| c.as_ref().and_then(|sock| sock.try_clone().ok()));
-                (
-                    conn.ok_or_else(|| git2::Error::from_str("not connected"))?,
-                    Vec::new(),
-                )
-            }
+        let sock = match action {
+            Service::UploadPackLs => daemon_connect(s, url).map_err(|f| record(s, f))?,
+            Service::UploadPack => self
+                .conn
+                .lock()
+                .ok()
+                .and_then(|c| c.as_ref().and_then(|sock| sock.try_clone().ok()))
+                .ok_or_else(|| git2::Error::from_str("not connected"))?,
             _ => return Err(only_listing()),
         };
         if let Ok(mut conn) = self.conn.lock()
@@ -494,11 +390,8 @@ impl SmartSubtransport for GitDaemon {
             );
         }
         Ok(Box::new(DaemonStream {
-            prefix: Cursor::new(prefix),
-            io: DeadlineIo {
-                sock,
-                deadline: s.ctx.deadline.into_std(),
-            },
+            sock,
+            deadline: s.ctx.deadline.into_std(),
             settings: s.clone(),
         }))
     }
@@ -511,154 +404,86 @@ impl SmartSubtransport for GitDaemon {
     }
 }
 
-/// Connects through the proxy, asks for upload-pack (v2 if wanted), and returns the connection
-/// with the v0 advertisement for libgit2.
-fn daemon_ls(s: &CallSettings, url: &str) -> Result<(TcpStream, Vec<u8>), Failure> {
-    let (parsed, to) = http_check::parse_url(url, &["git"])
+/// Opens the tunnel and asks git daemon for upload-pack. Over git:// that request line is the
+/// transport's job (there is no HTTP request to name the service); libgit2 does the rest.
+fn daemon_connect(s: &CallSettings, url: &str) -> Result<TcpStream, Failure> {
+    let (parsed, to) = proxy::parse_url(url, &["git"])
         .map_err(|e| Failure::new(FailureClass::InvalidInput, Layer::Git, e, "Fix the URL."))?;
-    let stream = s
-        .handle
-        .block_on(failure::open_tunnel(&s.ctx, &to, s.budget))?;
-    update(s, |st| st.connected = true);
-    let sock = stream
+    let tunnel = s.handle.block_on(proxy::open_tunnel(&s.ctx, &to))?;
+    connected(s);
+    let mut sock = tunnel
         .into_std()
         .and_then(|sock| sock.set_nonblocking(false).map(|()| sock))
-        .map_err(|e| protocol_failure(format!("setting up the connection: {e}")))?;
-    let mut io = DeadlineIo {
-        sock,
-        deadline: s.ctx.deadline.into_std(),
-    };
-
+        .map_err(|e| Failure::internal(Layer::Git, format!("setting up the connection: {e}")))?;
     let host = match parsed.port() {
         Some(port) => format!("{}:{port}", to.host),
-        None => to.host.clone(),
+        None => to.host.to_string(),
     };
-    let mut request = format!("git-upload-pack {}\0host={host}\0", parsed.path()).into_bytes();
-    if s.protocol_v2 {
-        request.extend_from_slice(b"\0version=2\0");
+    let request = format!("git-upload-pack {}\0host={host}\0", parsed.path());
+    // One pkt-line: four hex digits of length (their own included), then the payload.
+    let line = format!("{:04x}{request}", request.len() + 4);
+    let sent = left(s.ctx.deadline.into_std())
+        .and_then(|left| sock.set_write_timeout(Some(left)))
+        .and_then(|()| sock.write_all(line.as_bytes()));
+    if let Err(e) = sent {
+        return Err(interrupted(s, is_timeout(&e), &e.to_string()));
     }
-    let mut line = Vec::new();
-    pkt::write_data(&mut line, &request).map_err(|e| protocol_failure(e.to_string()))?;
-    io.write_all(&line)
-        .map_err(|e| broken(s, AdvertError::Pkt(PktError::Io(e)), &to))?;
-
-    let advertisement = advert::read_advertisement(&mut PktReader::new(&mut io), false)
-        .map_err(|e| broken(s, e, &to))?;
-    let for_libgit2 = match advertisement {
-        Advertisement::V0 { version, refs } => {
-            update(s, |st| st.protocol_version = Some(version));
-            advert::encode_v0(&refs, false).map_err(|e| protocol_failure(e.to_string()))?
-        }
-        Advertisement::V2(caps) => {
-            update(s, |st| st.protocol_version = Some(2));
-            if caps.ls_refs.is_none() {
-                return Err(protocol_failure(
-                    "the server speaks protocol v2 but does not offer ls-refs".into(),
-                ));
-            }
-            let request =
-                advert::ls_refs_request(&caps).map_err(|e| protocol_failure(e.to_string()))?;
-            io.write_all(&request)
-                .map_err(|e| broken(s, AdvertError::Pkt(PktError::Io(e)), &to))?;
-            let refs = advert::read_ls_refs(&mut PktReader::new(&mut io))
-                .map_err(|e| broken(s, e, &to))?;
-            update(s, |st| st.unborn_head = advert::unborn_head(&refs));
-            advert::v0_from_ls_refs(&refs, &caps, false)
-                .map_err(|e| protocol_failure(e.to_string()))?
-        }
-    };
-    Ok((io.sock, for_libgit2))
+    Ok(sock)
 }
 
-/// Classifies a failed git:// exchange, blaming tailscaled when its proxy went away meanwhile.
-fn broken(s: &CallSettings, e: AdvertError, to: &Endpoint) -> Failure {
-    if let AdvertError::Pkt(PktError::Io(io)) = &e
-        && !is_timeout(io)
-        && let Some(gone) = s.handle.block_on(failure::proxy_went_away(&s.ctx))
-    {
-        return gone;
-    }
-    advert_failure(e, to)
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
 }
 
-/// Blocking socket I/O that gives up at the check's deadline, so no thread outlives it by much.
-struct DeadlineIo {
+/// Time left before `deadline`, or a timeout error when it has passed.
+fn left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the check's deadline passed",
+        ));
+    }
+    Ok(left)
+}
+
+/// What libgit2 reads and writes on git://: blocking socket I/O that gives up at the check's
+/// deadline, so no thread outlives it by much.
+struct DaemonStream {
     sock: TcpStream,
     deadline: Instant,
+    settings: Arc<CallSettings>,
 }
 
-impl DeadlineIo {
-    fn left(&self) -> io::Result<Duration> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the check's deadline passed",
-            ));
-        }
-        Ok(left)
+impl DaemonStream {
+    /// Keeps why a read failed (the listing depends on reads).
+    fn read_failed(&self, e: io::Error) -> io::Error {
+        let f = interrupted(&self.settings, is_timeout(&e), &e.to_string());
+        read_failed(&self.settings, f)
     }
 }
 
-impl Read for DeadlineIo {
+impl Read for DaemonStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.left()?;
+        let left = left(self.deadline).map_err(|e| self.read_failed(e))?;
         self.sock.set_read_timeout(Some(left))?;
-        self.sock.read(buf)
+        self.sock.read(buf).map_err(|e| self.read_failed(e))
     }
 }
 
-impl Write for DeadlineIo {
+impl Write for DaemonStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let left = self.left()?;
+        // libgit2 writes only to say goodbye once the refs are listed; a failure then is
+        // libgit2's to ignore, except running out of time.
+        let left = left(self.deadline).map_err(|e| self.read_failed(e))?;
         self.sock.set_write_timeout(Some(left))?;
         self.sock.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.sock.flush()
-    }
-}
-
-/// What libgit2 reads and writes on git://: the prepared advertisement first, then the socket.
-struct DaemonStream {
-    prefix: Cursor<Vec<u8>>,
-    io: DeadlineIo,
-    settings: Arc<CallSettings>,
-}
-
-impl DaemonStream {
-    fn note(&self, e: io::Error) -> io::Error {
-        if is_timeout(&e) {
-            update(&self.settings, |st| {
-                st.failure.get_or_insert(Failure::deadline(
-                    self.settings.budget,
-                    true,
-                    "the git exchange",
-                    Layer::Git,
-                ));
-            });
-        }
-        e
-    }
-}
-
-impl Read for DaemonStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.prefix.read(buf)?;
-        if n > 0 {
-            return Ok(n);
-        }
-        self.io.read(buf).map_err(|e| self.note(e))
-    }
-}
-
-impl Write for DaemonStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.io.write(buf).map_err(|e| self.note(e))
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.io.flush()
     }
 }
