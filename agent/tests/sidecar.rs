@@ -831,9 +831,21 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
 
         // Another user cannot connect: not through the private directory, and not to the socket
         // itself once the directory is opened up.
+        // nobody runs its own copy of the agent: the build's copy may sit under a home directory
+        // nobody cannot enter (CI builds under /root/.cache).
+        let copy_dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(copy_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let agent_copy = copy_dir.path().join("tailbox-agent");
+        std::fs::copy(AGENT, &agent_copy).unwrap();
+        std::fs::set_permissions(&agent_copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let agent_copy = agent_copy.to_str().unwrap().to_owned();
         let as_nobody = || {
-            let mut command = sidecar.command(AGENT, &["status"]);
-            command.uid(65534).gid(65534).env_remove("HOME");
+            let mut command = sidecar.command(&agent_copy, &["status"]);
+            command
+                .uid(65534)
+                .gid(65534)
+                .env_remove("HOME")
+                .current_dir("/");
             command
         };
         let out = as_nobody().output().await.unwrap();
