@@ -13,6 +13,22 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// When to colour the output: `auto` colours a terminal unless `NO_COLOR` is set (or
+    /// `CLICOLOR_FORCE` forces it without one).
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    pub color: ColorChoice,
+}
+
+/// When to colour the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    /// On a terminal, honouring `NO_COLOR` and `CLICOLOR_FORCE`.
+    Auto,
+    /// Always, even into a pipe or file.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// Exit codes, shown at the end of `--help`.
@@ -21,16 +37,66 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   1    at least one check failed
   2    usage or configuration error
   3    sandbox or infrastructure error (the sandbox, the agent or the link to it failed)
-  130  interrupted; cleanup still ran";
+  130  interrupted; cleanup still ran
+  141  stdout was closed by its reader (e.g. `| head -1`); the run stopped, cleanup still ran";
+
+/// Examples ending `tailbox check --help`.
+const CHECK_EXAMPLES: &str = "Examples:
+  # Ping the dev host, fetch its health endpoint and list a git remote, in a Modal sandbox
+  export TS_AUTHKEY=tskey-auth-…
+  tailbox check --ping 100.64.0.1 --http http://100.64.0.1:7420/health \\
+    --git http://100.64.0.1:7420/git/me/app.git --expect-ref main=$(git rev-parse main)
+
+  # The agent on this machine instead, by the dev host's name, keeping the report
+  tailbox check --sandbox local --auth-key-file ~/.config/tailbox/key --ping devhost \\
+    --report report.json
+
+  # For scripts: JSON lines on stdout, the report last
+  tailbox check --json --http 302=http://devhost:7420/login | tail -1 | jq .report.verdict";
+
+/// Examples ending `tailbox sandbox --help`.
+const SANDBOX_EXAMPLES: &str = "Examples:
+  tailbox sandbox sweep --dry-run          # what tailbox left running
+  tailbox sandbox sweep                    # terminate all of it
+  tailbox sandbox terminate sb-1a2b3c4d    # one kept sandbox";
+
+/// Examples ending `tailbox sandbox sweep --help`.
+const SWEEP_EXAMPLES: &str = "Examples:
+  tailbox sandbox sweep --dry-run
+  tailbox sandbox sweep
+  MODAL_APP_NAME=ci-tailbox tailbox sandbox sweep 2>/dev/null | wc -l";
+
+/// Examples ending `tailbox sandbox terminate --help`.
+const TERMINATE_EXAMPLES: &str = "Examples:
+  tailbox sandbox terminate sb-1a2b3c4d
+  tailbox sandbox terminate sb-1a2b3c4d sb-5e6f7a8b";
+
+/// Examples ending `tailbox completions --help`.
+const COMPLETIONS_EXAMPLES: &str = "Examples:
+  tailbox completions bash > ~/.local/share/bash-completion/completions/tailbox
+  tailbox completions zsh > ~/.zfunc/_tailbox    # with fpath+=(~/.zfunc) in ~/.zshrc
+  tailbox completions fish > ~/.config/fish/completions/tailbox.fish";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a sandbox, join it to the tailnet and check it can reach the dev host.
+    #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
     /// Manage sandboxes tailbox created.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = SANDBOX_EXAMPLES)]
     Sandbox(SandboxCommand),
+    /// Print a shell completion script on stdout.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+}
+
+/// Arguments of `tailbox completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `tailbox sandbox …`
@@ -38,8 +104,10 @@ pub enum Command {
 pub enum SandboxCommand {
     /// Terminate every sandbox tailbox left running in the app (found by its `created-by=tailbox`
     /// tag), e.g. after --keep or a crash. Prints the ids on stdout.
+    #[command(after_help = SWEEP_EXAMPLES)]
     Sweep(SweepArgs),
     /// Terminate Modal sandboxes by id.
+    #[command(after_help = TERMINATE_EXAMPLES)]
     Terminate(TerminateArgs),
 }
 
@@ -187,7 +255,8 @@ pub struct CheckArgs {
     #[arg(long, value_parser = parse_duration)]
     pub git_timeout: Option<Duration>,
 
-    /// Show the agent's own log lines (prefixed `agent:`) and tailscaled's.
+    /// Show the agent's own log lines (prefixed `agent:`) and tailscaled's, and every check's
+    /// whole detail (on a terminal, live lines are otherwise cut to its width).
     #[arg(short, long)]
     pub verbose: bool,
 

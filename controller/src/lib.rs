@@ -10,8 +10,8 @@
 //!   `Backend`/`Sandbox` abstraction with its own error type.
 //! - [`session`]: handshake, `Run` and the event stream with one agent, shown through an
 //!   observer.
-//! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`render`]:
-//!   progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
+//! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`progress`]: the
+//!   live lines on a terminal; [`render`]: progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
 //!   and exit codes.
 //! - [`app`]: the subcommands.
 //!
@@ -27,6 +27,7 @@ mod modal;
 mod output;
 mod plan;
 mod process;
+mod progress;
 mod render;
 mod secret;
 mod session;
@@ -36,6 +37,25 @@ pub use app::{run_and_report, runtime_error};
 pub use cli::Cli;
 pub use env::ProcessEnv;
 pub use error::ExitStatus;
+
+/// Writes the man pages, `tailbox.1` and one per subcommand (`tailbox-check.1`, …), generated
+/// from the same clap definitions as `--help`, into `dir` (replacing the pages it had), and
+/// returns their paths. `cargo xtask man` runs it on `controller/man/`.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "1") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)?;
+    let mut pages = std::fs::read_dir(dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    pages.sort();
+    Ok(pages)
+}
 
 /// What the integration tests drive directly: the Modal client against the fake Modal, and a
 /// session against an in-memory agent. Not for other uses.
