@@ -14,9 +14,16 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 
-    /// When to colour the output: `auto` colours a terminal unless `NO_COLOR` is set (or
-    /// `CLICOLOR_FORCE` forces it without one).
-    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
+    /// When to colour the output: `auto` (on a terminal, unless `NO_COLOR` is set; always if
+    /// `CLICOLOR_FORCE` is), `always` or `never`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        value_name = "WHEN",
+        hide_possible_values = true
+    )]
     pub color: ColorChoice,
 }
 
