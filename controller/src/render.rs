@@ -342,15 +342,15 @@ pub fn stdout_width() -> Option<usize> {
         .map(|(_rows, cols)| usize::from(cols))
 }
 
-/// The narrowest a shortened DETAIL column gets before TARGET is shortened too.
-const MIN_DETAIL: usize = 24;
+/// The most of the room for TARGET and DETAIL that TARGET keeps when the table must shrink.
+const TARGET_SHARE_PERCENT: usize = 40;
 /// The narrowest a shortened TARGET column gets.
 const MIN_TARGET: usize = 16;
 
 /// Renders the final report for people: the results table on stdout, the verdict and hints.
 ///
-/// With a `width` (a terminal), every line fits it: DETAIL, then TARGET if need be, is cut with
-/// an ellipsis, and the verdict and hints wrap. Without one nothing is cut.
+/// With a `width` (a terminal), every line fits it: TARGET and DETAIL are cut with an ellipsis,
+/// and the verdict and hints wrap. Without one nothing is cut.
 pub fn report_table(report: &Report, width: Option<usize>) -> String {
     let headers = ["CHECK", "TARGET", "STATUS", "TIME", "DETAIL"];
     let rows: Vec<[String; 5]> = report
@@ -382,10 +382,10 @@ pub fn report_table(report: &Report, width: Option<usize>) -> String {
     let fmt_row = |cells: &[String]| {
         let mut line = String::new();
         for (i, cell) in cells.iter().enumerate() {
-            let cell = if width.is_some() {
-                cut(cell, widths[i])
-            } else {
-                cell.clone()
+            let cell = match (width, i) {
+                (None, _) => cell.clone(),
+                (Some(_), 1) => cut_middle(cell, widths[i]),
+                (Some(_), _) => cut(cell, widths[i]),
             };
             if i + 1 == cells.len() {
                 line.push_str(&cell);
@@ -450,24 +450,32 @@ pub fn report_table(report: &Report, width: Option<usize>) -> String {
     out
 }
 
-/// Shrinks DETAIL (index 4), then TARGET (index 1), so that the columns and their two-space
-/// gaps fit `limit`.
+/// Shrinks TARGET (index 1) and DETAIL (index 4) so that the columns and their two-space gaps
+/// fit `limit`. DETAIL says the most, so TARGET gives up to its share first (it is cut in the
+/// middle, keeping a URL's host and path end), then DETAIL takes what is left.
 fn fit_columns(widths: &mut [usize; 5], limit: usize) {
-    let total = |w: &[usize; 5]| w.iter().sum::<usize>() + 2 * (w.len() - 1);
-    let over = total(widths).saturating_sub(limit);
-    if over == 0 {
+    let fixed = widths[0] + widths[2] + widths[3] + 2 * (widths.len() - 1);
+    if fixed + widths[1] + widths[4] <= limit {
         return;
     }
-    let detail_floor = widths[4].min(MIN_DETAIL);
-    let from_detail = over.min(widths[4] - detail_floor);
-    widths[4] -= from_detail;
-    let over = over - from_detail;
-    let target_floor = widths[1].min(MIN_TARGET);
-    let from_target = over.min(widths[1] - target_floor);
-    widths[1] -= from_target;
-    // Still too wide (a very narrow terminal): DETAIL takes the rest, down to one column.
-    let over = over - from_target;
-    widths[4] = widths[4].saturating_sub(over).max(1);
+    let room = limit.saturating_sub(fixed);
+    let target_share = (room * TARGET_SHARE_PERCENT / 100).max(MIN_TARGET);
+    widths[1] = widths[1].min(target_share);
+    widths[4] = widths[4].min(room.saturating_sub(widths[1])).max(1);
+}
+
+/// Cuts `text` to `width` columns in the middle, keeping both ends (`http://100.…/lab.git`).
+fn cut_middle(text: &str, width: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= width || width < 5 {
+        return cut(text, width);
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[chars.len() - tail..]);
+    out
 }
 
 fn phase(value: i32) -> Phase {
@@ -663,10 +671,22 @@ mod tests {
             }),
             ..Default::default()
         };
+        // On a terminal 60 columns wide: TARGET cut in the middle, DETAIL at the end, hints wrapped.
+        let narrow = [
+            report_table(&passing, Some(60)),
+            report_table(&failing, Some(60)),
+        ];
+        for table in &narrow {
+            for line in table.lines() {
+                assert!(console::measure_text_width(line) <= 60, "{line:?}");
+            }
+        }
         insta::assert_snapshot!(format!(
-            "{}\n---\n\n{}",
+            "{}\n---\n\n{}\n--- 60 columns\n\n{}\n---\n\n{}",
             report_table(&passing, None),
-            report_table(&failing, None)
+            report_table(&failing, None),
+            narrow[0],
+            narrow[1]
         ));
     }
 }
