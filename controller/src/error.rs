@@ -357,6 +357,9 @@ fn session_hint(failure: &SessionFailure) -> &'static str {
         SessionFailure::Timeout => {
             "Raise `--timeout`, or run with `--verbose` to see where it stalls."
         }
+        SessionFailure::Call { .. } => {
+            "The sidecar's log (sidecar.log in its state directory) says more; `tailbox-agent status` in the sandbox shows its state."
+        }
         // Converted through `From<OutputError>` before this is asked.
         SessionFailure::Refused(_) | SessionFailure::NoReport | SessionFailure::Output(_) => {
             BUG_HINT
@@ -694,6 +697,14 @@ mod tests {
                 session(SessionFailure::Broke(status(Code::Unavailable))).into(),
             ),
             ("session: timeout", session(SessionFailure::Timeout).into()),
+            (
+                "session: sidecar call failed",
+                session(SessionFailure::Call {
+                    what: "Up",
+                    status: status(Code::FailedPrecondition),
+                })
+                .into(),
+            ),
             (
                 "output: stdout failed",
                 OutputError::Write(std::io::Error::from_raw_os_error(28)).into(),

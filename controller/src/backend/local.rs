@@ -113,6 +113,11 @@ impl Backend for LocalBackend {
         }))
     }
 
+    async fn terminate_created(&self, _id: &str) -> Option<Released> {
+        // This machine is not terminated.
+        None
+    }
+
     fn interrupt(&self) -> Interrupt {
         if let Ok(mut agents) = self.agents.lock()
             && !agents.interrupted
