@@ -313,15 +313,11 @@ pub fn apply_color(choice: ColorChoice, env: &dyn Env) {
         }
         ColorChoice::Auto => None,
     };
-    match forced {
-        Some(on) => {
-            console::set_colors_enabled(on);
-            console::set_colors_enabled_stderr(on);
-        }
-        None => {
-            console::set_colors_enabled(Term::stdout().is_term());
-            console::set_colors_enabled_stderr(Term::stderr().is_term());
-        }
+    // Otherwise the console crate decides per stream: a terminal that is not `TERM=dumb`, and
+    // `CLICOLOR=0` turns colour off.
+    if let Some(on) = forced {
+        console::set_colors_enabled(on);
+        console::set_colors_enabled_stderr(on);
     }
 }
 

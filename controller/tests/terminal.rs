@@ -462,3 +462,42 @@ async fn a_reader_closing_stdout_ends_the_run_quietly_with_nothing_left_running(
     .await
     .expect("test timed out");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn color_follows_the_flag_then_no_color_then_clicolor_force() {
+    // No tailnet needed: without an auth key the run is preflight and skips, in colour or not.
+    // (flags, environment, whether stderr is coloured)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], bool);
+    let cases: [Case; 6] = [
+        (&[], &[], false),
+        (&[], &[("CLICOLOR_FORCE", "1")], true),
+        (&[], &[("CLICOLOR_FORCE", "0")], false),
+        (&[], &[("NO_COLOR", "1"), ("CLICOLOR_FORCE", "1")], false),
+        (&["--color", "always"], &[("NO_COLOR", "1")], true),
+        (&["--color", "never"], &[("CLICOLOR_FORCE", "1")], false),
+    ];
+    for (flags, env, coloured) in cases {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+            .args(flags)
+            .args(["check", "--sandbox", "local", "--agent"])
+            .arg(agent_binary())
+            .args(["--ping", "100.64.0.1"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::temp_dir())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{flags:?} {env:?}: {stderr}");
+        assert_eq!(
+            stderr.contains("\u{1b}["),
+            coloured,
+            "{flags:?} {env:?}:\n{stderr}"
+        );
+        // The table is data: never coloured.
+        assert!(!out.stdout.contains(&0x1b), "{flags:?} {env:?}");
+    }
+}
