@@ -49,12 +49,61 @@ pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<std::path::
             std::fs::remove_file(path)?;
         }
     }
-    clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), dir)?;
-    let mut pages = std::fs::read_dir(dir)?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    command.build();
+    let mut pages = Vec::new();
+    write_man_page(&command, dir, &mut pages)?;
     pages.sort();
     Ok(pages)
+}
+
+/// One command's page, then its subcommands'. clap_mangen renders every section but the text
+/// after the options, which it would fill like prose: there, `Exit codes:` and `Examples:`
+/// become sections of their own, their lines kept as written.
+fn write_man_page(
+    command: &clap::Command,
+    dir: &std::path::Path,
+    pages: &mut Vec<std::path::PathBuf>,
+) -> std::io::Result<()> {
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_page(sub, dir, pages)?;
+    }
+    let man = clap_mangen::Man::new(command.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    if command.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(&mut page)?;
+    }
+    if command.get_subcommands().any(|s| !s.is_hide_set()) {
+        man.render_subcommands_section(&mut page)?;
+    }
+    if let Some(after) = command.get_after_help() {
+        let mut roff = roff::Roff::new();
+        for line in after.to_string().lines() {
+            match line.strip_suffix(':') {
+                Some(title) if !line.starts_with(' ') => {
+                    roff.control("fi", []);
+                    roff.control("SH", [title.to_uppercase().as_str()]);
+                    roff.control("nf", []);
+                }
+                _ => {
+                    roff.text([roff::roman(line)]);
+                }
+            }
+        }
+        roff.control("fi", []);
+        roff.to_writer(&mut page)?;
+    }
+    if command.get_version().is_some() {
+        man.render_version_section(&mut page)?;
+    }
+    let path = dir.join(man.get_filename());
+    std::fs::write(&path, page)?;
+    pages.push(path);
+    Ok(())
 }
 
 /// What the integration tests drive directly: the Modal client against the fake Modal, and a

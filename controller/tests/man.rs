@@ -43,5 +43,5 @@ fn the_man_pages_are_fresh() {
     }
     let main = &generated["tailbox.1"];
     assert!(main.contains("completions"), "{main}");
-    assert!(generated["tailbox-check.1"].contains("Examples:"));
+    assert!(generated["tailbox-check.1"].contains(".SH EXAMPLES"));
 }
