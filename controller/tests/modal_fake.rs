@@ -421,6 +421,61 @@ async fn every_event_arrives_exactly_once_when_stdout_is_cut_again_and_again() {
     .await;
 }
 
+/// The seed of a seeded fault test: `TAILBOX_FAULT_SEED` to repeat a run, else a fresh one.
+/// Printed first, so a failure's captured output names it.
+fn fault_seed() -> u64 {
+    let seed = std::env::var("TAILBOX_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("fault seed {seed} (rerun with TAILBOX_FAULT_SEED={seed})");
+    seed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_random_stdout_cuts_lose_and_repeat_no_event() {
+    let seed = fault_seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let fake = FakeModal::start().await.unwrap();
+    bounded(async {
+        // A clean run says how long the agent's stdout is.
+        let clean = check(&fake, &[]).await;
+        clean.assert_code(0);
+        let serve = |record: &Record| -> u64 {
+            record
+                .agent_execs()
+                .iter()
+                .rev()
+                .find(|e| e.argv.iter().any(|a| a == "serve"))
+                .map(|e| e.stdout_bytes)
+                .unwrap()
+        };
+        let length = usize::try_from(serve(&fake.record())).unwrap();
+        assert!(length > 1000, "the agent wrote only {length} bytes");
+
+        // Four runs, each cut at 25 random offsets of its stdout: 100 cuts in all.
+        let mut cuts = 0;
+        for run_no in 0..4 {
+            let mut offsets: Vec<usize> = (0..25).map(|_| rng.usize(1..length * 9 / 10)).collect();
+            offsets.sort_unstable();
+            offsets.dedup();
+            let before = fake.record().stdio_cuts;
+            fake.update_faults(|f| f.cut_stdout_at.clone_from(&offsets));
+            let run = check(&fake, &[]).await;
+            assert_eq!(
+                run.code,
+                Some(0),
+                "seed {seed}, run {run_no}, cuts at {offsets:?}; stderr:\n{}",
+                run.stderr
+            );
+            assert_agent_seqs_dense(&run);
+            cuts += fake.record().stdio_cuts - before;
+        }
+        assert!(cuts >= 95, "seed {seed}: only {cuts} cuts fired");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retries_keep_one_idempotency_key_and_count_attempts() {
     let fake = FakeModal::start().await.unwrap();
