@@ -921,3 +921,68 @@ async fn sigterm_while_the_agent_runs_terminates_the_sandbox() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_random_ctrl_c_always_terminates_the_sandbox_within_3_s() {
+    let seed = fault_seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let fake = FakeModal::start().await.unwrap();
+    let agent = static_agent();
+    bounded(async {
+        // A clean run says how long a whole run takes here.
+        let started = Instant::now();
+        check(&fake, &[]).await.assert_code(0);
+        let whole = started.elapsed();
+
+        for run_no in 0..20 {
+            let at = whole.mul_f64(rng.f64());
+            let before = fake.record().sandboxes.len();
+            let home = tempfile::tempdir().unwrap();
+            let mut child = command(
+                &fake,
+                home.path(),
+                &["check", "--sandbox", "modal", "--json", "--agent", &agent],
+                &[],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+            tokio::time::sleep(at).await;
+            let interrupted_at = Instant::now();
+            let pid = i32::try_from(child.id().unwrap()).unwrap();
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+            }
+            let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .unwrap_or_else(|_| panic!("seed {seed}, run {run_no} ({at:?}): no exit"))
+                .unwrap();
+            let record = fake.record();
+            // 130 when interrupted; 0 if the run had already finished; killed by the signal
+            // itself only before tailbox listens for it, when it has created nothing.
+            let killed_early = std::os::unix::process::ExitStatusExt::signal(&status)
+                == Some(libc::SIGINT)
+                && record.sandboxes.len() == before;
+            assert!(
+                matches!(status.code(), Some(130 | 0)) || killed_early,
+                "seed {seed}, run {run_no} (SIGINT at {at:?}): exit {status:?}"
+            );
+            for sandbox in &record.sandboxes[before..] {
+                let terminated = sandbox.terminated_at.unwrap_or_else(|| {
+                    panic!(
+                        "seed {seed}, run {run_no} (SIGINT at {at:?}): {} left running",
+                        sandbox.id
+                    )
+                });
+                let took = terminated.saturating_duration_since(interrupted_at);
+                assert!(
+                    took < Duration::from_secs(3),
+                    "seed {seed}, run {run_no} (SIGINT at {at:?}): terminated {took:?} after"
+                );
+            }
+        }
+    })
+    .await;
+}
