@@ -188,7 +188,7 @@ pub enum ElfProblem {
 }
 
 /// Where cargo puts the static agent, relative to a profile directory such as `target/release`.
-const STATIC_AGENT_FROM_PROFILE_DIR: &str = "../x86_64-unknown-linux-musl/release/tailbox-agent";
+const STATIC_AGENT_FROM_PROFILE_DIR: &str = "../x86_64-unknown-linux-musl/dist/tailbox-agent";
 
 /// Candidate agent binaries when none is named: next to the running `tailbox` (a release
 /// archive, or a cargo profile directory; test binaries sit one level deeper in `deps/`), then
