@@ -6,7 +6,10 @@
 //! - `cargo xtask static-agent [--target T]...`: build the static (musl) agent for each target
 //!   (default: this machine's architecture) and verify it is static and built for that
 //!   architecture; prints one path per target.
+//! - `cargo xtask bench [--quick]`: tailbox side by side with the spike's way and containerboot
+//!   on the real lab; a table of ratios on stdout, the figures as JSON (see `bench.rs`).
 
+mod bench;
 mod static_agent;
 
 use std::collections::BTreeMap;
@@ -40,6 +43,8 @@ enum Command {
         #[arg(long = "target", value_name = "TARGET")]
         targets: Vec<Arch>,
     },
+    /// Benchmarks on the real lab: tailbox against the spike's way and containerboot
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(&workspace()?, args).await,
         Command::Lab {
             command: LabCommand::Build,
         } => {
@@ -85,10 +91,7 @@ async fn run(cli: Cli) -> Result<()> {
             command: LabCommand::Up { env_file },
         } => lab_up(env_file).await,
         Command::StaticAgent { mut targets } => {
-            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(PathBuf::from)
-                .context("xtask lives inside the workspace")?;
+            let workspace = workspace()?;
             if targets.is_empty() {
                 targets
                     .push(Arch::host().context(
@@ -99,13 +102,22 @@ async fn run(cli: Cli) -> Result<()> {
                 let binary = static_agent::build_and_verify(&workspace, arch)?;
                 let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
                 eprintln!(
-                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries ({size} bytes)"
+                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries, {size} bytes (budget {})",
+                    static_agent::SIZE_BUDGET_BYTES
                 );
                 println!("{}", binary.display());
             }
             Ok(())
         }
     }
+}
+
+/// The workspace root (xtask's parent directory).
+fn workspace() -> Result<PathBuf> {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .context("xtask lives inside the workspace")
 }
 
 async fn lab_up(env_file: Option<PathBuf>) -> Result<()> {
