@@ -333,7 +333,26 @@ async fn a_kept_sandbox_is_reused_without_uploading_and_swept_at_the_end() {
             1,
             "the second run created a sandbox"
         );
-        assert_eq!(record.agent_execs().len(), 2);
+        // Two runs of the agent; before the second, one `attach` looked for a sidecar in the
+        // existing sandbox (there was none, so the second run started its own agent).
+        let serves = |argv: &[String]| argv.iter().any(|a| a == "serve");
+        let attaches = |argv: &[String]| argv.iter().any(|a| a == "attach");
+        assert_eq!(
+            record
+                .agent_execs()
+                .iter()
+                .filter(|e| serves(&e.argv))
+                .count(),
+            2
+        );
+        assert_eq!(
+            record
+                .agent_execs()
+                .iter()
+                .filter(|e| attaches(&e.argv))
+                .count(),
+            1
+        );
         // Attached, not created: it stays running.
         assert!(record.sandbox(&id).unwrap().terminated_at.is_none());
 
