@@ -236,6 +236,9 @@ impl Session {
             }
         };
         let report = self.drain(stream, observer, deadline).await?;
+        // The client holds a clone of the channel: while it lives the agent's stdin stays open
+        // and `finish` waits out the whole exit grace (10 s) for an agent that is done.
+        drop(client);
         Ok(self.finish(report).await)
     }
 
@@ -267,6 +270,9 @@ impl Session {
             }
         };
         let report = self.drain(stream, observer, deadline).await?;
+        // The client holds a clone of the channel: while it lives the agent's stdin stays open
+        // and `finish` waits out the whole exit grace (10 s) for an agent that is done.
+        drop(client);
         Ok(self.finish(report).await)
     }
 

@@ -334,7 +334,13 @@ impl Setup<'_> {
             .arg(lab.bins().tailscaled())
             .args(["--control-url", lab.control_url(), "--auth-key-file"])
             .arg(&self.key_file)
-            .args(["--proxy-listen", "127.0.0.1:0", "--hostname"])
+            // A one-shot agent even if a sidecar runs in the default directory.
+            .args([
+                "--proxy-listen",
+                "127.0.0.1:0",
+                "--no-sidecar",
+                "--hostname",
+            ])
             .arg(format!("bench-tailbox-{round}"))
             .args(["--ping", &lab.peer_ipv4().to_string()])
             .args(["--http", &lab.health_url(), "--git", &lab.git_url()])

@@ -102,8 +102,9 @@ async fn run(cli: Cli) -> Result<()> {
                 let binary = static_agent::build_and_verify(&workspace, arch)?;
                 let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
                 eprintln!(
-                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries, {size} bytes (budget {})",
-                    static_agent::SIZE_BUDGET_BYTES
+                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries, {size} bytes (budget: {})",
+                    static_agent::size_budget(arch)
+                        .map_or_else(|| "none yet".to_owned(), |b| format!("{b} bytes"))
                 );
                 println!("{}", binary.display());
             }

@@ -22,6 +22,15 @@ pub const PROFILE: &str = "dist";
 /// (issue #9; docs/benchmarks.md has the measured sizes and what each lever saved).
 pub const SIZE_BUDGET_BYTES: u64 = 5 * 1024 * 1024;
 
+/// The budget that holds for `arch`: x86_64's was measured (5,133,144 bytes); the aarch64
+/// build's size has not been measured yet, so it has none until it is.
+pub fn size_budget(arch: Arch) -> Option<u64> {
+    match arch {
+        Arch::X86_64 => Some(SIZE_BUDGET_BYTES),
+        Arch::Aarch64 => None,
+    }
+}
+
 /// Builds the shipping (`dist` profile) agent for `arch` and verifies it; returns the binary's path.
 pub fn build_and_verify(workspace: &Path, arch: Arch) -> Result<PathBuf> {
     let target = arch.rust_target();
@@ -72,7 +81,9 @@ pub fn build_and_verify(workspace: &Path, arch: Arch) -> Result<PathBuf> {
         .unwrap_or_else(|| workspace.join("target"));
     let binary = target_dir.join(target).join(PROFILE).join("tailbox-agent");
     verify(&binary, arch)?;
-    within_budget(&binary, SIZE_BUDGET_BYTES)?;
+    if let Some(budget) = size_budget(arch) {
+        within_budget(&binary, budget)?;
+    }
     Ok(binary)
 }
 
