@@ -236,8 +236,8 @@ impl Session {
             }
         };
         let report = self.drain(stream, observer, deadline).await?;
-        // The client holds a clone of the channel: while it lives the agent's stdin stays open
-        // and `finish` waits out the whole exit grace (10 s) for an agent that is done.
+        // The client holds a handle on the channel: while it lives, closing the channel in
+        // `finish` leaves the agent's stdin open and the agent waits out the exit grace.
         drop(client);
         Ok(self.finish(report).await)
     }
@@ -270,8 +270,8 @@ impl Session {
             }
         };
         let report = self.drain(stream, observer, deadline).await?;
-        // The client holds a clone of the channel: while it lives the agent's stdin stays open
-        // and `finish` waits out the whole exit grace (10 s) for an agent that is done.
+        // The client holds a handle on the channel: while it lives, closing the channel in
+        // `finish` leaves the agent's stdin open and the agent waits out the exit grace.
         drop(client);
         Ok(self.finish(report).await)
     }

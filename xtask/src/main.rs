@@ -6,6 +6,8 @@
 //! - `cargo xtask static-agent [--target T]...`: build the static (musl) agent for each target
 //!   (default: this machine's architecture) and verify it is static and built for that
 //!   architecture; prints one path per target.
+//! - `cargo xtask man`: regenerate the man pages in `controller/man/` from tailbox's clap
+//!   definitions (`controller/tests/man.rs` fails when they are stale).
 //! - `cargo xtask bench [--quick]`: tailbox side by side with the spike's way and containerboot
 //!   on the real lab; a table of ratios on stdout, the figures as JSON (see `bench.rs`).
 
@@ -43,6 +45,8 @@ enum Command {
         #[arg(long = "target", value_name = "TARGET")]
         targets: Vec<Arch>,
     },
+    /// Regenerate tailbox's man pages in controller/man/ from its clap definitions
+    Man,
     /// Benchmarks on the real lab: tailbox against the spike's way and containerboot
     Bench(bench::BenchArgs),
 }
@@ -90,6 +94,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Lab {
             command: LabCommand::Up { env_file },
         } => lab_up(env_file).await,
+        Command::Man => {
+            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .context("xtask lives inside the workspace")?
+                .join("controller/man");
+            let written = tailbox::write_man_pages(&dir)
+                .with_context(|| format!("writing the man pages to {}", dir.display()))?;
+            for page in written {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
         Command::StaticAgent { mut targets } => {
             let workspace = workspace()?;
             if targets.is_empty() {
