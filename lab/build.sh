@@ -2,6 +2,8 @@
 # Builds the tailnet lab's binaries, or reuses them from the cache:
 #   tailscaled, tailscale  - real Tailscale, at the version lab/go.mod pins (the one source of truth)
 #   tailbox-lab            - our control/DERP/STUN and dev-host program (this directory)
+#   containerboot          - Tailscale's container entrypoint, from the same pin: the baseline of
+#                            `cargo xtask bench` (B5), run in userspace mode against the lab
 #   linux-amd64/, linux-arm64/
 #                          - tailscaled and tailscale for each architecture with an agent build,
 #                            from the same pin: the host's are links to the ones above, the other
@@ -55,7 +57,7 @@ out="$cache_root/lab/$key"
 
 goarches=(amd64 arm64)
 cached() {
-  [[ -f "$out/complete" && -x "$out/bin/tailscaled" && -x "$out/bin/tailscale" && -x "$out/bin/tailbox-lab" ]] || return 1
+  [[ -f "$out/complete" && -x "$out/bin/tailscaled" && -x "$out/bin/tailscale" && -x "$out/bin/tailbox-lab" && -x "$out/bin/containerboot" ]] || return 1
   for goarch in "${goarches[@]}"; do
     [[ -x "$out/bin/linux-$goarch/tailscaled" && -x "$out/bin/linux-$goarch/tailscale" ]] || return 1
   done
@@ -99,6 +101,7 @@ build_tailscale() { # OUT_DIR [env...]
     -o "$dir/" tailscale.com/cmd/tailscaled tailscale.com/cmd/tailscale
 }
 build_tailscale "$tmp/bin"
+go build -trimpath -buildvcs=false -o "$tmp/bin/" tailscale.com/cmd/containerboot
 go build -trimpath -buildvcs=false -o "$tmp/bin/tailbox-lab" .
 for goarch in "${goarches[@]}"; do
   mkdir -p "$tmp/bin/linux-$goarch"

@@ -2,22 +2,29 @@
 
 use std::io::Write;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// Installs a tracing subscriber that writes to stderr with the given filter.
+/// Installs a tracing subscriber that writes to stderr with the given filter, a comma-separated
+/// list of `level` and `target=level` (tracing-subscriber's `Targets` syntax).
 pub fn init(filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|err| {
+    let filter = filter.parse::<Targets>().unwrap_or_else(|err| {
         emergency(&format!(
             "invalid --log filter {filter:?} ({err}); using the default"
         ));
-        EnvFilter::new("warn,tailbox_agent=info")
+        Targets::new()
+            .with_default(LevelFilter::WARN)
+            .with_target("tailbox_agent", LevelFilter::INFO)
     });
-    // A second init (tests in one process) is harmless, so its error is ignored.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
-        .with_target(false)
+        .with_target(false);
+    // A second init (tests in one process) is harmless, so its error is ignored.
+    let _ = tracing_subscriber::registry()
+        .with(layer)
+        .with(filter)
         .try_init();
 }
 

@@ -18,7 +18,7 @@ use tailbox_agent::sidecar::start::StartOptions;
 use tailbox_agent::sidecar::{DEFAULT_STATE_DIR, StateDir, daemon, exit};
 use tailbox_agent::{logging, server, stdio};
 
-#[cfg(target_env = "musl")]
+#[cfg(all(target_env = "musl", feature = "mimalloc"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -71,7 +71,7 @@ struct ServeArgs {
     #[arg(long, required = true)]
     stdio: bool,
 
-    /// Log filter for stderr, in tracing-subscriber's EnvFilter syntax.
+    /// Log filter for stderr, as `level,target=level,...` (tracing-subscriber's Targets syntax).
     #[arg(long, default_value = DEFAULT_LOG_FILTER)]
     log: String,
 }
@@ -101,7 +101,7 @@ struct SidecarArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
 
-    /// The sidecar's log filter, in tracing-subscriber's EnvFilter syntax.
+    /// The sidecar's log filter, as `level,target=level,...` (tracing-subscriber's Targets syntax).
     #[arg(long, default_value = DEFAULT_LOG_FILTER)]
     log: String,
 }

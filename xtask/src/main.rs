@@ -8,7 +8,10 @@
 //!   architecture; prints one path per target.
 //! - `cargo xtask man`: regenerate the man pages in `controller/man/` from tailbox's clap
 //!   definitions (`controller/tests/man.rs` fails when they are stale).
+//! - `cargo xtask bench [--quick]`: tailbox side by side with the spike's way and containerboot
+//!   on the real lab; a table of ratios on stdout, the figures as JSON (see `bench.rs`).
 
+mod bench;
 mod static_agent;
 
 use std::collections::BTreeMap;
@@ -44,6 +47,8 @@ enum Command {
     },
     /// Regenerate tailbox's man pages in controller/man/ from its clap definitions
     Man,
+    /// Benchmarks on the real lab: tailbox against the spike's way and containerboot
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +83,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(&workspace()?, args).await,
         Command::Lab {
             command: LabCommand::Build,
         } => {
@@ -101,10 +107,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::StaticAgent { mut targets } => {
-            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(PathBuf::from)
-                .context("xtask lives inside the workspace")?;
+            let workspace = workspace()?;
             if targets.is_empty() {
                 targets
                     .push(Arch::host().context(
@@ -115,13 +118,23 @@ async fn run(cli: Cli) -> Result<()> {
                 let binary = static_agent::build_and_verify(&workspace, arch)?;
                 let size = std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0);
                 eprintln!(
-                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries ({size} bytes)"
+                    "static {arch} agent OK: ELF machine {arch}, no ELF interpreter, no shared libraries, {size} bytes (budget: {})",
+                    static_agent::size_budget(arch)
+                        .map_or_else(|| "none yet".to_owned(), |b| format!("{b} bytes"))
                 );
                 println!("{}", binary.display());
             }
             Ok(())
         }
     }
+}
+
+/// The workspace root (xtask's parent directory).
+fn workspace() -> Result<PathBuf> {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .context("xtask lives inside the workspace")
 }
 
 async fn lab_up(env_file: Option<PathBuf>) -> Result<()> {

@@ -15,7 +15,23 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use tailbox_proto::arch::Arch;
 
-/// Builds the release agent for `arch` and verifies it; returns the binary's path.
+/// The cargo profile of what ships (Cargo.toml: small over fast, fat LTO).
+pub const PROFILE: &str = "dist";
+
+/// The static agent's size budget, checked on every build: every new sandbox uploads all of it
+/// (issue #9; docs/benchmarks.md has the measured sizes and what each lever saved).
+pub const SIZE_BUDGET_BYTES: u64 = 5 * 1024 * 1024;
+
+/// The budget that holds for `arch`: x86_64's was measured (5,133,144 bytes); the aarch64
+/// build's size has not been measured yet, so it has none until it is.
+pub fn size_budget(arch: Arch) -> Option<u64> {
+    match arch {
+        Arch::X86_64 => Some(SIZE_BUDGET_BYTES),
+        Arch::Aarch64 => None,
+    }
+}
+
+/// Builds the shipping (`dist` profile) agent for `arch` and verifies it; returns the binary's path.
 pub fn build_and_verify(workspace: &Path, arch: Arch) -> Result<PathBuf> {
     let target = arch.rust_target();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -41,7 +57,8 @@ pub fn build_and_verify(workspace: &Path, arch: Arch) -> Result<PathBuf> {
     let status = command
         .args([
             "--locked",
-            "--release",
+            "--profile",
+            PROFILE,
             "--package",
             "tailbox-agent",
             "--target",
@@ -62,12 +79,28 @@ pub fn build_and_verify(workspace: &Path, arch: Arch) -> Result<PathBuf> {
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"));
-    let binary = target_dir
-        .join(target)
-        .join("release")
-        .join("tailbox-agent");
+    let binary = target_dir.join(target).join(PROFILE).join("tailbox-agent");
     verify(&binary, arch)?;
+    if let Some(budget) = size_budget(arch) {
+        within_budget(&binary, budget)?;
+    }
     Ok(binary)
+}
+
+/// Fails if `binary` is larger than `budget` bytes.
+pub fn within_budget(binary: &Path, budget: u64) -> Result<u64> {
+    let size = std::fs::metadata(binary)
+        .with_context(|| format!("read {}", binary.display()))?
+        .len();
+    if size > budget {
+        bail!(
+            "{} is {size} bytes, over the static agent's budget of {budget} bytes ({:.2} MiB > {:.2} MiB); see docs/benchmarks.md for what makes it smaller",
+            binary.display(),
+            size as f64 / 1048576.0,
+            budget as f64 / 1048576.0
+        );
+    }
+    Ok(size)
 }
 
 /// The bin dir of the pinned cross toolchain, which `scripts/setup` installs.
@@ -130,7 +163,7 @@ mod tests {
 
     use tailbox_proto::arch::Arch;
 
-    use super::verify;
+    use super::{verify, within_budget};
 
     fn host() -> Arch {
         Arch::host().expect("tests run on an architecture with an agent build")
@@ -154,6 +187,18 @@ mod tests {
         let err = verify(&me, other).expect_err("this test binary is for the host");
         assert!(
             format!("{err:#}").contains(&format!("not {other}")),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_binary_over_the_size_budget_is_refused() {
+        let me = std::env::current_exe().unwrap();
+        let size = std::fs::metadata(&me).unwrap().len();
+        assert_eq!(within_budget(&me, size).unwrap(), size);
+        let err = within_budget(&me, size - 1).expect_err("one byte over");
+        assert!(
+            format!("{err:#}").contains("over the static agent's budget"),
             "{err:#}"
         );
     }

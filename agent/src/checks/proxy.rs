@@ -449,7 +449,7 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
     CONFIG
         .get_or_init(|| {
             use rustls_platform_verifier::BuilderVerifierExt as _;
-            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
             let mut config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .and_then(|builder| builder.with_platform_verifier())

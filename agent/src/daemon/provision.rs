@@ -146,14 +146,45 @@ async fn prepare(
 
 /// The PT_INTERP of an ELF file; `None` for a static binary or a `#!` script (a wrapper around
 /// tailscaled is legitimate, and the kernel resolves its interpreter itself).
+///
+/// Reads only the ELF header, the program headers and the interpreter's name: tailscaled is
+/// tens of MB, and reading it whole was most of the agent's peak memory.
 pub fn elf_interpreter(path: &Path) -> Result<Option<String>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
-    if bytes.starts_with(b"#!") {
+    use goblin::container::Ctx;
+    use goblin::elf::program_header::{PT_INTERP, ProgramHeader};
+    use std::os::unix::fs::FileExt as _;
+
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read it: {e}"))?;
+    let read_at = |offset: u64, len: usize| -> Result<Vec<u8>, String> {
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, offset)
+            .map_err(|e| format!("cannot read it: {e}"))?;
+        Ok(buf)
+    };
+    let not_elf =
+        |e: &dyn std::fmt::Display| format!("it is neither an ELF binary nor a #! script: {e}");
+    let mut head = [0; goblin::elf::header::header64::SIZEOF_EHDR];
+    let got = file
+        .read_at(&mut head, 0)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if head[..got].starts_with(b"#!") {
         return Ok(None);
     }
-    let elf = goblin::elf::Elf::parse(&bytes)
-        .map_err(|e| format!("it is neither an ELF binary nor a #! script: {e}"))?;
-    Ok(elf.interpreter.map(str::to_owned))
+    let header = goblin::elf::Elf::parse_header(&head[..got]).map_err(|e| not_elf(&e))?;
+    let container = header.container().map_err(|e| not_elf(&e))?;
+    let endian = header.endianness().map_err(|e| not_elf(&e))?;
+    let ctx = Ctx::new(container, endian);
+    let count = usize::from(header.e_phnum);
+    let table = read_at(header.e_phoff, count * usize::from(header.e_phentsize))
+        .map_err(|e| not_elf(&e))?;
+    let program_headers = ProgramHeader::parse(&table, 0, count, ctx).map_err(|e| not_elf(&e))?;
+    let Some(interp) = program_headers.iter().find(|ph| ph.p_type == PT_INTERP) else {
+        return Ok(None);
+    };
+    let len = usize::try_from(interp.p_filesz).map_err(|e| not_elf(&e))?;
+    let name = read_at(interp.p_offset, len).map_err(|e| not_elf(&e))?;
+    let name = name.split(|&b| b == 0).next().unwrap_or_default();
+    Ok(Some(String::from_utf8_lossy(name).into_owned()))
 }
 
 /// A loader with the same file name as the missing interpreter: the standard location, then

@@ -3,7 +3,7 @@
 //!
 //! `--agent` takes files and directories, as many as needed. Each file's architecture comes from
 //! its ELF header (names are not trusted); a directory is searched for `tailbox-agent` and
-//! `tailbox-agent-<suffix>` files and for cargo's `<target>/release/tailbox-agent`, so
+//! `tailbox-agent-<suffix>` files and for cargo's `<target>/dist/tailbox-agent`, so
 //! `--agent target` finds both `cargo xtask static-agent` builds. An agent for a sandbox must be
 //! static: the image may have no loader. How a Modal sandbox's own architecture is learned is in
 //! [`super::modal`].
@@ -149,7 +149,7 @@ fn is_agent_name(name: &str) -> bool {
 }
 
 /// Where an agent may sit in `dir`: files with an agent name ([`is_agent_name`]), and cargo's
-/// `<target>/release/tailbox-agent` for each target with an agent build.
+/// `<target>/dist/tailbox-agent` for each target with an agent build.
 fn candidates_in(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
@@ -163,13 +163,18 @@ fn candidates_in(dir: &Path) -> Vec<PathBuf> {
         })
         .collect();
     found.sort();
-    found.extend(
-        Arch::ALL
-            .iter()
-            .map(|a| dir.join(a.rust_target()).join("release/tailbox-agent")),
-    );
+    found.extend(Arch::ALL.iter().map(|a| static_build_in(dir, *a)));
     found.retain(|p| p.is_file());
     found
+}
+
+/// Where `cargo xtask static-agent` puts the agent for `arch` in the cargo target directory
+/// `target_dir` (the `dist` profile: what ships).
+pub fn static_build_in(target_dir: &Path, arch: Arch) -> PathBuf {
+    target_dir
+        .join(arch.rust_target())
+        .join("dist")
+        .join("tailbox-agent")
 }
 
 /// `path` read as a static agent, or `None` if it is not one.
@@ -203,7 +208,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let x86 = dir.path().join("tailbox-agent-x86_64");
         std::fs::write(&x86, Arch::X86_64.elf_header()).unwrap();
-        let arm_dir = dir.path().join("aarch64-unknown-linux-musl/release");
+        let arm_dir = static_build_in(dir.path(), Arch::Aarch64)
+            .parent()
+            .unwrap()
+            .to_path_buf();
         std::fs::create_dir_all(&arm_dir).unwrap();
         std::fs::write(arm_dir.join("tailbox-agent"), Arch::Aarch64.elf_header()).unwrap();
         std::fs::write(dir.path().join("tailbox-agent.d"), "not an agent").unwrap();

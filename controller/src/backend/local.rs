@@ -258,12 +258,12 @@ impl Drop for StopOnDrop {
 /// `tailbox-agent` in one of them, else the static build for this machine.
 fn default_agent_path() -> Result<PathBuf, SandboxError> {
     let dirs = super::default_agent_dirs();
-    let static_build = Arch::host().map(|a| format!("{}/release/tailbox-agent", a.rust_target()));
+    let host = Arch::host();
     dirs.iter()
         .map(|d| d.join("tailbox-agent"))
         .chain(
             dirs.iter()
-                .filter_map(|d| Some(d.join(static_build.as_ref()?))),
+                .filter_map(|d| Some(super::agents::static_build_in(d, host?))),
         )
         .find(|p| p.is_file())
         .ok_or(SandboxError::AgentMissing {

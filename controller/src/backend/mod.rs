@@ -282,7 +282,7 @@ pub enum ElfProblem {
 /// Directories where `tailbox` looks for agents when none is named: its own (a release archive,
 /// or a cargo profile directory such as `target/release`; test binaries sit one level deeper in
 /// `deps/`), then the target directory above it, where `cargo xtask static-agent` puts
-/// `<target>/release/tailbox-agent` for each architecture.
+/// `<target>/dist/tailbox-agent` for each architecture.
 pub fn default_agent_dirs() -> Vec<PathBuf> {
     let Ok(exe) = std::env::current_exe() else {
         return Vec::new();

@@ -1,4 +1,4 @@
-//! Finding the lab's binaries: `tailscaled`, `tailscale` and `tailbox-lab`.
+//! Finding the lab's binaries: `tailscaled`, `tailscale`, `tailbox-lab` and `containerboot`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -65,10 +65,15 @@ impl Binaries {
         }
     }
 
-    /// Uses binaries in `dir`, checking that all three are there.
+    /// Uses binaries in `dir`, checking that all four are there.
     pub fn from_dir(dir: PathBuf) -> Result<Self> {
         let bins = Self { dir };
-        for p in [bins.tailscaled(), bins.tailscale(), bins.lab()] {
+        for p in [
+            bins.tailscaled(),
+            bins.tailscale(),
+            bins.lab(),
+            bins.containerboot(),
+        ] {
             require_executable(&p)?;
         }
         Ok(bins)
@@ -109,6 +114,11 @@ impl Binaries {
             )
         })?;
         Ok(path)
+    }
+
+    /// Tailscale's container entrypoint (`cmd/containerboot`), the benchmark's baseline.
+    pub fn containerboot(&self) -> PathBuf {
+        self.dir.join("containerboot")
     }
 
     /// Our control/DERP/STUN and dev-host program.
