@@ -241,6 +241,11 @@ impl CheckPlan {
         })
     }
 
+    /// Whether anything on the dev host is to be checked (ping, HTTP or git).
+    pub fn has_targets(&self) -> bool {
+        !(self.ping.is_empty() && self.http.is_empty() && self.git.is_empty())
+    }
+
     /// The request sent to the agent. It carries the auth key: never log it.
     pub fn run_request(
         &self,

@@ -84,6 +84,17 @@ impl Renderer {
         }
     }
 
+    /// A block of lines for people after the results table (ignored in JSON mode and under
+    /// `--quiet`).
+    pub fn block(&mut self, text: &str) {
+        if let Renderer::Human(human) = self {
+            human.clear_spinner();
+            for line in text.lines() {
+                human.line(line);
+            }
+        }
+    }
+
     /// Clears live progress (before an error message is printed).
     pub fn clear(&mut self) {
         if let Renderer::Human(human) = self {
@@ -342,6 +353,26 @@ pub fn report_table(report: &Report) -> String {
     out
 }
 
+/// What a run with no tailnet targets did not check, and the variables and flags that would
+/// make it check them. `joined`: an auth key was given, so login and status were checked.
+pub fn unchecked_guidance(joined: bool) -> String {
+    let mut out = String::from(if joined {
+        "not checked: no targets were given, so nothing on the dev host was pinged, fetched or cloned\n"
+    } else {
+        "not checked: no auth key was given, so the sandbox joined no tailnet and nothing was pinged, fetched or cloned\n"
+    });
+    if !joined {
+        out.push_str("  to join the tailnet, set `TS_AUTHKEY` (an ephemeral, pre-authorized auth key) or pass `--auth-key-file PATH`\n");
+    }
+    out.push_str(concat!(
+        "  to ping the dev host, set `COOK_TAIL_IP` or pass `--ping HOST`\n",
+        "  to fetch a URL from it, set `COOK_HTTP_URL` or pass `--http URL`\n",
+        "  to list a git remote on it, set `COOK_GIT_URL` or pass `--git URL` (and `--expect-ref NAME=SHA`)\n",
+        "  to see a whole run on a local tailnet, with no account: `cargo xtask demo` in a tailbox checkout\n",
+    ));
+    out
+}
+
 fn phase(value: i32) -> Phase {
     Phase::try_from(value).unwrap_or(Phase::Unspecified)
 }
@@ -456,6 +487,15 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_guidance_for_a_run_without_targets_is_pinned() {
+        insta::assert_snapshot!(format!(
+            "{}\n---\n\n{}",
+            unchecked_guidance(false),
+            unchecked_guidance(true)
+        ));
     }
 
     #[test]
