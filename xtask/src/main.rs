@@ -1,5 +1,7 @@
 //! Repository tooling, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
 //!
+//! - `cargo xtask demo`: the whole product on this machine (the lab, `tailbox check` on the
+//!   local backend and through the fake Modal, teardown); exits 0 only if both runs passed.
 //! - `cargo xtask lab up`: start the local tailnet lab in the foreground and print what to
 //!   export to point tailbox (or the spike) at it; Ctrl-C tears it down. See `lab/README.md`.
 //! - `cargo xtask lab build`: build or find the lab binaries and print their directory.
@@ -7,6 +9,7 @@
 //!   (default: this machine's architecture) and verify it is static and built for that
 //!   architecture; prints one path per target.
 
+mod demo;
 mod static_agent;
 
 use std::collections::BTreeMap;
@@ -27,6 +30,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole job on this machine, no account needed: build what is missing, bring up the
+    /// local tailnet lab and a fake Modal, run `tailbox check` with every check on the local
+    /// backend and through the fake Modal, tear down. Exits 0 only if both runs passed
+    Demo,
     /// The local tailnet lab: real tailscaled + Tailscale's test control on loopback
     Lab {
         #[command(subcommand)]
@@ -64,7 +71,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -72,23 +79,29 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// The repository root (xtask lives inside it).
+fn workspace() -> Result<PathBuf> {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .context("xtask lives inside the workspace")
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Demo => demo::run(&workspace()?).await,
         Command::Lab {
             command: LabCommand::Build,
         } => {
             let bins = Binaries::locate().await?;
             println!("{}", bins.dir().display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lab {
             command: LabCommand::Up { env_file },
-        } => lab_up(env_file).await,
+        } => lab_up(env_file).await.map(|()| ExitCode::SUCCESS),
         Command::StaticAgent { mut targets } => {
-            let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .map(PathBuf::from)
-                .context("xtask lives inside the workspace")?;
+            let workspace = workspace()?;
             if targets.is_empty() {
                 targets
                     .push(Arch::host().context(
@@ -103,7 +116,7 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 println!("{}", binary.display());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
