@@ -84,11 +84,12 @@ impl Renderer {
         }
     }
 
-    /// A block of lines for people after the results table (ignored in JSON mode and under
-    /// `--quiet`).
+    /// A block of lines for people after the results table, set off by an empty line (ignored
+    /// in JSON mode and under `--quiet`).
     pub fn block(&mut self, text: &str) {
         if let Renderer::Human(human) = self {
             human.clear_spinner();
+            human.line("");
             for line in text.lines() {
                 human.line(line);
             }

@@ -357,10 +357,14 @@ async fn cargo_build(workspace: &Path, name: &str, args: &[&str]) -> Result<Path
         ])
         .args(args)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // Its progress, for people (tokio's `output()` would capture it).
         .stderr(Stdio::inherit())
-        .output()
+        .spawn()
+        .context("running cargo build")?
+        .wait_with_output()
         .await
-        .context("running cargo build")?;
+        .context("waiting for cargo build")?;
     if !output.status.success() {
         bail!(
             "building {name} failed ({}); the output above says why. `scripts/setup` installs \
