@@ -9,12 +9,13 @@ use tailbox_proto::agent::v1::{
     DownRequest, EnvRequest, SidecarState, SidecarStatus, StatusRequest, WatchRequest, watch_event,
 };
 
-use crate::events::{duration, to_std_duration};
+use crate::events::duration;
 use crate::output;
 use crate::sidecar::client::{self, Clients, ConnectError};
 use crate::sidecar::start::{self, Serving, StartError, StartOptions};
 use crate::sidecar::{StateDir, exit};
 use crate::stdio::{self, Wire};
+use tailbox_proto::describe::{human_status, humanize, or_none, state_name};
 
 /// How long `down` waits for the sidecar process to exit after the node is down.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -299,75 +300,6 @@ fn print_status(status: &SidecarStatus, json: bool) -> Result<(), Failure> {
 
 fn write_data(text: &str) -> Result<(), Failure> {
     output::data(text).map_err(|err| Failure::new(exit::FAILED, &err))
-}
-
-/// The status for people, one fact per line.
-pub fn human_status(s: &SidecarStatus) -> String {
-    let mut text = String::new();
-    let uptime = to_std_duration(s.uptime.as_ref()).unwrap_or_default();
-    let lines = [
-        ("state", state_name(s.state).to_owned()),
-        ("backend state", or_none(&s.backend_state).to_owned()),
-        (
-            "hostname",
-            if s.dns_name.is_empty() {
-                or_none(&s.hostname).to_owned()
-            } else {
-                format!("{} ({})", or_none(&s.hostname), s.dns_name)
-            },
-        ),
-        ("tailnet IPs", or_none(&s.tailnet_ips.join(", ")).to_owned()),
-        ("proxy", or_none(&s.proxy_url).to_owned()),
-        ("HTTP proxy", or_none(&s.http_proxy_url).to_owned()),
-        (
-            "tailscaled",
-            format!(
-                "{}, pid {}, {} restart(s)",
-                or_none(&s.tailscale_version),
-                s.tailscaled_pid,
-                s.daemon_restarts
-            ),
-        ),
-        ("health", or_none(&s.health.join("; ")).to_owned()),
-        (
-            "sidecar",
-            format!(
-                "pid {}, up {}, agent {} (sha256 {})",
-                s.pid,
-                humanize(uptime),
-                s.agent_version,
-                s.agent_sha256.get(..12).unwrap_or(&s.agent_sha256)
-            ),
-        ),
-    ];
-    for (name, value) in lines {
-        let _ = writeln!(text, "{name:<14} {value}");
-    }
-    if !s.last_error.is_empty() {
-        let _ = writeln!(text, "{:<14} {}", "last error", s.last_error);
-    }
-    text
-}
-
-fn or_none(text: &str) -> &str {
-    if text.is_empty() { "-" } else { text }
-}
-
-/// The state as a lowercase word.
-pub fn state_name(state: i32) -> &'static str {
-    match SidecarState::try_from(state).unwrap_or_default() {
-        SidecarState::Unspecified => "unknown",
-        SidecarState::Idle => "idle",
-        SidecarState::Starting => "starting",
-        SidecarState::Running => "running",
-        SidecarState::Degraded => "degraded",
-        SidecarState::Failed => "failed",
-        SidecarState::Stopping => "stopping",
-    }
-}
-
-fn humanize(d: Duration) -> String {
-    crate::checks::tailnet::humanize(d)
 }
 
 /// `tailbox-agent env`: the proxy variables, as `export` lines or (`json`) one JSON object.

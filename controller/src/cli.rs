@@ -23,11 +23,37 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   3    sandbox or infrastructure error (the sandbox, the agent or the link to it failed)
   130  interrupted; cleanup still ran";
 
+/// Exit codes of `up`, `status` and `down`, shown at the end of their `--help`.
+pub const SIDECAR_EXIT_CODES_HELP: &str = "Exit codes:
+  0    done (up: the node is Running; status: it is Running; down: it is down)
+  1    the node is not Running (up, status), or its logout failed (down)
+  2    usage or configuration error
+  3    sandbox or infrastructure error, or no sidecar runs there (status)
+  130  interrupted";
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a sandbox, join it to the tailnet and check it can reach the dev host.
+    ///
+    /// When a sidecar runs in the sandbox (`tailbox up`), the checks use its node and no second
+    /// tailscaled starts.
     Check(CheckArgs),
+    /// Put a sandbox on the tailnet and keep it there (the sidecar).
+    ///
+    /// Starts the agent's sidecar in the sandbox, brings the node up, and prints what other
+    /// programs need (the proxy variables). The sandbox and the sidecar stay running.
+    #[command(after_help = SIDECAR_EXIT_CODES_HELP)]
+    Up(UpArgs),
+    /// Show the sidecar's node: state, tailnet IPs, proxy and health.
+    #[command(after_help = SIDECAR_EXIT_CODES_HELP)]
+    Status(StatusArgs),
+    /// Take the sidecar down, and the sandbox if tailbox created it.
+    ///
+    /// Logs the node out, stops tailscaled and the sidecar, then terminates the sandbox if
+    /// tailbox created it (unless --keep).
+    #[command(after_help = SIDECAR_EXIT_CODES_HELP)]
+    Down(DownArgs),
     /// Manage sandboxes tailbox created.
     #[command(subcommand)]
     Sandbox(SandboxCommand),
@@ -70,42 +96,30 @@ pub enum SandboxKind {
     Modal,
 }
 
-/// Flags of `tailbox check`.
-#[derive(Debug, Args)]
-pub struct CheckArgs {
-    /// Where to run the agent.
+/// Which sandbox, and the agent to put in it: shared by `check`, `up`, `status` and `down`.
+#[derive(Debug, Clone, Args)]
+pub struct SandboxArgs {
+    /// Where the agent runs.
     #[arg(long, value_enum, default_value_t = SandboxKind::Auto)]
     pub sandbox: SandboxKind,
 
-    /// Write one JSON object per event to stdout, the final report last.
-    #[arg(long)]
-    pub json: bool,
+    /// An existing Modal sandbox to use instead of creating one.
+    #[arg(long, value_name = "ID")]
+    pub sandbox_id: Option<String>,
 
-    /// Also write the final report, as JSON, to this file.
+    /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
     #[arg(long, value_name = "PATH")]
-    pub report: Option<PathBuf>,
+    pub agent: Option<PathBuf>,
 
-    /// The dev host to ping: its tailnet IP, or its name (host name, MagicDNS name or FQDN),
-    /// looked up in the netmap [env: COOK_TAIL_IP]. Repeatable.
-    #[arg(long = "ping", value_name = "HOST")]
-    pub ping: Vec<String>,
+    /// The sidecar's state directory in the sandbox (its socket, lock and log)
+    /// [env: TAILBOX_SIDECAR_DIR; default: /tmp/tailbox/sidecar].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<String>,
+}
 
-    /// URL to fetch over the tailnet, e.g. http://100.64.0.1:7420/health [env: COOK_HTTP_URL].
-    /// Any 2xx passes, after up to 5 redirects. To expect another status, put it before the URL:
-    /// a code (`302=URL`: that redirect passes and is not followed) or an inclusive range
-    /// (`200-399=URL`). Repeatable.
-    #[arg(long = "http", value_name = "[STATUS=]URL")]
-    pub http: Vec<String>,
-
-    /// git remote to list over the tailnet [env: COOK_GIT_URL]. Repeatable.
-    #[arg(long = "git", value_name = "URL")]
-    pub git: Vec<String>,
-
-    /// Ref the git remotes must advertise with this sha, as NAME=SHA (NAME may be a branch name,
-    /// a full ref such as refs/tags/v1, or HEAD). Repeatable.
-    #[arg(long = "expect-ref", value_name = "NAME=SHA")]
-    pub expect_ref: Vec<String>,
-
+/// How the sandbox joins the tailnet: shared by `check` and `up`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TailnetArgs {
     /// Read the Tailscale auth key from this file instead of TS_AUTHKEY (there is deliberately no
     /// flag that takes the key itself: argv is visible to every process).
     #[arg(long, value_name = "PATH")]
@@ -151,13 +165,52 @@ pub struct CheckArgs {
     #[arg(long, value_name = "ADDR")]
     pub proxy_listen: Option<std::net::SocketAddr>,
 
-    /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
-    #[arg(long, value_name = "PATH")]
-    pub agent: Option<PathBuf>,
+    /// Budget for logging in to the tailnet [default: 120s].
+    #[arg(long, value_parser = parse_duration)]
+    pub login_timeout: Option<Duration>,
+}
 
-    /// Attach to this existing Modal sandbox instead of creating one.
-    #[arg(long, value_name = "ID")]
-    pub sandbox_id: Option<String>,
+/// Flags of `tailbox check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    /// Write one JSON object per event to stdout, the final report last.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the final report, as JSON, to this file.
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+
+    /// The dev host to ping: its tailnet IP, or its name (host name, MagicDNS name or FQDN),
+    /// looked up in the netmap [env: COOK_TAIL_IP]. Repeatable.
+    #[arg(long = "ping", value_name = "HOST")]
+    pub ping: Vec<String>,
+
+    /// URL to fetch over the tailnet, e.g. http://100.64.0.1:7420/health [env: COOK_HTTP_URL].
+    /// Any 2xx passes, after up to 5 redirects. To expect another status, put it before the URL:
+    /// a code (`302=URL`: that redirect passes and is not followed) or an inclusive range
+    /// (`200-399=URL`). Repeatable.
+    #[arg(long = "http", value_name = "[STATUS=]URL")]
+    pub http: Vec<String>,
+
+    /// git remote to list over the tailnet [env: COOK_GIT_URL]. Repeatable.
+    #[arg(long = "git", value_name = "URL")]
+    pub git: Vec<String>,
+
+    /// Ref the git remotes must advertise with this sha, as NAME=SHA (NAME may be a branch name,
+    /// a full ref such as refs/tags/v1, or HEAD). Repeatable.
+    #[arg(long = "expect-ref", value_name = "NAME=SHA")]
+    pub expect_ref: Vec<String>,
+
+    #[command(flatten)]
+    pub tailnet: TailnetArgs,
+
+    /// Start a one-shot agent even if a sidecar runs in the sandbox (it starts its own tailscaled).
+    #[arg(long)]
+    pub no_sidecar: bool,
 
     /// Leave the sandbox running at the end [env: KEEP_SANDBOX=1].
     #[arg(long)]
@@ -166,10 +219,6 @@ pub struct CheckArgs {
     /// Budget for the whole run.
     #[arg(long, value_parser = parse_duration, default_value = "15m")]
     pub timeout: Duration,
-
-    /// Budget for logging in to the tailnet [default: 120s].
-    #[arg(long, value_parser = parse_duration)]
-    pub login_timeout: Option<Duration>,
 
     /// Budget for the target to appear online in the netmap [default: 30s].
     #[arg(long, value_parser = parse_duration)]
@@ -194,6 +243,72 @@ pub struct CheckArgs {
     /// Print only the results table (no live progress).
     #[arg(short, long, conflicts_with = "verbose")]
     pub quiet: bool,
+}
+
+/// Flags of `tailbox up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    #[command(flatten)]
+    pub tailnet: TailnetArgs,
+
+    /// Print one JSON object as the last stdout line: sandbox_id, hostname, tailnet_ips,
+    /// proxy_url, env and the sidecar's status.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Take down a sidecar of another version running in the sandbox and start this one.
+    #[arg(long)]
+    pub replace: bool,
+
+    /// Leave a sandbox tailbox created running even if `up` fails.
+    #[arg(long)]
+    pub keep: bool,
+
+    /// How long a sandbox tailbox creates may live; Modal terminates it then, whatever runs in it.
+    #[arg(long, value_parser = parse_duration, default_value = "1h")]
+    pub lifetime: Duration,
+
+    /// Budget for the sandbox, the sidecar and the login together.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub timeout: Duration,
+
+    /// Show the agent's own log lines.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+/// Flags of `tailbox status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    /// Print the status as one JSON object (the proto3 JSON of the sidecar's `SidecarStatus`,
+    /// with the sandbox id).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `tailbox down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    /// Leave the sandbox running (only the sidecar and its node go).
+    #[arg(long)]
+    pub keep: bool,
+
+    /// Time for the logout and for stopping tailscaled.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub grace: Duration,
+
+    /// Print the outcome as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -24,6 +24,8 @@ pub const COOK_GIT_URL: &str = "COOK_GIT_URL";
 pub const KEEP_SANDBOX: &str = "KEEP_SANDBOX";
 /// Path of the tailbox-agent binary to run or upload.
 pub const TAILBOX_AGENT: &str = "TAILBOX_AGENT";
+/// The sidecar's state directory in the sandbox (the agent reads the same name).
+pub const TAILBOX_SIDECAR_DIR: &str = "TAILBOX_SIDECAR_DIR";
 /// The user's home directory (for `~/.modal.toml`).
 pub const HOME: &str = "HOME";
 /// Path of the tailscale release tarball to push into the sandbox (`--tailscale-tarball`).

@@ -354,6 +354,9 @@ fn session_hint(failure: &SessionFailure) -> &'static str {
         SessionFailure::Timeout => {
             "Raise `--timeout`, or run with `--verbose` to see where it stalls."
         }
+        SessionFailure::Call { .. } => {
+            "The sidecar's log (sidecar.log in its state directory) says more; `tailbox-agent status` in the sandbox shows its state."
+        }
         // Converted through `From<OutputError>` before this is asked.
         SessionFailure::Refused(_) | SessionFailure::NoReport | SessionFailure::Output(_) => {
             BUG_HINT
@@ -691,6 +694,14 @@ mod tests {
                 session(SessionFailure::Broke(status(Code::Unavailable))).into(),
             ),
             ("session: timeout", session(SessionFailure::Timeout).into()),
+            (
+                "session: sidecar call failed",
+                session(SessionFailure::Call {
+                    what: "Up",
+                    status: status(Code::FailedPrecondition),
+                })
+                .into(),
+            ),
             (
                 "output: stdout closed",
                 OutputError::Write(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).into(),

@@ -7,17 +7,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tailbox_proto::agent::v1::{
-    DaemonConfig, Deadlines, ExpectedRef, GitTarget, HttpTarget, PingTarget, RunRequest,
-    TailnetConfig,
+    CheckRequest, DaemonConfig, Deadlines, ExpectedRef, GitTarget, HttpTarget, PingTarget,
+    RunRequest, TailnetConfig,
 };
 
-use crate::cli::{CheckArgs, SandboxKind};
+use crate::backend::Backend;
+use crate::backend::local::LocalBackend;
+use crate::backend::modal::{ModalBackend, ModalOptions};
+use crate::cli::{CheckArgs, SandboxArgs, SandboxKind, TailnetArgs};
 use crate::env::{self, Env};
 use crate::error::{CliError, CliResult};
+use crate::modal::config::ModalConfig;
 use crate::secret::{Secret, redact_urls};
 
 /// Modal app of the sandboxes, when MODAL_APP_NAME is unset (cook's).
 pub const DEFAULT_MODAL_APP: &str = "cook-sandbox";
+/// The sidecar's state directory in the sandbox, when neither `--state-dir` nor
+/// TAILBOX_SIDECAR_DIR says (the agent's own default).
+pub const DEFAULT_SIDECAR_DIR: &str = "/tmp/tailbox/sidecar";
 /// Sandbox image, when MODAL_IMAGE is unset (cook's).
 pub const DEFAULT_MODAL_IMAGE: &str = "ghcr.io/justinmoon/cook-sandbox:latest";
 
@@ -103,6 +110,10 @@ pub struct CheckPlan {
     pub modal_image: String,
     /// Existing sandbox to attach to.
     pub sandbox_id: Option<String>,
+    /// The sidecar's state directory in the sandbox.
+    pub state_dir: String,
+    /// Whether `check` uses a running sidecar (`--no-sidecar` turns it off).
+    pub use_sidecar: bool,
     /// Leave the sandbox running.
     pub keep: bool,
     /// Whole-run budget.
@@ -114,7 +125,6 @@ pub struct CheckPlan {
 impl CheckPlan {
     /// Validates flags and environment. `modal_configured` says whether Modal credentials exist.
     pub fn from_args(args: &CheckArgs, env: &dyn Env, modal_configured: bool) -> CliResult<Self> {
-        let backend = choose_backend(args, modal_configured)?;
         let output = if args.json {
             OutputMode::Json {
                 verbose: args.verbose,
@@ -125,56 +135,96 @@ impl CheckPlan {
                 quiet: args.quiet,
             }
         };
+        let mut plan = Self::base(
+            &args.sandbox,
+            Some(&args.tailnet),
+            output,
+            args.timeout,
+            env,
+            modal_configured,
+        )?;
 
         let ping_raw = values_or_env(&args.ping, env, env::COOK_TAIL_IP);
-        let ping = ping_raw
+        plan.ping = ping_raw
             .iter()
             .map(|raw| validate_host(raw))
             .collect::<CliResult<Vec<_>>>()?;
-        let http = values_or_env(&args.http, env, env::COOK_HTTP_URL)
+        plan.http = values_or_env(&args.http, env, env::COOK_HTTP_URL)
             .iter()
             .map(|raw| parse_http_check(raw))
             .collect::<CliResult<Vec<_>>>()?;
-        let git = values_or_env(&args.git, env, env::COOK_GIT_URL)
+        plan.git = values_or_env(&args.git, env, env::COOK_GIT_URL)
             .into_iter()
             .map(|u| validate_url(&u, "--git", &["http", "https", "git"]))
             .collect::<CliResult<Vec<_>>>()?;
-        let expected_refs = args
+        plan.expected_refs = args
             .expect_ref
             .iter()
             .map(|raw| parse_expected_ref(raw))
             .collect::<CliResult<Vec<_>>>()?;
-        if !expected_refs.is_empty() && git.is_empty() {
+        if !plan.expected_refs.is_empty() && plan.git.is_empty() {
             return Err(
                 CliError::usage("`--expect-ref` was given but there is no git target")
                     .with_hint("Add `--git URL` (or set `COOK_GIT_URL`)."),
             );
         }
+        plan.report_path = args.report.clone();
+        plan.keep = args.keep || env.flag(env::KEEP_SANDBOX);
+        plan.use_sidecar = !args.no_sidecar;
+        plan.deadlines.netmap = args.netmap_timeout.map(tailbox_proto::convert::duration);
+        plan.deadlines.ping = args.ping_timeout.map(tailbox_proto::convert::duration);
+        plan.deadlines.http = args.http_timeout.map(tailbox_proto::convert::duration);
+        plan.deadlines.git = args.git_timeout.map(tailbox_proto::convert::duration);
+        Ok(plan)
+    }
 
-        let auth_key = read_auth_key(args, env)?;
-        let hostname = args
+    /// Validates what `up`, `status` and `down` share with `check`: the sandbox and, for `up`, how
+    /// it joins the tailnet. Targets are left empty.
+    pub fn base(
+        sandbox: &SandboxArgs,
+        tailnet: Option<&TailnetArgs>,
+        output: OutputMode,
+        timeout: Duration,
+        env: &dyn Env,
+        modal_configured: bool,
+    ) -> CliResult<Self> {
+        let backend = choose_backend(sandbox, modal_configured)?;
+        let default_tailnet = TailnetArgs::default();
+        let given = tailnet.is_some();
+        let tailnet = tailnet.unwrap_or(&default_tailnet);
+
+        let auth_key = if given {
+            read_auth_key(tailnet, env)?
+        } else {
+            None
+        };
+        let hostname = tailnet
             .hostname
             .clone()
-            .or_else(|| env.non_empty(env::TS_HOSTNAME));
+            .or_else(|| env.non_empty(env::TS_HOSTNAME).filter(|_| given));
         if let Some(name) = &hostname {
             validate_hostname(name)?;
         }
-        let control_url = match args
+        let control_url = match tailnet
             .control_url
             .clone()
-            .or_else(|| env.non_empty(env::TS_CONTROL_URL))
+            .or_else(|| env.non_empty(env::TS_CONTROL_URL).filter(|_| given))
         {
             Some(url) => Some(validate_url(&url, "--control-url", &["http", "https"])?),
             None => None,
         };
-        let tailscaled_env =
-            parse_env_pairs(&env.var(env::TAILBOX_TAILSCALED_ENV).unwrap_or_default())?;
-        let agent_path = args
+        let tailscaled_env = if given {
+            parse_env_pairs(&env.var(env::TAILBOX_TAILSCALED_ENV).unwrap_or_default())?
+        } else {
+            BTreeMap::new()
+        };
+        let agent_path = sandbox
             .agent
             .clone()
             .or_else(|| env.non_empty(env::TAILBOX_AGENT).map(PathBuf::from));
-        let tailscale_tarball = args.tailscale_tarball.clone().or_else(|| {
+        let tailscale_tarball = tailnet.tailscale_tarball.clone().or_else(|| {
             env.non_empty(env::TAILBOX_TAILSCALE_TARBALL)
+                .filter(|_| given)
                 .map(PathBuf::from)
         });
         if tailscale_tarball.is_some() && backend.kind == SandboxKind::Local {
@@ -183,11 +233,24 @@ impl CheckPlan {
             )
             .with_hint("Use `--tailscaled PATH` for a local run, or `--sandbox modal`."));
         }
-        if args.sandbox_id.is_some() && backend.kind == SandboxKind::Local {
+        if sandbox.sandbox_id.is_some() && backend.kind == SandboxKind::Local {
             return Err(CliError::usage(
                 "`--sandbox-id` names a Modal sandbox, but this run is local",
             )
             .with_hint("Drop `--sandbox local`."));
+        }
+        let state_dir = sandbox
+            .state_dir
+            .clone()
+            .or_else(|| env.non_empty(env::TAILBOX_SIDECAR_DIR))
+            .unwrap_or_else(|| DEFAULT_SIDECAR_DIR.to_owned());
+        if !state_dir.starts_with('/') {
+            return Err(CliError::usage(format!(
+                "`--state-dir` {state_dir:?} is not an absolute path"
+            ))
+            .with_hint(
+                "Give the sidecar's directory as an absolute path, e.g. /tmp/tailbox/sidecar.",
+            ));
         }
         let modal_app = env
             .non_empty(env::MODAL_APP_NAME)
@@ -197,46 +260,44 @@ impl CheckPlan {
             .unwrap_or_else(|| DEFAULT_MODAL_IMAGE.to_owned());
 
         let deadlines = Deadlines {
-            total: Some(tailbox_proto::convert::duration(args.timeout)),
-            login: args.login_timeout.map(tailbox_proto::convert::duration),
-            netmap: args.netmap_timeout.map(tailbox_proto::convert::duration),
-            ping: args.ping_timeout.map(tailbox_proto::convert::duration),
-            http: args.http_timeout.map(tailbox_proto::convert::duration),
-            git: args.git_timeout.map(tailbox_proto::convert::duration),
+            total: Some(tailbox_proto::convert::duration(timeout)),
+            login: tailnet.login_timeout.map(tailbox_proto::convert::duration),
             ..Default::default()
         };
 
         Ok(Self {
             backend,
             output,
-            report_path: args.report.clone(),
+            report_path: None,
             auth_key,
             hostname,
             control_url,
-            tailscaled_path: args.tailscaled.clone(),
-            tailscaled_socket: args
+            tailscaled_path: tailnet.tailscaled.clone(),
+            tailscaled_socket: tailnet
                 .tailscaled_socket
                 .clone()
-                .or_else(|| env.non_empty(env::TS_SOCKET_PATH)),
-            tailscaled_state: args
+                .or_else(|| env.non_empty(env::TS_SOCKET_PATH).filter(|_| given)),
+            tailscaled_state: tailnet
                 .tailscaled_state
                 .clone()
-                .or_else(|| env.non_empty(env::TS_STATE_PATH)),
-            tailscaled_statedir: args.tailscaled_statedir.clone(),
-            advertise_tags: args.advertise_tags.clone(),
+                .or_else(|| env.non_empty(env::TS_STATE_PATH).filter(|_| given)),
+            tailscaled_statedir: tailnet.tailscaled_statedir.clone(),
+            advertise_tags: tailnet.advertise_tags.clone(),
             tailscaled_env,
-            proxy_listen: args.proxy_listen,
-            ping,
-            http,
-            git,
-            expected_refs,
+            proxy_listen: tailnet.proxy_listen,
+            ping: Vec::new(),
+            http: Vec::new(),
+            git: Vec::new(),
+            expected_refs: Vec::new(),
             agent_path,
             tailscale_tarball,
             modal_app,
             modal_image,
-            sandbox_id: args.sandbox_id.clone(),
-            keep: args.keep || env.flag(env::KEEP_SANDBOX),
-            timeout: args.timeout,
+            sandbox_id: sandbox.sandbox_id.clone(),
+            state_dir,
+            use_sidecar: true,
+            keep: false,
+            timeout,
             deadlines,
         })
     }
@@ -246,14 +307,40 @@ impl CheckPlan {
         !(self.ping.is_empty() && self.http.is_empty() && self.git.is_empty())
     }
 
-    /// The request sent to the agent. It carries the auth key: never log it.
-    pub fn run_request(
+    /// The backend the plan chose, with its local inputs checked before anything is created.
+    /// `lifetime` overrides how long a created Modal sandbox lives.
+    pub fn open_backend(
         &self,
+        modal: Option<ModalConfig>,
         run_id: &str,
-        sandbox_id: &str,
-        pushed_tailscaled: Option<&str>,
-    ) -> RunRequest {
-        let tailnet = self.auth_key.as_ref().map(|key| TailnetConfig {
+        lifetime: Option<Duration>,
+    ) -> CliResult<Box<dyn Backend>> {
+        Ok(match self.backend.kind {
+            SandboxKind::Local => Box::new(LocalBackend::new(self.agent_path.as_deref())?),
+            _ => {
+                let config = modal.ok_or_else(|| {
+                    CliError::usage("Modal is not configured").with_hint(
+                        "Set `MODAL_TOKEN_ID` and `MODAL_TOKEN_SECRET`, or run `modal token new`; or use `--sandbox local`.",
+                    )
+                })?;
+                let options = ModalOptions {
+                    app_name: self.modal_app.clone(),
+                    image: self.modal_image.clone(),
+                    run_timeout: self.timeout,
+                    keep: self.keep,
+                    run_id: run_id.to_owned(),
+                    agent: self.agent_path.clone(),
+                    tailscale_tarball: self.tailscale_tarball.clone(),
+                    lifetime,
+                };
+                Box::new(ModalBackend::new(config, options)?)
+            }
+        })
+    }
+
+    /// The tailnet part of a request. It carries the auth key: never log it.
+    pub fn tailnet_config(&self, pushed_tailscaled: Option<&str>) -> Option<TailnetConfig> {
+        self.auth_key.as_ref().map(|key| TailnetConfig {
             auth_key: key.expose().to_owned(),
             hostname: self.hostname.clone().unwrap_or_default(),
             control_url: self.control_url.clone().unwrap_or_default(),
@@ -268,7 +355,29 @@ impl CheckPlan {
                 ..Default::default()
             }),
             advertise_tags: self.advertise_tags.clone(),
-        });
+        })
+    }
+
+    /// The targets as a sidecar `Check` request.
+    pub fn check_request(&self, run_id: &str) -> CheckRequest {
+        let run = self.run_request(run_id, "", None);
+        CheckRequest {
+            run_id: run.run_id,
+            ping_targets: run.ping_targets,
+            http_targets: run.http_targets,
+            git_targets: run.git_targets,
+            deadlines: run.deadlines,
+        }
+    }
+
+    /// The request sent to the agent. It carries the auth key: never log it.
+    pub fn run_request(
+        &self,
+        run_id: &str,
+        sandbox_id: &str,
+        pushed_tailscaled: Option<&str>,
+    ) -> RunRequest {
+        let tailnet = self.tailnet_config(pushed_tailscaled);
         RunRequest {
             run_id: run_id.to_owned(),
             sandbox_id: sandbox_id.to_owned(),
@@ -315,7 +424,7 @@ impl CheckPlan {
     }
 }
 
-fn choose_backend(args: &CheckArgs, modal_configured: bool) -> CliResult<BackendChoice> {
+fn choose_backend(args: &SandboxArgs, modal_configured: bool) -> CliResult<BackendChoice> {
     Ok(match args.sandbox {
         SandboxKind::Local => BackendChoice {
             kind: SandboxKind::Local,
@@ -453,7 +562,7 @@ fn parse_expected_ref(raw: &str) -> CliResult<(String, String)> {
     Ok((name, sha))
 }
 
-fn read_auth_key(args: &CheckArgs, env: &dyn Env) -> CliResult<Option<Secret>> {
+fn read_auth_key(args: &TailnetArgs, env: &dyn Env) -> CliResult<Option<Secret>> {
     let from_file = |path: &std::path::Path, origin: &str| -> CliResult<Secret> {
         let text = std::fs::read_to_string(path).map_err(|err| {
             CliError::usage(format!(

@@ -355,7 +355,8 @@ pub fn report_table(report: &Report) -> String {
 }
 
 /// What a run with no tailnet targets did not check, and the variables and flags that would
-/// make it check them. `joined`: an auth key was given, so login and status were checked.
+/// make it check them. `joined`: the sandbox's node is on the tailnet (an auth key was given, or
+/// a sidecar's node was checked), so login and status were checked.
 pub fn unchecked_guidance(joined: bool) -> String {
     let mut out = String::from(if joined {
         "not checked: no targets were given, so nothing on the dev host was pinged, fetched or cloned\n"

@@ -1,5 +1,5 @@
-//! One conversation with a launched agent: handshake, `Run`, the event stream, and the agent's
-//! death if it happens. Backend-agnostic: it only sees an [`AgentProcess`], and shows what
+//! One conversation with a launched agent: handshake, `Run` (or a sidecar's `Check` and unary
+//! calls), the event stream, and the agent's death if it happens. Backend-agnostic: it only sees an [`AgentProcess`], and shows what
 //! happens through an [`Observer`].
 
 use std::collections::VecDeque;
@@ -9,10 +9,14 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tailbox_proto::PROTO_VERSION;
 use tailbox_proto::agent::v1::agent_client::AgentClient;
-use tailbox_proto::agent::v1::{Event, HelloRequest, HelloResponse, Report, RunRequest, event};
+use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
+use tailbox_proto::agent::v1::{
+    CheckRequest, Event, HelloRequest, HelloResponse, Report, RunRequest, event,
+};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use crate::backend::{AgentProcess, ProcessExit};
 use crate::modal::RpcStatus;
@@ -87,6 +91,15 @@ pub enum SessionFailure {
     /// The run took longer than `--timeout`.
     #[error("The run exceeded its `--timeout`")]
     Timeout,
+    /// A sidecar call failed while the agent lived on.
+    #[error("The sidecar's `{what}` failed")]
+    Call {
+        /// The RPC.
+        what: &'static str,
+        /// Its status.
+        #[source]
+        status: RpcStatus,
+    },
     /// Showing an event failed (stdout closed or full).
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -119,113 +132,254 @@ pub async fn run(
     observer: &mut dyn Observer,
     deadline: Instant,
 ) -> Result<SessionOutcome, SessionError> {
-    let AgentProcess {
-        io,
-        stderr,
-        exit,
-        expected_sha256,
-    } = agent;
-    let (stderr_lines_tx, mut stderr_lines) = mpsc::unbounded_channel();
-    let mut watch = AgentWatch::start(exit, stderr, stderr_lines_tx);
+    let session = Session::open(agent, observer).await?;
+    session.run(request, observer, deadline).await
+}
 
-    let channel = match crate::transport::connect(io).await {
-        Ok(channel) => channel,
-        Err(err) => return Err(watch.failure(SessionFailure::Connect(err)).await),
-    };
-    let mut client = AgentClient::new(channel);
+/// An open conversation with one agent: the handshake is done, and the agent's death is watched
+/// while any call is in flight. The same for `serve --stdio` and for a sidecar reached through
+/// `attach`.
+pub struct Session {
+    channel: Channel,
+    hello: HelloResponse,
+    watch: AgentWatch,
+    stderr_lines: mpsc::UnboundedReceiver<String>,
+}
 
-    // Handshake, watching for the agent dying first.
-    let reply = tokio::select! {
-        reply = client.hello(HelloRequest {
-            controller_version: env!("CARGO_PKG_VERSION").into(),
-            proto_version: PROTO_VERSION,
-        }) => reply,
-        status = &mut watch.exit, if watch.exited.is_none() => {
-            watch.exited = Some(status);
-            return Err(watch.failure(SessionFailure::ExitedBeforeHello).await);
-        }
-        () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
-            return Err(watch.failure(SessionFailure::HelloTimeout(HANDSHAKE_TIMEOUT.as_secs())).await);
-        }
-    };
-    let hello = match reply {
-        Ok(reply) => reply.into_inner(),
-        Err(status) => return Err(watch.failure(SessionFailure::Hello(status.into())).await),
-    };
-    if let Some(expected) = expected_sha256
-        && !expected.is_empty()
-        && hello.agent_sha256 != expected
-    {
-        let failure = SessionFailure::WrongAgent {
-            got: short(&hello.agent_sha256).to_owned(),
-            expected: short(&expected).to_owned(),
+impl Session {
+    /// Opens the wire to `agent` and shakes hands. When the backend knows which binary it
+    /// started, the agent must report that sha256; an `attach` exec has no such expectation,
+    /// since the sidecar it reaches may be another build (see [`Session::hello`]).
+    pub async fn open(
+        agent: AgentProcess,
+        observer: &mut dyn Observer,
+    ) -> Result<Self, SessionError> {
+        let AgentProcess {
+            io,
+            stderr,
+            exit,
+            expected_sha256,
+        } = agent;
+        let (stderr_lines_tx, stderr_lines) = mpsc::unbounded_channel();
+        let mut watch = AgentWatch::start(exit, stderr, stderr_lines_tx);
+
+        let channel = match crate::transport::connect(io).await {
+            Ok(channel) => channel,
+            Err(err) => return Err(watch.failure(SessionFailure::Connect(err)).await),
         };
-        return Err(watch.failure(failure).await);
-    }
-    if let Err(err) = observer.event(&controller_event(event::Kind::AgentHello(hello.clone()))) {
-        return Err(watch.failure(err.into()).await);
-    }
-    if let Err(failure) = negotiate(&hello, &request) {
-        return Err(watch.failure(failure).await);
+        let mut client = AgentClient::new(channel.clone());
+
+        // Handshake, watching for the agent dying first.
+        let reply = tokio::select! {
+            reply = client.hello(HelloRequest {
+                controller_version: env!("CARGO_PKG_VERSION").into(),
+                proto_version: PROTO_VERSION,
+            }) => reply,
+            status = &mut watch.exit, if watch.exited.is_none() => {
+                watch.exited = Some(status);
+                return Err(watch.failure(SessionFailure::ExitedBeforeHello).await);
+            }
+            () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => {
+                return Err(watch.failure(SessionFailure::HelloTimeout(HANDSHAKE_TIMEOUT.as_secs())).await);
+            }
+        };
+        let hello = match reply {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => return Err(watch.failure(SessionFailure::Hello(status.into())).await),
+        };
+        if let Some(expected) = expected_sha256
+            && !expected.is_empty()
+            && hello.agent_sha256 != expected
+        {
+            let failure = SessionFailure::WrongAgent {
+                got: short(&hello.agent_sha256).to_owned(),
+                expected: short(&expected).to_owned(),
+            };
+            return Err(watch.failure(failure).await);
+        }
+        if let Err(err) = observer.event(&controller_event(event::Kind::AgentHello(hello.clone())))
+        {
+            return Err(watch.failure(err.into()).await);
+        }
+        Ok(Self {
+            channel,
+            hello,
+            watch,
+            stderr_lines,
+        })
     }
 
-    let mut stream = match client.run(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return Err(watch.failure(SessionFailure::Refused(status.into())).await),
-    };
+    /// What the agent said in the handshake: its version, sha256, proto version, features and
+    /// whether it is a sidecar.
+    pub fn hello(&self) -> &HelloResponse {
+        &self.hello
+    }
 
-    let mut drain_deadline: Option<Instant> = None;
-    let report = loop {
-        let effective_deadline = drain_deadline.map_or(deadline, |d| d.min(deadline));
-        tokio::select! {
-            message = stream.message() => match message {
-                Ok(Some(event)) => {
-                    if let Some(event::Kind::Report(report)) = event.kind {
-                        break report;
+    /// Runs `request` (the one-shot job) and drains its events to the report.
+    pub async fn run(
+        mut self,
+        request: RunRequest,
+        observer: &mut dyn Observer,
+        deadline: Instant,
+    ) -> Result<SessionOutcome, SessionError> {
+        if let Err(failure) = negotiate(&self.hello, &request) {
+            return Err(self.watch.failure(failure).await);
+        }
+        let mut client = AgentClient::new(self.channel.clone());
+        let stream = match client.run(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return Err(self
+                    .watch
+                    .failure(SessionFailure::Refused(status.into()))
+                    .await);
+            }
+        };
+        let report = self.drain(stream, observer, deadline).await?;
+        Ok(self.finish(report).await)
+    }
+
+    /// Runs the checks of `request` on the sidecar's running node and drains its events to the
+    /// report.
+    pub async fn check(
+        mut self,
+        request: CheckRequest,
+        observer: &mut dyn Observer,
+        deadline: Instant,
+    ) -> Result<SessionOutcome, SessionError> {
+        let as_run = RunRequest {
+            ping_targets: request.ping_targets.clone(),
+            http_targets: request.http_targets.clone(),
+            git_targets: request.git_targets.clone(),
+            ..Default::default()
+        };
+        if let Err(failure) = negotiate(&self.hello, &as_run) {
+            return Err(self.watch.failure(failure).await);
+        }
+        let mut client = self.sidecar();
+        let stream = match client.check(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                return Err(self
+                    .watch
+                    .failure(SessionFailure::Refused(status.into()))
+                    .await);
+            }
+        };
+        let report = self.drain(stream, observer, deadline).await?;
+        Ok(self.finish(report).await)
+    }
+
+    /// A client of the sidecar service on this session's wire.
+    pub fn sidecar(&self) -> SidecarClient<Channel> {
+        SidecarClient::new(self.channel.clone())
+    }
+
+    /// Awaits one unary call, `what` (the RPC's name, for errors), while watching for the
+    /// agent's death and for `deadline`.
+    pub async fn call<T>(
+        &mut self,
+        what: &'static str,
+        call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        deadline: Instant,
+    ) -> Result<T, SessionError> {
+        let mut call = std::pin::pin!(call);
+        loop {
+            tokio::select! {
+                reply = &mut call => return match reply {
+                    Ok(reply) => Ok(reply.into_inner()),
+                    Err(status) => {
+                        let failure = if self.watch.wait_exit(Duration::from_millis(500)).await {
+                            SessionFailure::Died(Some(status.into()))
+                        } else {
+                            SessionFailure::Call { what, status: status.into() }
+                        };
+                        Err(self.watch.failure(failure).await)
                     }
-                    if let Err(err) = observer.event(&event) {
-                        return Err(watch.failure(err.into()).await);
-                    }
+                },
+                Some(line) = self.stderr_lines.recv() => tracing::debug!("agent: {line}"),
+                status = &mut self.watch.exit, if self.watch.exited.is_none() => {
+                    self.watch.exited = Some(status);
+                    return Err(self.watch.failure(SessionFailure::Died(None)).await);
                 }
-                Ok(None) => return Err(watch.failure(SessionFailure::NoReport).await),
-                Err(status) => {
-                    let failure = if watch.wait_exit(Duration::from_millis(500)).await {
-                        SessionFailure::Died(Some(status.into()))
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(self.watch.failure(SessionFailure::Timeout).await);
+                }
+            }
+        }
+    }
+
+    /// Ends the conversation: closing our end tells the agent (or `attach`) to exit.
+    pub async fn close(self) -> Option<ProcessExit> {
+        let Self {
+            channel, mut watch, ..
+        } = self;
+        drop(channel);
+        if !watch.wait_exit(EXIT_GRACE).await {
+            tracing::warn!("the agent did not exit within {EXIT_GRACE:?} of closing its stdin");
+        }
+        watch.wait_stderr(Duration::from_secs(1)).await;
+        watch.exited
+    }
+
+    async fn finish(self, report: Report) -> SessionOutcome {
+        let hello = self.hello.clone();
+        let exit = self.close().await;
+        SessionOutcome {
+            hello,
+            report,
+            exit,
+        }
+    }
+
+    /// Shows a stream's events until its report.
+    async fn drain(
+        &mut self,
+        mut stream: tonic::Streaming<Event>,
+        observer: &mut dyn Observer,
+        deadline: Instant,
+    ) -> Result<Report, SessionError> {
+        let watch = &mut self.watch;
+        let mut drain_deadline: Option<Instant> = None;
+        loop {
+            let effective_deadline = drain_deadline.map_or(deadline, |d| d.min(deadline));
+            tokio::select! {
+                message = stream.message() => match message {
+                    Ok(Some(event)) => {
+                        if let Some(event::Kind::Report(report)) = event.kind {
+                            return Ok(report);
+                        }
+                        if let Err(err) = observer.event(&event) {
+                            return Err(watch.failure(err.into()).await);
+                        }
+                    }
+                    Ok(None) => return Err(watch.failure(SessionFailure::NoReport).await),
+                    Err(status) => {
+                        let failure = if watch.wait_exit(Duration::from_millis(500)).await {
+                            SessionFailure::Died(Some(status.into()))
+                        } else {
+                            SessionFailure::Broke(status.into())
+                        };
+                        return Err(watch.failure(failure).await);
+                    }
+                },
+                Some(line) = self.stderr_lines.recv() => observer.agent_stderr(&line),
+                status = &mut watch.exit, if watch.exited.is_none() => {
+                    // Events written just before the exit may still be in flight: keep reading briefly.
+                    watch.exited = Some(status);
+                    drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                }
+                () = tokio::time::sleep_until(effective_deadline) => {
+                    let failure = if drain_deadline.is_some() {
+                        SessionFailure::Died(None)
                     } else {
-                        SessionFailure::Broke(status.into())
+                        SessionFailure::Timeout
                     };
                     return Err(watch.failure(failure).await);
                 }
-            },
-            Some(line) = stderr_lines.recv() => observer.agent_stderr(&line),
-            status = &mut watch.exit, if watch.exited.is_none() => {
-                // Events written just before the exit may still be in flight: keep reading briefly.
-                watch.exited = Some(status);
-                drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
-            }
-            () = tokio::time::sleep_until(effective_deadline) => {
-                let failure = if drain_deadline.is_some() {
-                    SessionFailure::Died(None)
-                } else {
-                    SessionFailure::Timeout
-                };
-                return Err(watch.failure(failure).await);
             }
         }
-    };
-
-    // Closing our end tells the agent to exit.
-    drop(stream);
-    drop(client);
-    if !watch.wait_exit(EXIT_GRACE).await {
-        tracing::warn!("the agent did not exit within {EXIT_GRACE:?} of closing its stdin");
     }
-    watch.wait_stderr(Duration::from_secs(1)).await;
-    Ok(SessionOutcome {
-        hello,
-        report,
-        exit: watch.exited,
-    })
 }
 
 /// Watches the agent process: its exit and the tail of its stderr.

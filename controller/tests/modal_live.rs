@@ -14,6 +14,10 @@ use std::time::Duration;
 use serde_json::Value;
 use tailbox_testkit::agent::static_agent_binary;
 
+/// The live tests run one at a time, so each can check that `sandbox sweep --dry-run` lists
+/// nothing of its own (or, at the end, anything at all) once it is done.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Image pull, scheduling, upload and the checks, with room to spare.
 const TEST_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
@@ -91,6 +95,7 @@ fn report(stdout: &str) -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn live_check_in_a_real_modal_sandbox_then_reuse_it() {
     let Some(env) = live_env() else { return };
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let agent = tokio::task::spawn_blocking(static_agent_binary)
         .await
         .unwrap()
@@ -141,6 +146,7 @@ async fn live_check_in_a_real_modal_sandbox_then_reuse_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn live_check_terminates_its_sandbox() {
     let Some(env) = live_env() else { return };
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let agent = tokio::task::spawn_blocking(static_agent_binary)
         .await
         .unwrap()
@@ -158,6 +164,84 @@ async fn live_check_terminates_its_sandbox() {
         let (code, listed, stderr) = tailbox(&env, &["sandbox", "sweep", "--dry-run"]).await;
         assert_eq!(code, Some(0), "{stderr}");
         assert!(!listed.contains(&id), "{id} was left running");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// cook's flow on real Modal: `up` leaves a sandbox on the tailnet, later commands reach its
+/// sidecar through new execs, and `down` terminates the sandbox. Needs `TAILBOX_TEST_TS_AUTHKEY`.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_sidecar_up_status_check_down() {
+    let Some(env) = live_env() else { return };
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
+    assert!(
+        env.iter().any(|(name, _)| *name == "TS_AUTHKEY"),
+        "TAILBOX_LIVE=1 runs the sidecar flow, which needs TAILBOX_TEST_TS_AUTHKEY"
+    );
+    let agent = tokio::task::spawn_blocking(static_agent_binary)
+        .await
+        .unwrap()
+        .display()
+        .to_string();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (code, stdout, stderr) = tailbox(
+            &env,
+            &[
+                "up",
+                "--sandbox",
+                "modal",
+                "--json",
+                "--agent",
+                &agent,
+                "--lifetime",
+                "30m",
+            ],
+        )
+        .await;
+        assert_eq!(code, Some(0), "stderr:\n{stderr}\nstdout:\n{stdout}");
+        let up: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(up["state"], "running", "{up:#}");
+        let id = up["sandbox_id"].as_str().unwrap().to_owned();
+
+        let (code, stdout, stderr) = tailbox(
+            &env,
+            &["status", "--sandbox-id", &id, "--json", "--agent", &agent],
+        )
+        .await;
+        assert_eq!(code, Some(0), "stderr:\n{stderr}\nstdout:\n{stdout}");
+
+        let (code, stdout, stderr) = tailbox(
+            &env,
+            &["check", "--sandbox-id", &id, "--json", "--agent", &agent],
+        )
+        .await;
+        let report = report(&stdout);
+        assert_eq!(code, Some(0), "stderr:\n{stderr}\nreport:\n{report:#}");
+        assert!(
+            report["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["name"] != "daemon"),
+            "the check started a second tailscaled: {report:#}"
+        );
+
+        let (code, stdout, stderr) = tailbox(
+            &env,
+            &["down", "--sandbox-id", &id, "--json", "--agent", &agent],
+        )
+        .await;
+        assert_eq!(code, Some(0), "stderr:\n{stderr}\nstdout:\n{stdout}");
+        let down: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(down["sandbox"], "terminated", "{down:#}");
+
+        let (code, listed, stderr) = tailbox(&env, &["sandbox", "sweep", "--dry-run"]).await;
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(
+            listed.trim().is_empty(),
+            "sweep --dry-run is not empty:\n{listed}"
+        );
     })
     .await
     .expect("test timed out");

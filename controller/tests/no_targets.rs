@@ -55,7 +55,7 @@ async fn no_key_and_no_targets_runs_the_preflight_then_says_what_would_check_the
     let agent = tokio::task::spawn_blocking(agent_binary).await.unwrap();
     let agent = agent.display().to_string();
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let (output, stdout, stderr) = tailbox(&["check", "--agent", &agent], &[]).await;
+        let (output, stdout, stderr) = tailbox(&["check", "--agent", &agent, "--no-sidecar"], &[]).await;
         // Not a failure: exit 0.
         assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
         assert!(
@@ -91,7 +91,7 @@ async fn no_key_and_no_targets_runs_the_preflight_then_says_what_would_check_the
         assert!(block.ends_with("in a tailbox checkout\n"), "{block}");
 
         // JSON stays the proto's report, one object per line, and nothing for people leaks in.
-        let (output, stdout, stderr) = tailbox(&["check", "--agent", &agent, "--json"], &[]).await;
+        let (output, stdout, stderr) = tailbox(&["check", "--agent", &agent, "--no-sidecar", "--json"], &[]).await;
         assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
         let events: Vec<Value> = stdout
             .lines()
@@ -139,6 +139,7 @@ async fn an_auth_key_and_no_targets_checks_login_and_status_then_says_what_would
             &tailscaled,
             "--proxy-listen",
             "127.0.0.1:0",
+            "--no-sidecar",
         ];
         let (output, stdout, stderr) = tailbox(&args, &env).await;
         assert_eq!(

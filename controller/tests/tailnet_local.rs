@@ -78,6 +78,8 @@ fn base_args(lab: &Lab, key_file: &std::path::Path) -> Vec<String> {
         key_file.display().to_string(),
         "--proxy-listen".into(),
         "127.0.0.1:0".into(),
+        // A sidecar someone left running must not stand in for the one-shot agent under test.
+        "--no-sidecar".into(),
     ]
 }
 

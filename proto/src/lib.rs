@@ -13,6 +13,7 @@ pub const REPORT_SCHEMA_VERSION: u32 = 1;
 
 pub mod arch;
 pub mod convert;
+pub mod describe;
 pub mod redact;
 
 /// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`) and the sidecar's service

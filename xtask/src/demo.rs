@@ -206,7 +206,12 @@ async fn demo(tailbox: &Path, agent: &Path, signals: &mut Signals) -> Result<Out
 
     say("run 1 of 2: the local backend (the agent runs as a child process on this machine)");
     // Another tailscaled here may hold the default proxy port; let this one pick a free port.
-    let (local, shown) = command("local", &["--proxy-listen", "127.0.0.1:0"], &[]);
+    // A sidecar of the user's may run here too: the demo brings up a node of its own.
+    let (local, shown) = command(
+        "local",
+        &["--proxy-listen", "127.0.0.1:0", "--no-sidecar"],
+        &[],
+    );
     let local = run_tailbox(local, &shown, signals).await?;
     let Some(local) = local else {
         return Ok(Outcome::Interrupted);

@@ -639,16 +639,7 @@ fn pong_result(
     )
 }
 
-/// Short human duration for details.
-pub fn humanize(d: Duration) -> String {
-    if d < Duration::from_millis(1) {
-        format!("{}µs", d.as_micros())
-    } else if d < Duration::from_secs(1) {
-        format!("{:.1}ms", d.as_secs_f64() * 1000.0)
-    } else {
-        format!("{:.1}s", d.as_secs_f64())
-    }
-}
+pub use tailbox_proto::describe::humanize;
 
 #[cfg(test)]
 mod tests {

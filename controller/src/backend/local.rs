@@ -96,6 +96,11 @@ impl Backend for LocalBackend {
         }))
     }
 
+    async fn terminate_created(&self, _id: &str) -> Option<Released> {
+        // This machine is not terminated.
+        None
+    }
+
     fn interrupt(&self) -> Interrupt {
         let pids = self.agents.lock().map(|p| p.clone()).unwrap_or_default();
         for pid in pids {

@@ -104,6 +104,11 @@ pub trait Backend: Send + Sync {
     /// Creates a sandbox, or attaches to the existing sandbox `existing`.
     async fn open(&self, existing: Option<&str>) -> Result<Box<dyn Sandbox>, SandboxError>;
 
+    /// Terminates `id`, a sandbox that existed before this run, if tailbox created it (its
+    /// `created-by=tailbox` tag) — `tailbox down` ends what `tailbox up` made. `None` where
+    /// there is nothing to terminate (this machine).
+    async fn terminate_created(&self, id: &str) -> Option<Released>;
+
     /// Stops the agents this backend started, its own way, and says how to wait for them.
     fn interrupt(&self) -> Interrupt;
 

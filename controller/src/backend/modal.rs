@@ -171,12 +171,17 @@ pub struct ModalOptions {
     pub agent: Option<PathBuf>,
     /// A tailscale release tarball whose binaries are pushed too.
     pub tailscale_tarball: Option<PathBuf>,
+    /// How long a created sandbox lives, when the run's own budget does not decide it (`up`:
+    /// the sandbox outlives tailbox).
+    pub lifetime: Option<Duration>,
 }
 
 impl ModalOptions {
     /// What each created sandbox looks like.
     fn spec(&self) -> SandboxSpec {
-        let lifetime = if self.keep {
+        let lifetime = if let Some(lifetime) = self.lifetime {
+            lifetime
+        } else if self.keep {
             KEPT_SANDBOX_LIFETIME.max(self.run_timeout + SANDBOX_LIFETIME_MARGIN)
         } else {
             self.run_timeout + SANDBOX_LIFETIME_MARGIN
@@ -336,6 +341,25 @@ impl Backend for ModalBackend {
             None => self.create().await?,
         };
         Ok(Box::new(sandbox))
+    }
+
+    async fn terminate_created(&self, id: &str) -> Option<Released> {
+        let tags = [(CREATED_BY_TAG.0.to_owned(), CREATED_BY_TAG.1.to_owned())];
+        let ours = match self.client.app_lookup(&self.spec.app_name).await {
+            Ok(Some(app_id)) => match self.client.sandbox_list(&app_id, &tags).await {
+                Ok(found) => found.iter().any(|s| s.id == id),
+                Err(err) => return Some(Released::Failed(id.to_owned(), err)),
+            },
+            Ok(None) => false,
+            Err(err) => return Some(Released::Failed(id.to_owned(), err)),
+        };
+        if !ours {
+            return Some(Released::NotOurs(id.to_owned()));
+        }
+        Some(match self.client.sandbox_terminate(id).await {
+            Ok(_) => Released::Terminated(id.to_owned()),
+            Err(err) => Released::Failed(id.to_owned(), err),
+        })
     }
 
     fn interrupt(&self) -> Interrupt {

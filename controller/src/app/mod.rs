@@ -3,20 +3,22 @@
 
 use std::time::{Duration, Instant};
 
-use tailbox_proto::agent::v1::{CheckStatus, Phase, Report, event};
+use tailbox_proto::agent::v1::{CheckStatus, Phase, Report, SidecarState, StatusRequest, event};
+use tailbox_proto::describe;
 
-use crate::backend::local::LocalBackend;
-use crate::backend::modal::{CREATED_BY_TAG, ModalBackend, ModalOptions};
-use crate::backend::{Backend, Interrupt, Released};
+use crate::backend::modal::CREATED_BY_TAG;
+use crate::backend::{Backend, Installed, Interrupt, Released, Sandbox};
 use crate::cli::{CheckArgs, Cli, Command, SandboxCommand, SandboxKind, SweepArgs};
 use crate::env::{self, Env};
 use crate::error::{CliError, CliResult, ExitStatus};
 use crate::modal::client::ModalClient;
-use crate::modal::config::{self, ModalConfig};
+use crate::modal::config;
 use crate::output::write_stdout;
 use crate::plan::{CheckPlan, DEFAULT_MODAL_APP, OutputMode};
 use crate::render::{self, Renderer};
 use crate::session::{self, controller_event};
+
+mod sidecar;
 
 /// Time beyond `--timeout` for the agent to log out and stop tailscaled.
 const TEARDOWN_ALLOWANCE: Duration = Duration::from_secs(30);
@@ -48,6 +50,9 @@ pub fn runtime_error(err: std::io::Error) -> String {
 async fn run(cli: Cli, env: &dyn Env) -> CliResult<ExitStatus> {
     match cli.command {
         Command::Check(args) => check(&args, env).await,
+        Command::Up(args) => sidecar::up(&args, env).await,
+        Command::Status(args) => sidecar::status(&args, env).await,
+        Command::Down(args) => sidecar::down(&args, env).await,
         Command::Sandbox(SandboxCommand::Sweep(args)) => sweep(&args, env).await,
         Command::Sandbox(SandboxCommand::Terminate(args)) => terminate(&args.ids, env).await,
     }
@@ -65,12 +70,12 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
     // A broken Modal config only matters when Modal may be used.
     let modal = match config::resolve(env) {
         Ok(modal) => modal,
-        Err(_) if args.sandbox == SandboxKind::Local => None,
+        Err(_) if args.sandbox.sandbox == SandboxKind::Local => None,
         Err(err) => return Err(err.into()),
     };
     let plan = CheckPlan::from_args(args, env, modal.is_some())?;
     let run_id = uuid::Uuid::new_v4().to_string();
-    let backend = backend_for(&plan, modal, &run_id)?;
+    let backend = plan.open_backend(modal, &run_id, None)?;
     let mut renderer = Renderer::new(plan.output);
     renderer.note(&format!(
         "sandbox: {} ({})",
@@ -109,8 +114,9 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
                 return Ok(ExitStatus::CheckFailed);
             }
             // Not a failure (exit 0), but not a bare success either: say what went unchecked.
+            // The node is on the tailnet if the agent logged in, or a sidecar's node was checked.
             if !plan.has_targets() {
-                renderer.block(&render::unchecked_guidance(plan.auth_key.is_some()));
+                renderer.block(&render::unchecked_guidance(report.tailnet.is_some()));
             }
             Ok(ExitStatus::Passed)
         }
@@ -136,34 +142,6 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
     }
 }
 
-/// The backend the plan chose, with its local inputs checked before anything is created.
-fn backend_for(
-    plan: &CheckPlan,
-    modal: Option<ModalConfig>,
-    run_id: &str,
-) -> CliResult<Box<dyn Backend>> {
-    Ok(match plan.backend.kind {
-        SandboxKind::Local => Box::new(LocalBackend::new(plan.agent_path.as_deref())?),
-        _ => {
-            let config = modal.ok_or_else(|| {
-                CliError::usage("Modal is not configured").with_hint(
-                    "Set `MODAL_TOKEN_ID` and `MODAL_TOKEN_SECRET`, or run `modal token new`; or use `--sandbox local`.",
-                )
-            })?;
-            let options = ModalOptions {
-                app_name: plan.modal_app.clone(),
-                image: plan.modal_image.clone(),
-                run_timeout: plan.timeout,
-                keep: plan.keep,
-                run_id: run_id.to_owned(),
-                agent: plan.agent_path.clone(),
-                tailscale_tarball: plan.tailscale_tarball.clone(),
-            };
-            Box::new(ModalBackend::new(config, options)?)
-        }
-    })
-}
-
 /// One sandbox, from opening it to the agent's report.
 async fn check_in(
     backend: &dyn Backend,
@@ -171,15 +149,84 @@ async fn check_in(
     renderer: &mut Renderer,
     run_id: &str,
 ) -> CliResult<Report> {
+    let (sandbox, installed) = open_and_install(backend, plan, renderer).await?;
+    let deadline = tokio::time::Instant::now() + plan.timeout + TEARDOWN_ALLOWANCE;
+
+    // A sidecar already keeps this sandbox on the tailnet: check over its node rather than
+    // start a second tailscaled. Only an existing sandbox can have one.
+    let may_have_sidecar = !sandbox.remote() || plan.sandbox_id.is_some();
+    if plan.use_sidecar
+        && may_have_sidecar
+        && let Some(attached) = sidecar::attach(sandbox.as_ref(), &plan.state_dir, renderer).await?
+    {
+        if let Some(note) = &attached.other_build {
+            renderer.note(note);
+        }
+        let mut session = attached.session;
+        let mut client = session.sidecar();
+        let status = session
+            .call("Status", client.status(StatusRequest {}), deadline)
+            .await?;
+        drop(client);
+        let usable = [SidecarState::Running, SidecarState::Degraded]
+            .iter()
+            .any(|s| *s as i32 == status.state);
+        if !usable {
+            session.close().await;
+            let addressing = if sandbox.remote() {
+                format!("--sandbox-id {}", sandbox.id())
+            } else {
+                format!("--sandbox local --state-dir {}", plan.state_dir)
+            };
+            return Err(CliError::infra(format!(
+                "The sidecar in {} is {}, so its node cannot be checked",
+                plan.state_dir,
+                describe::state_name(status.state)
+            ))
+            .with_hint(format!(
+                "Bring it up with `tailbox up {addressing}`, or check with a one-shot agent: `tailbox check --no-sidecar`."
+            )));
+        }
+        renderer.note(&format!(
+            "checking over the sidecar's node {} ({})",
+            status.hostname,
+            status.tailnet_ips.join(", ")
+        ));
+        let outcome = session
+            .check(plan.check_request(run_id), renderer, deadline)
+            .await?;
+        let mut report = outcome.report;
+        report.sandbox = Some(sandbox.info());
+        return Ok(report);
+    }
+
+    let agent = sandbox
+        .exec_agent(&["serve", "--stdio", "--log", agent_log_filter(plan)])
+        .await?;
+    let mut request =
+        plan.run_request(run_id, sandbox.id(), installed.pushed_tailscaled.as_deref());
+    if let Some(tailnet) = request.tailnet.as_mut()
+        && tailnet.hostname.is_empty()
+        && let Some(hostname) = sandbox.default_hostname()
+    {
+        tailnet.hostname = hostname;
+    }
+    let outcome = session::run(agent, request, renderer, deadline).await?;
+    let mut report = outcome.report;
+    report.sandbox = Some(sandbox.info());
+    Ok(report)
+}
+
+/// Opens the plan's sandbox (creating one, or attaching to `--sandbox-id`) within `--timeout`
+/// and puts the agent in it, showing both phases.
+async fn open_and_install(
+    backend: &dyn Backend,
+    plan: &CheckPlan,
+    renderer: &mut Renderer,
+) -> CliResult<(Box<dyn Sandbox>, Installed)> {
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
-    let mut sandbox = tokio::time::timeout(plan.timeout, backend.open(plan.sandbox_id.as_deref()))
-        .await
-        .map_err(|_| {
-            CliError::infra("The sandbox was not ready within `--timeout`").with_hint(
-                "Modal may be slow to pull the image or short of capacity; raise `--timeout`.",
-            )
-        })??;
+    let mut sandbox = open_sandbox(backend, plan).await?;
     if sandbox.remote() {
         renderer.note(&format!("sandbox {} is running", sandbox.id()));
     }
@@ -203,23 +250,43 @@ async fn check_in(
     } else {
         sandbox.install().await?
     };
+    Ok((sandbox, installed))
+}
 
-    let agent = sandbox
-        .exec_agent(&["serve", "--stdio", "--log", agent_log_filter(plan)])
-        .await?;
-    let mut request =
-        plan.run_request(run_id, sandbox.id(), installed.pushed_tailscaled.as_deref());
-    if let Some(tailnet) = request.tailnet.as_mut()
-        && tailnet.hostname.is_empty()
-        && let Some(hostname) = sandbox.default_hostname()
-    {
-        tailnet.hostname = hostname;
+/// The same, showing nothing (for `status` and `down`).
+async fn open_quietly(
+    backend: &dyn Backend,
+    plan: &CheckPlan,
+) -> CliResult<(Box<dyn Sandbox>, Installed)> {
+    let mut sandbox = open_sandbox(backend, plan).await?;
+    let installed = sandbox.install().await?;
+    Ok((sandbox, installed))
+}
+
+async fn open_sandbox(backend: &dyn Backend, plan: &CheckPlan) -> CliResult<Box<dyn Sandbox>> {
+    Ok(
+        tokio::time::timeout(plan.timeout, backend.open(plan.sandbox_id.as_deref()))
+            .await
+            .map_err(|_| {
+                CliError::infra("The sandbox was not ready within `--timeout`").with_hint(
+                    "Modal may be slow to pull the image or short of capacity; raise `--timeout`.",
+                )
+            })??,
+    )
+}
+
+/// How long cleanup may take after `err` (short after Ctrl-C: the promise is 3 s).
+fn cleanup_budget(err: &CliError) -> Duration {
+    if err.exit_status() == ExitStatus::Interrupted {
+        INTERRUPTED_CLEANUP_BUDGET
+    } else {
+        CLEANUP_BUDGET
     }
-    let deadline = tokio::time::Instant::now() + plan.timeout + TEARDOWN_ALLOWANCE;
-    let outcome = session::run(agent, request, renderer, deadline).await?;
-    let mut report = outcome.report;
-    report.sandbox = Some(sandbox.info());
-    Ok(report)
+}
+
+/// How long cleanup may take after work that went well.
+fn cleanup_budget_ok() -> Duration {
+    CLEANUP_BUDGET
 }
 
 /// Tells people what happened to each sandbox at the end.
