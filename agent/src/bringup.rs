@@ -88,6 +88,8 @@ impl Bringup<'_> {
         let mut started = None;
         run_phase(sink, Phase::Daemon, async {
             let outcome = Outcome::start("daemon", "", Layer::Daemon);
+            sink.check_started("daemon", "", self.remaining(self.daemon_start))
+                .await;
             let config = self.tailnet.daemon.clone().unwrap_or_default();
             match self.spawn_daemon(&config, &outcome).await {
                 Ok((supervisor, evidence)) => {
@@ -210,6 +212,7 @@ impl Bringup<'_> {
                 Layer::Login,
             );
             let limit = self.remaining(self.login);
+            sink.check_started("login", outcome.target(), limit).await;
             let attempt = tokio::select! {
                 attempt = login::login(supervisor.api(), &params, limit) => attempt,
                 () = self.cancel.cancelled() => Err(login::LoginFailure {

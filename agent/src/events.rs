@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 pub use tailbox_proto::convert::{duration, timestamp, to_std_duration};
 
 use tailbox_proto::agent::v1::{
-    CheckResult, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase, PhaseFinished,
-    PhaseStarted, PhaseTiming, Warning, event,
+    CheckResult, CheckStarted, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase,
+    PhaseFinished, PhaseStarted, PhaseTiming, Warning, event,
 };
 use tokio::sync::{Mutex, mpsc};
 use tonic::Status;
@@ -117,6 +117,16 @@ impl EventSink {
             phase: phase as i32,
             status: status as i32,
             duration: Some(self::duration(duration)),
+        }))
+        .await;
+    }
+
+    /// Announces a check that begins now, with the most it may take (for live progress).
+    pub async fn check_started(&self, name: &str, target: impl Into<String>, budget: Duration) {
+        self.emit(event::Kind::CheckStarted(CheckStarted {
+            name: name.to_owned(),
+            target: target.into(),
+            budget: Some(self::duration(budget)),
         }))
         .await;
     }

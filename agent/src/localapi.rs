@@ -60,6 +60,14 @@ pub enum LocalApiError {
         #[source]
         source: serde_json::Error,
     },
+    /// The answer (or one IPN-bus message) was larger than the agent reads.
+    #[error("LocalAPI {what} sent more than {limit} bytes")]
+    TooLarge {
+        /// Which request.
+        what: String,
+        /// The limit, in bytes.
+        limit: usize,
+    },
     /// The request took longer than allowed.
     #[error("LocalAPI {what} timed out after {after:?}")]
     Timeout {
@@ -69,6 +77,13 @@ pub enum LocalApiError {
         after: Duration,
     },
 }
+
+/// The most the agent reads of one LocalAPI answer or one IPN-bus message. A full netmap of a
+/// large tailnet is a few MiB; anything past this is not tailscaled talking sense, and reading
+/// it would only spend the sandbox's memory.
+pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
+/// The most the agent keeps of an answer it only quotes in an error.
+const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
 
 /// Client for one tailscaled socket.
 #[derive(Debug, Clone)]
@@ -276,13 +291,18 @@ impl LocalApi {
         );
         let response = self.send(method, path_and_query, body).await?;
         let status = response.status();
-        let bytes = response
-            .into_body()
+        let bytes = http_body_util::Limited::new(response.into_body(), MAX_MESSAGE_BYTES)
             .collect()
             .await
-            .map_err(|source| LocalApiError::Http {
-                what: what.clone(),
-                source,
+            .map_err(|err| match err.downcast::<hyper::Error>() {
+                Ok(source) => LocalApiError::Http {
+                    what: what.clone(),
+                    source: *source,
+                },
+                Err(_) => LocalApiError::TooLarge {
+                    what: what.clone(),
+                    limit: MAX_MESSAGE_BYTES,
+                },
             })?
             .to_bytes();
         if status != expect {
@@ -459,12 +479,11 @@ impl LocalApi {
 
 /// The body of an answer that is not what was asked for, as text for an error.
 async fn body_text(response: hyper::Response<Incoming>) -> String {
-    response
-        .into_body()
+    http_body_util::Limited::new(response.into_body(), MAX_ERROR_BODY_BYTES)
         .collect()
         .await
         .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
-        .unwrap_or_default()
+        .unwrap_or_else(|_| format!("(an answer of more than {MAX_ERROR_BODY_BYTES} bytes)"))
 }
 
 /// An open IPN bus: newline-delimited JSON `ipn.Notify` messages.
@@ -487,6 +506,14 @@ impl BusWatcher {
             match self.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        if self.buffer.len() + data.len() > MAX_MESSAGE_BYTES {
+                            // One message this large would be held whole; stop reading instead.
+                            self.buffer = Vec::new();
+                            return Err(LocalApiError::TooLarge {
+                                what: "watch-ipn-bus message".into(),
+                                limit: MAX_MESSAGE_BYTES,
+                            });
+                        }
                         self.buffer.extend_from_slice(&data);
                     }
                 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bringup::{self, Bringup};
 use crate::events::{EventSink, RunRecord, run_phase, timestamp, to_std_duration};
 use crate::preflight;
-use crate::targets::{CheckBudget, Targets};
+use crate::targets::{CheckBudget, Targets, skip_reason};
 
 /// What the run needs from its surroundings, passed in so tests can control it.
 #[derive(Debug, Clone, Default)]
@@ -126,7 +126,7 @@ pub async fn execute(request: RunRequest, sink: EventSink, ctx: RunContext) {
             targets
                 .skip_all(
                     &sink,
-                    "no auth key was given, so the sandbox did not join the tailnet",
+                    skip_reason::NO_AUTH_KEY,
                     "Set `TS_AUTHKEY` (an ephemeral, pre-authorized key) to join the tailnet.",
                 )
                 .await;
@@ -172,7 +172,8 @@ pub fn report(
             sha256: ctx.agent_sha256.clone(),
             proto_version: PROTO_VERSION,
         }),
-        verdict: Some(crate::verdict::verdict(&record.checks)),
+        verdict: Some(crate::verdict::verdict(&record.checks))
+            .map(|v| crate::verdict::interrupted_if(v, ctx.cancel.is_cancelled())),
         checks: record.checks,
         phases: record.phases,
         warnings: record.warnings,
@@ -195,11 +196,7 @@ async fn tailnet_run(
     let sink = bringup.sink;
     let Some(mut started) = bringup.start_daemon().await else {
         targets
-            .skip_all(
-                sink,
-                "tailscaled is not running, so nothing could be checked over the tailnet",
-                "Fix the failure above first.",
-            )
+            .skip_all(sink, skip_reason::DAEMON_FAILED, skip_reason::FIX_DAEMON)
             .await;
         return (None, None);
     };
@@ -211,14 +208,12 @@ async fn tailnet_run(
             .check(&started.supervisor, checks, sink, &ctx.cancel, async {})
             .await;
     } else {
-        let reason = if logged_in {
-            "the run was cancelled before the checks"
+        let (reason, hint) = if logged_in || ctx.cancel.is_cancelled() {
+            (skip_reason::INTERRUPTED, "")
         } else {
-            "the sandbox did not join the tailnet"
+            (skip_reason::LOGIN_FAILED, skip_reason::FIX_LOGIN)
         };
-        targets
-            .skip_all(sink, reason, "Fix the failure above first.")
-            .await;
+        targets.skip_all(sink, reason, hint).await;
     }
     let teardown = bringup::teardown(started.supervisor, budget.teardown, sink).await;
     (Some(started.info), Some(teardown))

@@ -5,13 +5,39 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use tailbox_proto::agent::v1::{CheckResult, GitTarget, HttpTarget, Layer, Phase, PingTarget};
-use tailbox_proto::redact::redact_url;
 use tokio_util::sync::CancellationToken;
 
 use crate::checks::tailnet;
 use crate::checks::{Outcome, ProxyContext};
 use crate::daemon::supervisor::Supervisor;
 use crate::events::{EventSink, run_phase};
+use crate::redact::Secrets;
+
+/// How a target URL is shown in events: as its check result shows it, credentials scrubbed.
+fn shown_url(url: &str) -> String {
+    Secrets::from_url(url).scrub(url)
+}
+
+/// Why checks were not run, worded the same everywhere: `not run: <the cause>`. A skip caused by
+/// an earlier failure names that failure, and its hint sends people to it.
+pub mod skip_reason {
+    /// No auth key, so no tailnet.
+    pub const NO_AUTH_KEY: &str =
+        "not run: no auth key was given, so the sandbox did not join the tailnet";
+    /// The daemon check failed.
+    pub const DAEMON_FAILED: &str = "not run: the daemon check failed (tailscaled is not running)";
+    /// The login check failed.
+    pub const LOGIN_FAILED: &str =
+        "not run: the login check failed (the sandbox is not on the tailnet)";
+    /// Stopped before the check started.
+    pub const INTERRUPTED: &str = "not run: the run was interrupted";
+    /// Stopped while the check ran.
+    pub const INTERRUPTED_MID_CHECK: &str = "not finished: the run was interrupted";
+    /// The hint of a skip caused by the daemon check.
+    pub const FIX_DAEMON: &str = "Fix the `daemon` failure above first.";
+    /// The hint of a skip caused by the login check.
+    pub const FIX_LOGIN: &str = "Fix the `login` failure above first.";
+}
 
 /// The targets of one run or check.
 #[derive(Clone, Copy)]
@@ -72,7 +98,7 @@ impl Targets<'_> {
                     tracing::warn!("checks cancelled");
                     // Every requested check still gets a result: the unfinished ones are skips.
                     let done = sink.record().await.checks;
-                    for result in self.skipped("the run was cancelled before this check finished", "") {
+                    for result in self.skipped(skip_reason::INTERRUPTED_MID_CHECK, "") {
                         if !done.iter().any(|c| c.name == result.name && c.target == result.target) {
                             sink.check(result).await;
                         }
@@ -92,6 +118,8 @@ impl Targets<'_> {
         let netmap = join_all(hosts.into_iter().map(|host| {
             let daemon = &daemon;
             async move {
+                sink.check_started("netmap", host.to_string(), netmap_limit)
+                    .await;
                 let result = tailnet::check_netmap(daemon, &host, netmap_limit).await;
                 sink.check(result.clone()).await;
                 (host, result)
@@ -103,6 +131,8 @@ impl Targets<'_> {
             let (daemon, netmap) = (&daemon, &netmap);
             async move {
                 let limit = budget.remaining(budget.ping);
+                sink.check_started("ping", target.address.trim(), limit)
+                    .await;
                 let (result, warning) =
                     tailnet::check_ping(daemon, &target.address, netmap, limit).await;
                 if let Some(warning) = warning {
@@ -112,15 +142,21 @@ impl Targets<'_> {
             }
         });
         let https = self.http.iter().map(|target| {
-            let ctx = ProxyContext::new(proxy, budget.remaining(budget.http), supervisor.daemon());
+            let limit = budget.remaining(budget.http);
+            let ctx = ProxyContext::new(proxy, limit, supervisor.daemon());
             async move {
+                sink.check_started("http", shown_url(&target.url), limit)
+                    .await;
                 let result = crate::checks::http::check_http(target, &ctx).await;
                 sink.check(result).await;
             }
         });
         let gits = self.git.iter().map(|target| {
-            let ctx = ProxyContext::new(proxy, budget.remaining(budget.git), supervisor.daemon());
+            let limit = budget.remaining(budget.git);
+            let ctx = ProxyContext::new(proxy, limit, supervisor.daemon());
             async move {
+                sink.check_started("git", shown_url(&target.url), limit)
+                    .await;
                 let result = crate::checks::git::check_git(target, &ctx).await;
                 sink.check(result).await;
             }
@@ -138,10 +174,10 @@ impl Targets<'_> {
             results.push(skip("ping", target.address.clone(), Layer::Ping));
         }
         for target in self.http {
-            results.push(skip("http", redact_url(&target.url), Layer::Http));
+            results.push(skip("http", shown_url(&target.url), Layer::Http));
         }
         for target in self.git {
-            results.push(skip("git", redact_url(&target.url), Layer::Git));
+            results.push(skip("git", shown_url(&target.url), Layer::Git));
         }
         results
     }

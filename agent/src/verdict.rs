@@ -30,6 +30,7 @@ pub fn verdict(checks: &[CheckResult]) -> Verdict {
             failure_class: FailureClass::Unspecified as i32,
             summary: format!("{passed} passed, {warned} warned, {skipped} skipped"),
             hint: String::new(),
+            interrupted: false,
         };
     };
     let layer = Layer::try_from(failed.layer).unwrap_or(Layer::Unspecified);
@@ -50,7 +51,18 @@ pub fn verdict(checks: &[CheckResult]) -> Verdict {
             class = class_name(class),
         ),
         hint: failed.hint.clone(),
+        interrupted: false,
     }
+}
+
+/// Marks `verdict` as interrupted when the run was stopped before it finished: such a run is
+/// never ok, whatever the checks that finished say.
+pub fn interrupted_if(mut verdict: Verdict, interrupted: bool) -> Verdict {
+    if interrupted {
+        verdict.interrupted = true;
+        verdict.ok = false;
+    }
+    verdict
 }
 
 /// Short lower-case name of a layer, for summaries.

@@ -13,6 +13,29 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// When to colour the output: `auto` (on a terminal, unless `NO_COLOR` is set; always if
+    /// `CLICOLOR_FORCE` is), `always` or `never`.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t = ColorChoice::Auto,
+        value_name = "WHEN",
+        hide_possible_values = true
+    )]
+    pub color: ColorChoice,
+}
+
+/// When to colour the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    /// On a terminal, honouring `NO_COLOR` and `CLICOLOR_FORCE`.
+    Auto,
+    /// Always, even into a pipe or file.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// Exit codes, shown at the end of `--help`.
@@ -21,15 +44,90 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   1    at least one check failed
   2    usage or configuration error
   3    sandbox or infrastructure error (the sandbox, the agent or the link to it failed)
-  130  interrupted; cleanup still ran";
+  130  interrupted; cleanup still ran
+  141  stdout was closed by its reader (e.g. `| head -1`); the run stopped, cleanup still ran";
+
+/// Examples ending `tailbox check --help`.
+const CHECK_EXAMPLES: &str = "Examples:
+  # Ping the dev host, fetch its health endpoint and list a git remote, in a Modal sandbox
+  export TS_AUTHKEY=tskey-auth-…
+  tailbox check --ping 100.64.0.1 --http http://100.64.0.1:7420/health \\
+    --git http://100.64.0.1:7420/git/me/app.git --expect-ref main=$(git rev-parse main)
+
+  # The agent on this machine instead, by the dev host's name, keeping the report
+  tailbox check --sandbox local --auth-key-file ~/.config/tailbox/key --ping devhost \\
+    --report report.json
+
+  # For scripts: JSON lines on stdout, the report last
+  tailbox check --json --http 302=http://devhost:7420/login | tail -1 | jq .report.verdict";
+
+/// Examples ending `tailbox sandbox --help`.
+const SANDBOX_EXAMPLES: &str = "Examples:
+  tailbox sandbox sweep --dry-run          # what tailbox left running
+  tailbox sandbox sweep                    # terminate all of it
+  tailbox sandbox terminate sb-1a2b3c4d    # one kept sandbox";
+
+/// Examples ending `tailbox sandbox sweep --help`.
+const SWEEP_EXAMPLES: &str = "Examples:
+  tailbox sandbox sweep --dry-run
+  tailbox sandbox sweep
+  MODAL_APP_NAME=ci-tailbox tailbox sandbox sweep 2>/dev/null | wc -l";
+
+/// Examples ending `tailbox sandbox terminate --help`.
+const TERMINATE_EXAMPLES: &str = "Examples:
+  tailbox sandbox terminate sb-1a2b3c4d
+  tailbox sandbox terminate sb-1a2b3c4d sb-5e6f7a8b";
+
+/// Examples ending `tailbox completions --help`.
+const COMPLETIONS_EXAMPLES: &str = "Examples:
+  tailbox completions bash > ~/.local/share/bash-completion/completions/tailbox
+  tailbox completions zsh > ~/.zfunc/_tailbox    # with fpath+=(~/.zfunc) in ~/.zshrc
+  tailbox completions fish > ~/.config/fish/completions/tailbox.fish";
 
 /// Exit codes of `up`, `status` and `down`, shown at the end of their `--help`.
-pub const SIDECAR_EXIT_CODES_HELP: &str = "Exit codes:
+macro_rules! sidecar_exit_codes {
+    () => {
+        "Exit codes:
   0    done (up: the node is Running; status: it is Running; down: it is down)
   1    the node is not Running (up, status), or its logout failed (down)
   2    usage or configuration error
   3    sandbox or infrastructure error, or no sidecar runs there (status)
-  130  interrupted";
+  130  interrupted"
+    };
+}
+
+/// The end of `tailbox up --help`: exit codes, then examples.
+const UP_HELP: &str = concat!(
+    sidecar_exit_codes!(),
+    "
+
+Examples:
+  # A Modal sandbox on the tailnet for the next hour; prints its id and the proxy variables
+  TS_AUTHKEY=tskey-auth-… tailbox up --hostname agent-1
+
+  # Into a sandbox that already runs, for scripts
+  tailbox up --sandbox-id sb-1a2b3c4d --auth-key-file ~/.config/tailbox/key --json"
+);
+
+/// The end of `tailbox status --help`.
+const STATUS_HELP: &str = concat!(
+    sidecar_exit_codes!(),
+    "
+
+Examples:
+  tailbox status --sandbox-id sb-1a2b3c4d
+  tailbox status --sandbox-id sb-1a2b3c4d --json | jq -r .status.backend_state"
+);
+
+/// The end of `tailbox down --help`.
+const DOWN_HELP: &str = concat!(
+    sidecar_exit_codes!(),
+    "
+
+Examples:
+  tailbox down --sandbox-id sb-1a2b3c4d           # the node, the sidecar and the sandbox
+  tailbox down --sandbox-id sb-1a2b3c4d --keep    # keep the sandbox running"
+);
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
@@ -38,25 +136,37 @@ pub enum Command {
     ///
     /// When a sidecar runs in the sandbox (`tailbox up`), the checks use its node and no second
     /// tailscaled starts.
+    #[command(after_help = CHECK_EXAMPLES)]
     Check(CheckArgs),
     /// Put a sandbox on the tailnet and keep it there (the sidecar).
     ///
     /// Starts the agent's sidecar in the sandbox, brings the node up, and prints what other
     /// programs need (the proxy variables). The sandbox and the sidecar stay running.
-    #[command(after_help = SIDECAR_EXIT_CODES_HELP)]
+    #[command(after_help = UP_HELP)]
     Up(UpArgs),
     /// Show the sidecar's node: state, tailnet IPs, proxy and health.
-    #[command(after_help = SIDECAR_EXIT_CODES_HELP)]
+    #[command(after_help = STATUS_HELP)]
     Status(StatusArgs),
     /// Take the sidecar down, and the sandbox if tailbox created it.
     ///
     /// Logs the node out, stops tailscaled and the sidecar, then terminates the sandbox if
     /// tailbox created it (unless --keep).
-    #[command(after_help = SIDECAR_EXIT_CODES_HELP)]
+    #[command(after_help = DOWN_HELP)]
     Down(DownArgs),
     /// Manage sandboxes tailbox created.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = SANDBOX_EXAMPLES)]
     Sandbox(SandboxCommand),
+    /// Print a shell completion script on stdout.
+    #[command(after_help = COMPLETIONS_EXAMPLES)]
+    Completions(CompletionsArgs),
+}
+
+/// Arguments of `tailbox completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }
 
 /// `tailbox sandbox …`
@@ -64,8 +174,10 @@ pub enum Command {
 pub enum SandboxCommand {
     /// Terminate every sandbox tailbox left running in the app (found by its `created-by=tailbox`
     /// tag), e.g. after --keep or a crash. Prints the ids on stdout.
+    #[command(after_help = SWEEP_EXAMPLES)]
     Sweep(SweepArgs),
     /// Terminate Modal sandboxes by id.
+    #[command(after_help = TERMINATE_EXAMPLES)]
     Terminate(TerminateArgs),
 }
 
@@ -236,7 +348,8 @@ pub struct CheckArgs {
     #[arg(long, value_parser = parse_duration)]
     pub git_timeout: Option<Duration>,
 
-    /// Show the agent's own log lines (prefixed `agent:`) and tailscaled's.
+    /// Show the agent's own log lines (prefixed `agent:`) and tailscaled's, and every check's
+    /// whole detail (on a terminal, live lines are otherwise cut to its width).
     #[arg(short, long)]
     pub verbose: bool,
 

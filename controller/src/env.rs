@@ -28,6 +28,11 @@ pub const TAILBOX_AGENT: &str = "TAILBOX_AGENT";
 pub const TAILBOX_SIDECAR_DIR: &str = "TAILBOX_SIDECAR_DIR";
 /// The user's home directory (for `~/.modal.toml`).
 pub const HOME: &str = "HOME";
+/// Any non-empty value turns colour off (<https://no-color.org>), unless `--color always`.
+pub const NO_COLOR: &str = "NO_COLOR";
+/// A value other than `0` turns colour on even without a terminal, unless `NO_COLOR` is set or
+/// `--color never`.
+pub const CLICOLOR_FORCE: &str = "CLICOLOR_FORCE";
 /// Path of the tailscale release tarball to push into the sandbox (`--tailscale-tarball`).
 pub const TAILBOX_TAILSCALE_TARBALL: &str = "TAILBOX_TAILSCALE_TARBALL";
 

@@ -31,6 +31,9 @@ pub enum ExitStatus {
     Infrastructure = 3,
     /// Interrupted by Ctrl-C or SIGTERM; cleanup still ran.
     Interrupted = 130,
+    /// The reader closed stdout (e.g. `| head -1`); the run stopped as after Ctrl-C, cleanup
+    /// still ran, and nothing was said about it: 128 + SIGPIPE, as a shell expects.
+    ClosedStdout = 141,
 }
 
 impl ExitStatus {
@@ -703,8 +706,8 @@ mod tests {
                 .into(),
             ),
             (
-                "output: stdout closed",
-                OutputError::Write(std::io::Error::from(std::io::ErrorKind::BrokenPipe)).into(),
+                "output: stdout failed",
+                OutputError::Write(std::io::Error::from_raw_os_error(28)).into(),
             ),
         ]
     }

@@ -10,8 +10,8 @@
 //!   `Backend`/`Sandbox` abstraction with its own error type.
 //! - [`session`]: handshake, `Run` and the event stream with one agent, shown through an
 //!   observer.
-//! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`render`]:
-//!   progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
+//! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`progress`]: the
+//!   live lines on a terminal; [`render`]: progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
 //!   and exit codes.
 //! - [`app`]: the subcommands.
 //!
@@ -27,6 +27,7 @@ mod modal;
 mod output;
 mod plan;
 mod process;
+mod progress;
 mod render;
 mod secret;
 mod session;
@@ -36,6 +37,74 @@ pub use app::{run_and_report, runtime_error};
 pub use cli::Cli;
 pub use env::ProcessEnv;
 pub use error::ExitStatus;
+
+/// Writes the man pages, `tailbox.1` and one per subcommand (`tailbox-check.1`, …), generated
+/// from the same clap definitions as `--help`, into `dir` (replacing the pages it had), and
+/// returns their paths. `cargo xtask man` runs it on `controller/man/`.
+pub fn write_man_pages(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "1") {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let mut command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    command.build();
+    let mut pages = Vec::new();
+    write_man_page(&command, dir, &mut pages)?;
+    pages.sort();
+    Ok(pages)
+}
+
+/// One command's page, then its subcommands'. clap_mangen renders every section but the text
+/// after the options, which it would fill like prose: there, `Exit codes:` and `Examples:`
+/// become sections of their own, their lines kept as written.
+fn write_man_page(
+    command: &clap::Command,
+    dir: &std::path::Path,
+    pages: &mut Vec<std::path::PathBuf>,
+) -> std::io::Result<()> {
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        write_man_page(sub, dir, pages)?;
+    }
+    let man = clap_mangen::Man::new(command.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    if command.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(&mut page)?;
+    }
+    if command.get_subcommands().any(|s| !s.is_hide_set()) {
+        man.render_subcommands_section(&mut page)?;
+    }
+    if let Some(after) = command.get_after_help() {
+        let mut roff = roff::Roff::new();
+        for line in after.to_string().lines() {
+            match line.strip_suffix(':') {
+                Some(title) if !line.starts_with(' ') => {
+                    roff.control("fi", []);
+                    roff.control("SH", [title.to_uppercase().as_str()]);
+                    roff.control("nf", []);
+                }
+                _ => {
+                    roff.text([roff::roman(line)]);
+                }
+            }
+        }
+        roff.control("fi", []);
+        roff.to_writer(&mut page)?;
+    }
+    if command.get_version().is_some() {
+        man.render_version_section(&mut page)?;
+    }
+    let path = dir.join(man.get_filename());
+    std::fs::write(&path, page)?;
+    pages.push(path);
+    Ok(())
+}
 
 /// What the integration tests drive directly: the Modal client against the fake Modal, and a
 /// session against an in-memory agent. Not for other uses.

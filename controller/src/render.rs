@@ -3,14 +3,16 @@
 use std::time::Duration;
 
 use console::{Style, Term};
-use indicatif::{ProgressBar, ProgressStyle};
 use tailbox_proto::agent::v1::{
-    CheckResult, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase, PhaseFinished,
-    PhaseStarted, Report, Warning, event,
+    CheckResult, CheckStarted, CheckStatus, DaemonRestart, Event, LogLine, LogSource, Phase,
+    PhaseFinished, PhaseStarted, Report, Warning, event,
 };
 
+use crate::cli::ColorChoice;
+use crate::env::{self, Env};
 use crate::output::{OutputError, write_json_line};
 use crate::plan::OutputMode;
+use crate::progress::{Progress, budget_text, cut};
 use crate::secret::redact_urls;
 use crate::session::{Observer, controller_event};
 
@@ -84,15 +86,14 @@ impl Renderer {
         }
     }
 
-    /// A block of lines for people after the results table, set off by an empty line (ignored
-    /// in JSON mode and under `--quiet`).
+    /// A block of lines for people after the results table, set off by an empty line and never
+    /// cut to the terminal's width (ignored in JSON mode and under `--quiet`).
     pub fn block(&mut self, text: &str) {
-        if let Renderer::Human(human) = self {
+        if let Renderer::Human(human) = self
+            && !human.quiet
+        {
             human.clear_spinner();
-            human.line("");
-            for line in text.lines() {
-                human.line(line);
-            }
+            eprintln!("\n{}", text.trim_end());
         }
     }
 
@@ -118,8 +119,8 @@ impl Observer for Renderer {
 pub struct Human {
     verbose: bool,
     quiet: bool,
-    interactive: bool,
-    spinner: Option<ProgressBar>,
+    /// Live lines, on a terminal (and not under --quiet).
+    progress: Option<Progress>,
     pass: Style,
     fail: Style,
     warn: Style,
@@ -133,8 +134,7 @@ impl Human {
         Self {
             verbose,
             quiet,
-            interactive: Term::stderr().is_term(),
-            spinner: None,
+            progress: (Term::stderr().is_term() && !quiet).then(Progress::stderr),
             pass: style(Style::new().green()),
             fail: style(Style::new().red().bold()),
             warn: style(Style::new().yellow()),
@@ -142,20 +142,22 @@ impl Human {
         }
     }
 
-    /// Prints a line on stderr without disturbing the spinner.
+    /// Prints a line on stderr above the live ones. On a terminal it is cut to its width
+    /// (the whole text is in `--json`, `--report` and `-v`); elsewhere it is never cut.
     fn line(&self, text: &str) {
         if self.quiet {
             return;
         }
-        match &self.spinner {
-            Some(spinner) => spinner.println(text),
+        match &self.progress {
+            Some(progress) if !self.verbose => progress.println(&cut(text, Progress::width())),
+            Some(progress) => progress.println(text),
             None => eprintln!("{text}"),
         }
     }
 
     fn clear_spinner(&mut self) {
-        if let Some(spinner) = self.spinner.take() {
-            spinner.finish_and_clear();
+        if let Some(progress) = &mut self.progress {
+            progress.clear();
         }
     }
 
@@ -164,7 +166,11 @@ impl Human {
         match kind {
             event::Kind::PhaseStarted(started) => self.phase_started(phase(started.phase)),
             event::Kind::PhaseFinished(finished) => self.phase_finished(finished),
+            event::Kind::CheckStarted(started) => self.check_started(started),
             event::Kind::Check(check) => {
+                if let Some(progress) = &mut self.progress {
+                    progress.step_finished(&check.name, &check.target);
+                }
                 let text = self.check_line(check);
                 self.line(&text);
             }
@@ -191,18 +197,9 @@ impl Human {
             return;
         }
         let name = phase_name(phase);
-        if self.interactive {
-            self.clear_spinner();
-            let spinner = ProgressBar::new_spinner();
-            spinner.set_style(
-                ProgressStyle::with_template("{spinner} {msg} {elapsed:.dim}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            spinner.set_message(name.to_owned());
-            spinner.enable_steady_tick(Duration::from_millis(100));
-            self.spinner = Some(spinner);
-        } else {
-            self.line(&format!("» {name}"));
+        match &mut self.progress {
+            Some(progress) => progress.phase_started(name),
+            None => self.line(&format!("» {name}")),
         }
     }
 
@@ -223,6 +220,34 @@ impl Human {
             self.pass.apply_to("✓")
         };
         self.line(&format!("{mark} {name} {}", self.dim.apply_to(took)));
+    }
+
+    /// A check began: a live line on a terminal, a plain line elsewhere.
+    fn check_started(&mut self, started: &CheckStarted) {
+        if self.quiet {
+            return;
+        }
+        let budget = tailbox_proto::convert::to_std_duration(started.budget.as_ref());
+        let target = redact_urls(&started.target);
+        match &mut self.progress {
+            Some(progress) => progress.step_started(&started.name, &target, budget),
+            None => {
+                let target = if target.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {target}")
+                };
+                let budget = budget
+                    .map(|b| format!(" (up to {})", budget_text(b)))
+                    .unwrap_or_default();
+                self.line(&format!(
+                    "{} {}{target}{}",
+                    self.dim.apply_to("  »"),
+                    started.name,
+                    self.dim.apply_to(budget)
+                ));
+            }
+        }
     }
 
     fn check_line(&self, check: &CheckResult) -> String {
@@ -281,8 +306,59 @@ impl Human {
     }
 }
 
+/// Applies `--color`, `NO_COLOR` and `CLICOLOR_FORCE` to everything tailbox prints.
+///
+/// `--color always` and `--color never` win; under `auto`, a non-empty `NO_COLOR` turns colour
+/// off, then a `CLICOLOR_FORCE` other than `0` turns it on, and otherwise a terminal gets colour.
+pub fn apply_color(choice: ColorChoice, env: &dyn Env) {
+    let forced = match choice {
+        ColorChoice::Always => Some(true),
+        ColorChoice::Never => Some(false),
+        ColorChoice::Auto if env.non_empty(env::NO_COLOR).is_some() => Some(false),
+        ColorChoice::Auto
+            if env
+                .non_empty(env::CLICOLOR_FORCE)
+                .is_some_and(|v| v.trim() != "0") =>
+        {
+            Some(true)
+        }
+        ColorChoice::Auto => None,
+    };
+    // Otherwise the console crate decides per stream: a terminal that is not `TERM=dumb`, and
+    // `CLICOLOR=0` turns colour off.
+    if let Some(on) = forced {
+        console::set_colors_enabled(on);
+        console::set_colors_enabled_stderr(on);
+    }
+}
+
+/// Marks a report whose run was stopped early: its verdict says `interrupted`, never ok (the
+/// agent already does; this covers a run stopped as the agent finished).
+pub fn mark_interrupted(report: &mut Report) {
+    let verdict = report.verdict.get_or_insert_with(Default::default);
+    verdict.interrupted = true;
+    verdict.ok = false;
+}
+
+/// The width the results table must fit: stdout's terminal's, or `None` (never cut) without one.
+pub fn stdout_width() -> Option<usize> {
+    let term = Term::stdout();
+    term.is_term()
+        .then(|| term.size_checked())
+        .flatten()
+        .map(|(_rows, cols)| usize::from(cols))
+}
+
+/// The most of the room for TARGET and DETAIL that TARGET keeps when the table must shrink.
+const TARGET_SHARE_PERCENT: usize = 40;
+/// The narrowest a shortened TARGET column gets.
+const MIN_TARGET: usize = 16;
+
 /// Renders the final report for people: the results table on stdout, the verdict and hints.
-pub fn report_table(report: &Report) -> String {
+///
+/// With a `width` (a terminal), every line fits it: TARGET and DETAIL are cut with an ellipsis,
+/// and the verdict and hints wrap. Without one nothing is cut.
+pub fn report_table(report: &Report, width: Option<usize>) -> String {
     let headers = ["CHECK", "TARGET", "STATUS", "TIME", "DETAIL"];
     let rows: Vec<[String; 5]> = report
         .checks
@@ -301,22 +377,41 @@ pub fn report_table(report: &Report) -> String {
             ]
         })
         .collect();
-    let mut widths = headers.map(str::len);
+    let mut widths = headers.map(console::measure_text_width);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row.iter()) {
-            *w = (*w).max(cell.chars().count());
+            *w = (*w).max(console::measure_text_width(cell));
         }
+    }
+    if let Some(limit) = width {
+        fit_columns(&mut widths, limit);
     }
     let fmt_row = |cells: &[String]| {
         let mut line = String::new();
         for (i, cell) in cells.iter().enumerate() {
+            let cell = match (width, i) {
+                (None, _) => cell.clone(),
+                (Some(_), 1) => cut_middle(cell, widths[i]),
+                (Some(_), _) => cut(cell, widths[i]),
+            };
             if i + 1 == cells.len() {
-                line.push_str(cell);
+                line.push_str(&cell);
             } else {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+                let pad = widths[i].saturating_sub(console::measure_text_width(&cell));
+                line.push_str(&cell);
+                line.push_str(&" ".repeat(pad + 2));
             }
         }
         line.trim_end().to_owned() + "\n"
+    };
+    let wrap = |text: &str| -> String {
+        match width {
+            Some(limit) => {
+                let options = textwrap::Options::new(limit.max(20)).subsequent_indent("  ");
+                textwrap::wrap(text, options).join("\n") + "\n"
+            }
+            None => format!("{text}\n"),
+        }
     };
     let mut out = fmt_row(&headers.map(str::to_owned));
     for row in &rows {
@@ -324,14 +419,14 @@ pub fn report_table(report: &Report) -> String {
     }
     if let Some(verdict) = &report.verdict {
         out.push('\n');
-        if verdict.ok {
-            out.push_str(&format!("verdict: ok ({})\n", verdict.summary));
+        let summary = redact_urls(&verdict.summary);
+        out.push_str(&wrap(&if verdict.interrupted {
+            format!("verdict: interrupted ({summary})")
+        } else if verdict.ok {
+            format!("verdict: ok ({summary})")
         } else {
-            out.push_str(&format!(
-                "verdict: FAILED: {}\n",
-                redact_urls(&verdict.summary)
-            ));
-        }
+            format!("verdict: FAILED: {summary}")
+        }));
     }
     for check in &report.checks {
         if check.status == CheckStatus::Fail as i32 || check.status == CheckStatus::Warn as i32 {
@@ -341,12 +436,20 @@ pub fn report_table(report: &Report) -> String {
                 } else {
                     format!(" {}", redact_urls(&check.target))
                 };
-                out.push_str(&format!("hint ({}{target}): {}\n", check.name, check.hint));
+                out.push_str(&wrap(&format!(
+                    "hint ({}{target}): {}",
+                    check.name, check.hint
+                )));
             }
             if check.status == CheckStatus::Fail as i32 && !check.log_tail.is_empty() {
                 out.push_str(&format!("tailscaled log tail ({}):\n", check.name));
                 for line in &check.log_tail {
-                    out.push_str(&format!("  | {}\n", redact_urls(line)));
+                    let line = format!("  | {}", redact_urls(line));
+                    match width {
+                        Some(limit) => out.push_str(&cut(&line, limit)),
+                        None => out.push_str(&line),
+                    }
+                    out.push('\n');
                 }
             }
         }
@@ -361,10 +464,10 @@ pub fn unchecked_guidance(joined: bool) -> String {
     let mut out = String::from(if joined {
         "not checked: no targets were given, so nothing on the dev host was pinged, fetched or cloned\n"
     } else {
-        "not checked: no auth key was given, so the sandbox joined no tailnet and nothing was pinged, fetched or cloned\n"
+        "not checked: with no auth key the sandbox joined no tailnet; nothing was pinged, fetched or cloned\n"
     });
     if !joined {
-        out.push_str("  to join the tailnet, set `TS_AUTHKEY` (an ephemeral, pre-authorized auth key) or pass `--auth-key-file PATH`\n");
+        out.push_str("  to join the tailnet, set `TS_AUTHKEY` (ephemeral, pre-authorized) or pass `--auth-key-file PATH`\n");
     }
     out.push_str(concat!(
         "  to ping the dev host, set `COOK_TAIL_IP` or pass `--ping HOST`\n",
@@ -372,6 +475,34 @@ pub fn unchecked_guidance(joined: bool) -> String {
         "  to list a git remote on it, set `COOK_GIT_URL` or pass `--git URL` (and `--expect-ref NAME=SHA`)\n",
         "  to see a whole run on a local tailnet, with no account: `cargo xtask demo` in a tailbox checkout\n",
     ));
+    out
+}
+
+/// Shrinks TARGET (index 1) and DETAIL (index 4) so that the columns and their two-space gaps
+/// fit `limit`. DETAIL says the most, so TARGET gives up to its share first (it is cut in the
+/// middle, keeping a URL's host and path end), then DETAIL takes what is left.
+fn fit_columns(widths: &mut [usize; 5], limit: usize) {
+    let fixed = widths[0] + widths[2] + widths[3] + 2 * (widths.len() - 1);
+    if fixed + widths[1] + widths[4] <= limit {
+        return;
+    }
+    let room = limit.saturating_sub(fixed);
+    let target_share = (room * TARGET_SHARE_PERCENT / 100).max(MIN_TARGET);
+    widths[1] = widths[1].min(target_share);
+    widths[4] = widths[4].min(room.saturating_sub(widths[1])).max(1);
+}
+
+/// Cuts `text` to `width` columns in the middle, keeping both ends (`http://100.…/lab.git`).
+fn cut_middle(text: &str, width: usize) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() <= width || width < 5 {
+        return cut(text, width);
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    let mut out: String = chars[..head].iter().collect();
+    out.push('…');
+    out.extend(&chars[chars.len() - tail..]);
     out
 }
 
@@ -460,7 +591,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let table = report_table(&report);
+        let table = report_table(&report, None);
         assert!(table.starts_with("CHECK"), "{table}");
         assert!(table.contains("preflight  -"), "{table}");
         assert!(table.contains("FAIL"), "{table}");
@@ -537,7 +668,7 @@ mod tests {
                     "http://u:secret@100.64.0.1:7420/lab.git",
                     CheckStatus::Skip,
                     0,
-                    "the run was cancelled before this check finished",
+                    "not finished: the run was interrupted",
                 ),
             ],
             verdict: Some(Verdict {
@@ -577,10 +708,22 @@ mod tests {
             }),
             ..Default::default()
         };
+        // On a terminal 60 columns wide: TARGET cut in the middle, DETAIL at the end, hints wrapped.
+        let narrow = [
+            report_table(&passing, Some(60)),
+            report_table(&failing, Some(60)),
+        ];
+        for table in &narrow {
+            for line in table.lines() {
+                assert!(console::measure_text_width(line) <= 60, "{line:?}");
+            }
+        }
         insta::assert_snapshot!(format!(
-            "{}\n---\n\n{}",
-            report_table(&passing),
-            report_table(&failing)
+            "{}\n---\n\n{}\n--- 60 columns\n\n{}\n---\n\n{}",
+            report_table(&passing, None),
+            report_table(&failing, None),
+            narrow[0],
+            narrow[1]
         ));
     }
 }

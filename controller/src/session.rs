@@ -236,6 +236,9 @@ impl Session {
             }
         };
         let report = self.drain(stream, observer, deadline).await?;
+        // The client holds a handle on the channel: while it lives, closing the channel in
+        // `finish` leaves the agent's stdin open and the agent waits out the exit grace.
+        drop(client);
         Ok(self.finish(report).await)
     }
 
@@ -267,6 +270,9 @@ impl Session {
             }
         };
         let report = self.drain(stream, observer, deadline).await?;
+        // The client holds a handle on the channel: while it lives, closing the channel in
+        // `finish` leaves the agent's stdin open and the agent waits out the exit grace.
+        drop(client);
         Ok(self.finish(report).await)
     }
 

@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "cli",
     "error",
     "plan",
+    "progress",
     "render",
     "app",
 ];

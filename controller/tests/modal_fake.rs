@@ -333,7 +333,26 @@ async fn a_kept_sandbox_is_reused_without_uploading_and_swept_at_the_end() {
             1,
             "the second run created a sandbox"
         );
-        assert_eq!(record.agent_execs().len(), 2);
+        // Two runs of the agent; before the second, one `attach` looked for a sidecar in the
+        // existing sandbox (there was none, so the second run started its own agent).
+        let serves = |argv: &[String]| argv.iter().any(|a| a == "serve");
+        let attaches = |argv: &[String]| argv.iter().any(|a| a == "attach");
+        assert_eq!(
+            record
+                .agent_execs()
+                .iter()
+                .filter(|e| serves(&e.argv))
+                .count(),
+            2
+        );
+        assert_eq!(
+            record
+                .agent_execs()
+                .iter()
+                .filter(|e| attaches(&e.argv))
+                .count(),
+            1
+        );
         // Attached, not created: it stays running.
         assert!(record.sandbox(&id).unwrap().terminated_at.is_none());
 
@@ -397,6 +416,61 @@ async fn every_event_arrives_exactly_once_when_stdout_is_cut_again_and_again() {
         let record = fake.record();
         assert!(record.stdio_cuts >= 10, "only {} cuts", record.stdio_cuts);
         assert!(record.sandboxes[0].terminated_at.is_some());
+    })
+    .await;
+}
+
+/// The seed of a seeded fault test: `TAILBOX_FAULT_SEED` to repeat a run, else a fresh one.
+/// Printed first, so a failure's captured output names it.
+fn fault_seed() -> u64 {
+    let seed = std::env::var("TAILBOX_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("fault seed {seed} (rerun with TAILBOX_FAULT_SEED={seed})");
+    seed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_random_stdout_cuts_lose_and_repeat_no_event() {
+    let seed = fault_seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let fake = FakeModal::start().await.unwrap();
+    bounded(async {
+        // A clean run says how long the agent's stdout is.
+        let clean = check(&fake, &[]).await;
+        clean.assert_code(0);
+        let serve = |record: &Record| -> u64 {
+            record
+                .agent_execs()
+                .iter()
+                .rev()
+                .find(|e| e.argv.iter().any(|a| a == "serve"))
+                .map(|e| e.stdout_bytes)
+                .unwrap()
+        };
+        let length = usize::try_from(serve(&fake.record())).unwrap();
+        assert!(length > 1000, "the agent wrote only {length} bytes");
+
+        // Four runs, each cut at 25 random offsets of its stdout: 100 cuts in all.
+        let mut cuts = 0;
+        for run_no in 0..4 {
+            let mut offsets: Vec<usize> = (0..25).map(|_| rng.usize(1..length * 9 / 10)).collect();
+            offsets.sort_unstable();
+            offsets.dedup();
+            let before = fake.record().stdio_cuts;
+            fake.update_faults(|f| f.cut_stdout_at.clone_from(&offsets));
+            let run = check(&fake, &[]).await;
+            assert_eq!(
+                run.code,
+                Some(0),
+                "seed {seed}, run {run_no}, cuts at {offsets:?}; stderr:\n{}",
+                run.stderr
+            );
+            assert_agent_seqs_dense(&run);
+            cuts += fake.record().stdio_cuts - before;
+        }
+        assert!(cuts >= 95, "seed {seed}: only {cuts} cuts fired");
     })
     .await;
 }
@@ -753,6 +827,71 @@ async fn sigterm_while_the_agent_runs_terminates_the_sandbox() {
             !r.agent_execs().is_empty()
         })
         .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_random_ctrl_c_always_terminates_the_sandbox_within_3_s() {
+    let seed = fault_seed();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let fake = FakeModal::start().await.unwrap();
+    let agent = static_agent();
+    bounded(async {
+        // A clean run says how long a whole run takes here.
+        let started = Instant::now();
+        check(&fake, &[]).await.assert_code(0);
+        let whole = started.elapsed();
+
+        for run_no in 0..20 {
+            let at = whole.mul_f64(rng.f64());
+            let before = fake.record().sandboxes.len();
+            let home = tempfile::tempdir().unwrap();
+            let mut child = command(
+                &fake,
+                home.path(),
+                &["check", "--sandbox", "modal", "--json", "--agent", &agent],
+                &[],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+            tokio::time::sleep(at).await;
+            let interrupted_at = Instant::now();
+            let pid = i32::try_from(child.id().unwrap()).unwrap();
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+            }
+            let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .unwrap_or_else(|_| panic!("seed {seed}, run {run_no} ({at:?}): no exit"))
+                .unwrap();
+            let record = fake.record();
+            // 130 when interrupted; 0 if the run had already finished; killed by the signal
+            // itself only before tailbox listens for it, when it has created nothing.
+            let killed_early = std::os::unix::process::ExitStatusExt::signal(&status)
+                == Some(libc::SIGINT)
+                && record.sandboxes.len() == before;
+            assert!(
+                matches!(status.code(), Some(130 | 0)) || killed_early,
+                "seed {seed}, run {run_no} (SIGINT at {at:?}): exit {status:?}"
+            );
+            for sandbox in &record.sandboxes[before..] {
+                let terminated = sandbox.terminated_at.unwrap_or_else(|| {
+                    panic!(
+                        "seed {seed}, run {run_no} (SIGINT at {at:?}): {} left running",
+                        sandbox.id
+                    )
+                });
+                let took = terminated.saturating_duration_since(interrupted_at);
+                assert!(
+                    took < Duration::from_secs(3),
+                    "seed {seed}, run {run_no} (SIGINT at {at:?}): terminated {took:?} after"
+                );
+            }
+        }
     })
     .await;
 }

@@ -76,11 +76,11 @@ async fn no_key_and_no_targets_runs_the_preflight_then_says_what_would_check_the
         // One block after the run says what was not checked and what would check it.
         let block = block(&stderr);
         assert!(
-            block.starts_with("not checked: no auth key was given, so the sandbox joined no tailnet and nothing was pinged, fetched or cloned\n"),
+            block.starts_with("not checked: with no auth key the sandbox joined no tailnet; nothing was pinged, fetched or cloned\n"),
             "{block}"
         );
         assert!(
-            block.contains("set `TS_AUTHKEY` (an ephemeral, pre-authorized auth key) or pass `--auth-key-file PATH`"),
+            block.contains("set `TS_AUTHKEY` (ephemeral, pre-authorized) or pass `--auth-key-file PATH`"),
             "{block}"
         );
         for help in TARGET_HELP {

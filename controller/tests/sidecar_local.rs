@@ -45,7 +45,12 @@ impl Setup {
 
     /// `tailbox <command> --sandbox local --state-dir … --agent …` plus `extra`.
     async fn tailbox(&self, lab: &Lab, command: &str, extra: &[&str]) -> Output {
-        let agent = agent_binary();
+        self.tailbox_with(&agent_binary(), lab, command, extra)
+            .await
+    }
+
+    /// The same with another agent binary.
+    async fn tailbox_with(&self, agent: &Path, lab: &Lab, command: &str, extra: &[&str]) -> Output {
         let mut args = vec![
             command,
             "--sandbox",
@@ -78,30 +83,31 @@ impl Setup {
     }
 
     async fn up(&self, lab: &Lab) -> Value {
-        let key_file = self.key_file.to_str().unwrap().to_owned();
-        let tailscaled = lab.bins().tailscaled().display().to_string();
-        let out = self
-            .tailbox(
-                lab,
-                "up",
-                &[
-                    "--json",
-                    "--tailscaled",
-                    &tailscaled,
-                    "--control-url",
-                    lab.control_url(),
-                    "--auth-key-file",
-                    &key_file,
-                    "--hostname",
-                    "sidecar-up",
-                    // Tests run side by side: tailscaled picks a free proxy port.
-                    "--proxy-listen",
-                    "127.0.0.1:0",
-                ],
-            )
-            .await;
+        let out = self.up_with(&agent_binary(), lab, &[]).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         last_json_line(&out)
+    }
+
+    /// `tailbox up` with `agent` and `extra` flags.
+    async fn up_with(&self, agent: &Path, lab: &Lab, extra: &[&str]) -> Output {
+        let key_file = self.key_file.to_str().unwrap().to_owned();
+        let tailscaled = lab.bins().tailscaled().display().to_string();
+        let mut args = vec![
+            "--json",
+            "--tailscaled",
+            &tailscaled,
+            "--control-url",
+            lab.control_url(),
+            "--auth-key-file",
+            &key_file,
+            "--hostname",
+            "sidecar-up",
+            // Tests run side by side: tailscaled picks a free proxy port.
+            "--proxy-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        self.tailbox_with(agent, lab, "up", &args).await
     }
 
     async fn status(&self, lab: &Lab) -> (Option<i32>, Value) {
@@ -171,9 +177,10 @@ fn last_json_line(out: &Output) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(out)))
 }
 
-/// Pids of the processes running `binary` (by /proc/<pid>/exe) whose parent runs `parent`: the
-/// tailscaleds our agent builds started, whatever else runs on the machine.
-fn children_running(binary: &Path, parent: &Path) -> Vec<u32> {
+/// Pids of the processes running `binary` (by /proc/<pid>/exe) whose parent runs `parent` with
+/// `state_dir` or `serve` on its command line: the tailscaleds of this test's sidecar and of any
+/// one-shot agent, whatever else (other tests' sidecars, other labs) runs on the machine.
+fn children_running(binary: &Path, parent: &Path, state_dir: &str) -> Vec<u32> {
     let exe_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let (binary, parent) = (
         std::fs::canonicalize(binary).unwrap(),
@@ -197,7 +204,12 @@ fn children_running(binary: &Path, parent: &Path) -> Vec<u32> {
                 let (_, rest) = stat.rsplit_once(") ")?;
                 rest.split_whitespace().nth(1)?.parse::<u32>().ok()
             });
-        if ppid.and_then(exe_of).is_some_and(|exe| exe == parent) {
+        let Some(ppid) = ppid else { continue };
+        let ours = std::fs::read(format!("/proc/{ppid}/cmdline")).is_ok_and(|cmdline| {
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains(state_dir) || cmdline.split('\0').any(|arg| arg == "serve")
+        });
+        if ours && exe_of(ppid).is_some_and(|exe| exe == parent) {
             pids.push(pid);
         }
     }
@@ -307,7 +319,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         let tailscaled_bin = lab.bins().tailscaled();
         let agent_bin = agent_binary();
         assert_eq!(
-            children_running(&tailscaled_bin, &agent_bin),
+            children_running(&tailscaled_bin, &agent_bin, setup.state_dir()),
             vec![tailscaled_pid]
         );
         let most_seen = Arc::new(AtomicUsize::new(0));
@@ -315,9 +327,10 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         let sampler = {
             let (most_seen, watching) = (Arc::clone(&most_seen), Arc::clone(&watching));
             let (bin, parent) = (tailscaled_bin.clone(), agent_bin.clone());
+            let state_dir = setup.state_dir().to_owned();
             tokio::task::spawn_blocking(move || {
                 while watching.load(Ordering::SeqCst) {
-                    let n = children_running(&bin, &parent).len();
+                    let n = children_running(&bin, &parent, &state_dir).len();
                     most_seen.fetch_max(n, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -412,7 +425,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         }
         assert_eq!(pids_naming(setup.state_dir()), Vec::<u32>::new());
         assert_eq!(
-            children_running(&tailscaled_bin, &agent_bin),
+            children_running(&tailscaled_bin, &agent_bin, setup.state_dir()),
             Vec::<u32>::new()
         );
 
@@ -484,6 +497,59 @@ async fn up_without_an_auth_key_and_check_over_an_idle_sidecar_say_what_to_do() 
         let out = setup.tailbox(&lab, "down", &["--json"]).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
         assert_eq!(last_json_line(&out)["sidecar_was_running"], true);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sidecar_of_another_build_is_reported_and_replaced_only_on_request() {
+    let lab = lab().await;
+    let setup = Setup::new(&lab);
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // Another build: the same program with other bytes, so another sha256.
+        let builds = tempfile::tempdir().unwrap();
+        let other = builds.path().join("tailbox-agent");
+        let mut bytes = std::fs::read(agent_binary()).unwrap();
+        bytes.extend_from_slice(b"another build");
+        std::fs::write(&other, bytes).unwrap();
+        std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let out = setup.up_with(&other, &lab, &[]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+        // This build reaches it, uses it, and says it is another build.
+        let (code, status) = setup.status(&lab).await;
+        assert_eq!(code, Some(0), "{status:#}");
+        let note = status["other_build"].as_str().unwrap_or_default();
+        assert!(
+            note.contains("the sidecar runs tailbox-agent"),
+            "{status:#}"
+        );
+        assert!(note.contains("`tailbox up --replace`"), "{status:#}");
+
+        // up with this build refuses to replace it silently...
+        let out = setup.up_with(&agent_binary(), &lab, &[]).await;
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("error: A sidecar of another version already runs in"),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("hint: Run `tailbox up --replace`"),
+            "{stderr}"
+        );
+
+        // ...and replaces it when asked.
+        let out = setup.up_with(&agent_binary(), &lab, &["--replace"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        let up = last_json_line(&out);
+        assert_eq!(up["state"], "running", "{up:#}");
+        assert!(up["other_build"].is_null(), "{up:#}");
+
+        let out = setup.tailbox(&lab, "down", &[]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     })
     .await
     .expect("test timed out");

@@ -147,7 +147,8 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
                 .filter(|e| e.argv.iter().any(|a| a == "attach"))
                 .count()
         };
-        assert_eq!(attaches(&fake), 1);
+        // One attach by `up` itself, one by `status`.
+        assert_eq!(attaches(&fake), 2);
 
         // Check over the sidecar's node: every check passes, and no second tailscaled starts.
         let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
@@ -179,7 +180,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }
         assert!(!names.contains(&"daemon"), "{names:?}");
-        assert_eq!(attaches(&fake), 2);
+        assert_eq!(attaches(&fake), 3);
         assert_eq!(running(&fake, &id, &tailscaled), 1);
         // check leaves a sandbox it attached to running.
         assert!(fake.record().sandbox(&id).unwrap().terminated_at.is_none());

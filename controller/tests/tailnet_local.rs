@@ -558,7 +558,13 @@ async fn ctrl_c_still_logs_the_node_out() {
             .find(|c| c["name"] == "http")
             .unwrap();
         assert_eq!(http["status"], "CHECK_STATUS_SKIP", "{http:#}");
-        assert!(http["detail"].as_str().unwrap().contains("cancelled"));
+        assert_eq!(
+            http["detail"], "not finished: the run was interrupted",
+            "{http:#}"
+        );
+        // An interrupted run is never ok, and its report says so.
+        assert_eq!(report["verdict"]["interrupted"], true, "{report:#}");
+        assert_ne!(report["verdict"]["ok"], true, "{report:#}");
         assert!(stderr.contains("error: Interrupted"), "{stderr}");
         assert!(stderr.contains("logged the node out"), "{stderr}");
         // Nothing is left running.

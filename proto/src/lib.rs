@@ -6,7 +6,8 @@
 /// - 2: the `Sidecar` service (sidecar.proto), `HelloResponse.serve_mode`, `DaemonRestart.total`.
 /// - 3: targets by name, `HttpTarget.expected_status_max`, `HttpEvidence.redirects` and
 ///   `final_url`, `NetmapEvidence.peer_ips` and `closest_peers`, `FAILURE_CLASS_DAEMON_UNRESPONSIVE`.
-pub const PROTO_VERSION: u32 = 3;
+/// - 4: `Event.check_started` (`CheckStarted`), `Verdict.interrupted`.
+pub const PROTO_VERSION: u32 = 4;
 
 /// Layout version of the JSON report (`Report.schema_version`).
 pub const REPORT_SCHEMA_VERSION: u32 = 1;

@@ -8,6 +8,8 @@
 //! - `cargo xtask static-agent [--target T]...`: build the static (musl) agent for each target
 //!   (default: this machine's architecture) and verify it is static and built for that
 //!   architecture; prints one path per target.
+//! - `cargo xtask man`: regenerate the man pages in `controller/man/` from tailbox's clap
+//!   definitions (`controller/tests/man.rs` fails when they are stale).
 
 mod demo;
 mod static_agent;
@@ -47,6 +49,8 @@ enum Command {
         #[arg(long = "target", value_name = "TARGET")]
         targets: Vec<Arch>,
     },
+    /// Regenerate tailbox's man pages in controller/man/ from its clap definitions
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -100,6 +104,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Lab {
             command: LabCommand::Up { env_file },
         } => lab_up(env_file).await.map(|()| ExitCode::SUCCESS),
+        Command::Man => {
+            let dir = workspace()?.join("controller/man");
+            let written = tailbox::write_man_pages(&dir)
+                .with_context(|| format!("writing the man pages to {}", dir.display()))?;
+            for page in written {
+                println!("{}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::StaticAgent { mut targets } => {
             let workspace = workspace()?;
             if targets.is_empty() {

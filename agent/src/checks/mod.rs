@@ -291,6 +291,11 @@ impl Outcome {
         )
     }
 
+    /// What the check is about, as its result will show it.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
     /// A skip with the reason.
     pub fn skip(&self, detail: impl Into<String>, hint: impl Into<String>) -> CheckResult {
         self.result(

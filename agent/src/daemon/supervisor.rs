@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 use tailbox_proto::agent::v1::{
     DaemonEvidence, DaemonRestart, Layer, LogSource, Teardown, Warning,
 };
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -642,6 +642,9 @@ struct Announced {
     http: Option<SocketAddr>,
 }
 
+/// The longest line of tailscaled's output the agent keeps.
+const MAX_LOG_LINE: usize = 16 << 10;
+
 /// Where tailscaled's output goes: scrubbed of secrets, into the ring and (without blocking)
 /// the event stream; the listeners it announces are published for a port-0 request.
 #[derive(Clone)]
@@ -654,8 +657,19 @@ struct OutputReader {
 
 impl OutputReader {
     async fn read(self, stream: impl AsyncRead + Unpin) {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        use futures::StreamExt as _;
+        use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+        // Bounded: a line longer than this is cut (the codec skips to the next newline), so a
+        // runaway tailscaled cannot grow the agent's memory through its log.
+        let mut lines = FramedRead::new(stream, LinesCodec::new_with_max_length(MAX_LOG_LINE));
+        while let Some(next) = lines.next().await {
+            let line = match next {
+                Ok(line) => line,
+                Err(LinesCodecError::MaxLineLengthExceeded) => {
+                    format!("(a tailscaled log line longer than {MAX_LOG_LINE} bytes was cut)")
+                }
+                Err(LinesCodecError::Io(_)) => break,
+            };
             let line = self.secrets.scrub(&line);
             let socks = announced_listener(&line, "SOCKS5 listening on ");
             let http = announced_listener(&line, "HTTP proxy listening on ");

@@ -8,12 +8,14 @@ use tailbox_proto::describe;
 
 use crate::backend::modal::CREATED_BY_TAG;
 use crate::backend::{Backend, Installed, Interrupt, Released, Sandbox};
-use crate::cli::{CheckArgs, Cli, Command, SandboxCommand, SandboxKind, SweepArgs};
+use crate::cli::{
+    CheckArgs, Cli, Command, CompletionsArgs, SandboxCommand, SandboxKind, SweepArgs,
+};
 use crate::env::{self, Env};
 use crate::error::{CliError, CliResult, ExitStatus};
 use crate::modal::client::ModalClient;
 use crate::modal::config;
-use crate::output::write_stdout;
+use crate::output::{self, write_stdout};
 use crate::plan::{CheckPlan, DEFAULT_MODAL_APP, OutputMode};
 use crate::render::{self, Renderer};
 use crate::session::{self, controller_event};
@@ -29,7 +31,10 @@ const CLEANUP_BUDGET: Duration = Duration::from_secs(20);
 
 /// Runs a parsed command line, prints its error if it fails, and gives the exit status.
 pub async fn run_and_report(cli: Cli, env: &dyn Env) -> ExitStatus {
+    render::apply_color(cli.color, env);
     match run(cli, env).await {
+        // A reader that closed stdout gets what a shell expects of a program it stopped.
+        Ok(_) if output::is_closed() => ExitStatus::ClosedStdout,
         Ok(status) => status,
         Err(err) => {
             eprint!("{}", err.render());
@@ -55,15 +60,42 @@ async fn run(cli: Cli, env: &dyn Env) -> CliResult<ExitStatus> {
         Command::Down(args) => sidecar::down(&args, env).await,
         Command::Sandbox(SandboxCommand::Sweep(args)) => sweep(&args, env).await,
         Command::Sandbox(SandboxCommand::Terminate(args)) => terminate(&args.ids, env).await,
+        Command::Completions(args) => completions(&args),
     }
+}
+
+/// `tailbox completions <SHELL>`: the completion script, from the same clap definitions.
+fn completions(args: &CompletionsArgs) -> CliResult<ExitStatus> {
+    let mut script = Vec::new();
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(args.shell, &mut command, "tailbox", &mut script);
+    write_stdout(&String::from_utf8_lossy(&script))?;
+    Ok(ExitStatus::Passed)
 }
 
 /// How the check's work ended.
 enum Ended {
     /// It ran to the end (or failed).
     Done(CliResult<Report>),
-    /// Ctrl-C or SIGTERM; the report, if the agent sent one in time.
-    Interrupted(Option<Report>),
+    /// Ctrl-C, SIGTERM or a closed stdout; the report, if the agent sent one in time.
+    Interrupted(Option<Report>, Stop),
+}
+
+/// What stopped a run before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Ctrl-C or SIGTERM.
+    Signal,
+    /// The reader closed stdout: nobody is left to read the results.
+    ClosedStdout,
+}
+
+/// Resolves when the run should stop early, saying why.
+async fn stop_requested() -> Stop {
+    tokio::select! {
+        () = interrupted() => Stop::Signal,
+        () = output::closed() => Stop::ClosedStdout,
+    }
 }
 
 async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
@@ -87,21 +119,21 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
         let mut work = Box::pin(check_in(backend.as_ref(), &plan, &mut renderer, &run_id));
         tokio::select! {
             result = &mut work => Ended::Done(result),
-            () = interrupted() => match backend.interrupt() {
+            stop = stop_requested() => match backend.interrupt() {
                 Interrupt::AwaitReports(grace) => tokio::select! {
                     result = tokio::time::timeout(grace, &mut work) => {
-                        Ended::Interrupted(result.ok().and_then(Result::ok))
+                        Ended::Interrupted(result.ok().and_then(Result::ok), stop)
                     }
                     // A second Ctrl-C stops waiting.
-                    () = interrupted() => Ended::Interrupted(None),
+                    () = interrupted() => Ended::Interrupted(None, stop),
                 },
-                Interrupt::Abandon => Ended::Interrupted(None),
+                Interrupt::Abandon => Ended::Interrupted(None, stop),
             },
         }
     };
     // The work is gone (dropped mid-flight on Ctrl-C); what it created, the backend knows.
     let budget = match ended {
-        Ended::Interrupted(_) => INTERRUPTED_CLEANUP_BUDGET,
+        Ended::Interrupted(..) => INTERRUPTED_CLEANUP_BUDGET,
         Ended::Done(_) => CLEANUP_BUDGET,
     };
     let released = backend.release(budget).await;
@@ -124,9 +156,19 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
             renderer.clear();
             Err(err)
         }
-        Ended::Interrupted(report) => {
+        Ended::Interrupted(report, Stop::ClosedStdout) => {
+            // Quietly: the reader chose to stop reading. `--report` is still written.
+            if let Some(mut report) = report {
+                render::mark_interrupted(&mut report);
+                finish(&plan, &mut renderer, &report)?;
+            }
+            renderer.clear();
+            Ok(ExitStatus::ClosedStdout)
+        }
+        Ended::Interrupted(report, Stop::Signal) => {
             let mut err = CliError::interrupted();
-            if let Some(report) = report {
+            if let Some(mut report) = report {
+                render::mark_interrupted(&mut report);
                 let logged_out = report.teardown.as_ref().is_some_and(|t| t.logged_out);
                 finish(&plan, &mut renderer, &report)?;
                 err = err.with_detail(if logged_out {
@@ -398,7 +440,7 @@ fn agent_log_filter(plan: &CheckPlan) -> &'static str {
 fn finish(plan: &CheckPlan, renderer: &mut Renderer, report: &Report) -> CliResult<()> {
     renderer.event(&controller_event(event::Kind::Report(report.clone())))?;
     if let OutputMode::Human { .. } = plan.output {
-        write_stdout(&render::report_table(report))?;
+        write_stdout(&render::report_table(report, render::stdout_width()))?;
     }
     if let Some(path) = &plan.report_path {
         let json = serde_json::to_string_pretty(report).map_err(|err| {

@@ -3,7 +3,8 @@
 //! Stopping: after Ctrl-C every agent still running gets SIGTERM, cancels its run into its
 //! teardown (logout, stop tailscaled) and sends its report, which tailbox waits for. An agent
 //! abandoned any other way (an error) gets SIGTERM too, and finishes that teardown on its own in
-//! its own process group.
+//! its own process group. An agent started after the interrupt (it came while the sandbox was
+//! being prepared) gets SIGTERM as soon as it starts.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -41,9 +42,25 @@ const SAFE_ENV: &[&str] = &[
 /// Runs agents on this machine.
 pub struct LocalBackend {
     agent: Arc<LocalAgent>,
-    /// Process ids of the agents started, for the interrupt.
-    agents: Arc<Mutex<Vec<u32>>>,
+    /// The agents started, for the interrupt.
+    agents: Arc<Mutex<Agents>>,
     opened: AtomicUsize,
+}
+
+/// The agents started and whether the run was interrupted, changed together under one lock so
+/// every agent gets SIGTERM exactly once after an interrupt, whenever it started.
+#[derive(Debug, Default)]
+struct Agents {
+    /// Process ids of the agents still running.
+    pids: Vec<u32>,
+    /// Set by [`Backend::interrupt`].
+    interrupted: bool,
+}
+
+fn terminate(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
 }
 
 /// The agent binary and its hash.
@@ -102,11 +119,11 @@ impl Backend for LocalBackend {
     }
 
     fn interrupt(&self) -> Interrupt {
-        let pids = self.agents.lock().map(|p| p.clone()).unwrap_or_default();
-        for pid in pids {
-            if let Ok(pid) = i32::try_from(pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-            }
+        if let Ok(mut agents) = self.agents.lock()
+            && !agents.interrupted
+        {
+            agents.interrupted = true;
+            agents.pids.iter().copied().for_each(terminate);
         }
         Interrupt::AwaitReports(INTERRUPT_GRACE)
     }
@@ -121,7 +138,7 @@ impl Backend for LocalBackend {
 pub struct LocalSandbox {
     id: String,
     agent: Arc<LocalAgent>,
-    agents: Arc<Mutex<Vec<u32>>>,
+    agents: Arc<Mutex<Agents>>,
 }
 
 #[async_trait::async_trait]
@@ -187,7 +204,10 @@ impl Sandbox for LocalSandbox {
         if let Some(pid) = pid
             && let Ok(mut agents) = self.agents.lock()
         {
-            agents.push(pid);
+            agents.pids.push(pid);
+            if agents.interrupted {
+                terminate(pid);
+            }
         }
         let agents = Arc::clone(&self.agents);
         let mut child = StopOnDrop(child);
@@ -198,7 +218,7 @@ impl Sandbox for LocalSandbox {
             };
             // Reaped: its pid may be reused, so the interrupt must no longer signal it.
             if let Ok(mut agents) = agents.lock() {
-                agents.retain(|p| Some(*p) != pid);
+                agents.pids.retain(|p| Some(*p) != pid);
             }
             exit
         }

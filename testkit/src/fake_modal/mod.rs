@@ -104,6 +104,9 @@ pub struct Faults {
     pub unavailable: HashMap<String, u32>,
     /// End every `TaskExecStdioRead` stream with UNAVAILABLE after this many bytes.
     pub cut_stdio_after: Option<usize>,
+    /// End the agent's stdout streams with UNAVAILABLE when they reach each of these byte
+    /// offsets of its output (absolute; each once, since the resumed read starts there).
+    pub cut_stdout_at: Vec<usize>,
     /// End every `TaskExecStdinWriteStream` with UNAVAILABLE after this many data bytes.
     pub cut_stdin_stream_after: Option<usize>,
     /// Lifetime of router JWTs (default one hour); expired ones get UNAUTHENTICATED.
@@ -161,6 +164,8 @@ pub struct ExecRecord {
     pub stdout_piped: bool,
     /// stdin bytes received.
     pub stdin_bytes: u64,
+    /// stdout bytes it produced, once it has exited.
+    pub stdout_bytes: u64,
     /// How it ended, once it has.
     pub exit: Option<Exit>,
 }

@@ -197,6 +197,18 @@ impl TaskCommandRouter for CommandRouter {
             self.state.latency("TaskExecStdioRead").await;
         }
         let cut = self.state.faults().cut_stdio_after;
+        // The next planned cut of the agent's stdout past where this read starts.
+        let cut_at = if stderr || exec.tool {
+            None
+        } else {
+            let faults = self.state.faults();
+            faults
+                .cut_stdout_at
+                .iter()
+                .copied()
+                .filter(|&p| p > offset)
+                .min()
+        };
         let state = Arc::clone(&self.state);
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -205,7 +217,19 @@ impl TaskCommandRouter for CommandRouter {
             loop {
                 let (len, done) = *progress.borrow_and_update();
                 if offset < len {
+                    if cut_at == Some(offset) {
+                        state.update(|r| r.stdio_cuts += 1);
+                        let _ = tx
+                            .send(Err(Status::unavailable(
+                                "fake: stdout cut at a planned offset",
+                            )))
+                            .await;
+                        return;
+                    }
                     let mut max = CHUNK;
+                    if let Some(at) = cut_at {
+                        max = max.min(at - offset);
+                    }
                     if let Some(cut) = cut {
                         if sent >= cut {
                             state.update(|r| r.stdio_cuts += 1);

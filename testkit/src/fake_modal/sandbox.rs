@@ -408,18 +408,22 @@ pub(crate) fn start_exec(
             argv: exec.argv.clone(),
             stdout_piped,
             stdin_bytes: 0,
+            stdout_bytes: 0,
             exit: None,
         })
     });
     let (state, exec_id) = (Arc::clone(state), exec_id.to_owned());
     let mut exit = exec.exit.subscribe();
+    let stdout = exec.stdout.watch();
     tokio::spawn(async move {
         let Ok(status) = exit.wait_for(Option::is_some).await.map(|e| *e) else {
             return;
         };
+        let produced = stdout.borrow().0 as u64;
         state.update(|r| {
             if let Some(e) = r.execs.iter_mut().find(|e| e.exec_id == exec_id) {
                 e.exit = status;
+                e.stdout_bytes = produced;
             }
         });
     });
