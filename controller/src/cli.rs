@@ -219,9 +219,11 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "ID")]
     pub sandbox_id: Option<String>,
 
-    /// tailbox-agent binary to run or upload [env: TAILBOX_AGENT; default: next to `tailbox`].
+    /// tailbox-agent to run or upload: a binary, or a directory holding one per architecture
+    /// (e.g. cargo's `target`); repeat for several. The sandbox's architecture picks one
+    /// [env: TAILBOX_AGENT, `:`-separated; default: the builds next to `tailbox`].
     #[arg(long, value_name = "PATH")]
-    pub agent: Option<PathBuf>,
+    pub agent: Vec<PathBuf>,
 
     /// The sidecar's state directory in the sandbox (its socket, lock and log)
     /// [env: TAILBOX_SIDECAR_DIR; default: /tmp/tailbox/sidecar].
@@ -267,8 +269,9 @@ pub struct TailnetArgs {
     #[arg(long = "advertise-tag", value_name = "TAG")]
     pub advertise_tags: Vec<String>,
 
-    /// Tailscale release tarball (tailscale_<version>_amd64.tgz) whose tailscaled and tailscale
-    /// are pushed into the sandbox, for images without them [env: TAILBOX_TAILSCALE_TARBALL].
+    /// Tailscale release tarball (tailscale_<version>_amd64.tgz, or _arm64 for aarch64 sandboxes;
+    /// checked against the sandbox before pushing) whose tailscaled and tailscale are pushed into
+    /// the sandbox, for images without them [env: TAILBOX_TAILSCALE_TARBALL].
     #[arg(long, value_name = "TGZ")]
     pub tailscale_tarball: Option<PathBuf>,
 

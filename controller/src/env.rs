@@ -22,7 +22,7 @@ pub const COOK_HTTP_URL: &str = "COOK_HTTP_URL";
 pub const COOK_GIT_URL: &str = "COOK_GIT_URL";
 /// Leave the sandbox running at the end (`1`).
 pub const KEEP_SANDBOX: &str = "KEEP_SANDBOX";
-/// Path of the tailbox-agent binary to run or upload.
+/// The tailbox-agent binaries to run or upload, or directories holding them, `:`-separated.
 pub const TAILBOX_AGENT: &str = "TAILBOX_AGENT";
 /// The sidecar's state directory in the sandbox (the agent reads the same name).
 pub const TAILBOX_SIDECAR_DIR: &str = "TAILBOX_SIDECAR_DIR";

@@ -4,6 +4,7 @@
 use std::error::Error as StdError;
 use std::fmt::Write as _;
 
+use tailbox_proto::arch::Arch;
 use tonic::Code;
 
 use crate::backend::SandboxError;
@@ -285,32 +286,63 @@ impl From<SandboxError> for CliError {
     }
 }
 
-fn sandbox_wording(err: &SandboxError) -> (ErrorKind, &'static str) {
+/// The command that builds the static agent for `arch`, for hints.
+fn static_build_command(arch: Arch) -> String {
+    format!("cargo xtask static-agent --target {}", arch.rust_target())
+}
+
+fn sandbox_wording(err: &SandboxError) -> (ErrorKind, String) {
+    let usage = |hint: &str| (ErrorKind::Usage, hint.to_owned());
     match err {
         SandboxError::AgentMissing {
             static_needed: false,
         }
-        | SandboxError::AgentUnreadable { .. } => (
-            ErrorKind::Usage,
+        | SandboxError::AgentUnreadable { .. } => usage(
             "Build it with `cargo build -p tailbox-agent` (or `cargo xtask static-agent`), or pass `--agent PATH` (or set `TAILBOX_AGENT`).",
         ),
         SandboxError::AgentMissing {
             static_needed: true,
         }
-        | SandboxError::AgentNotStatic { .. } => (
-            ErrorKind::Usage,
-            "Build it with `cargo xtask static-agent`, or pass `--agent PATH` (or set `TAILBOX_AGENT`).",
+        | SandboxError::AgentNotStatic { .. }
+        | SandboxError::NoAgentInDirectory { .. } => usage(
+            "Build it with `cargo xtask static-agent` (add `--target aarch64-unknown-linux-musl` for aarch64 sandboxes), or pass `--agent PATH` (or set `TAILBOX_AGENT`).",
         ),
-        SandboxError::Tarball { .. } | SandboxError::TarballWithoutTailscaled { .. } => (
+        SandboxError::DuplicateAgent { arch, .. } => {
+            (ErrorKind::Usage, format!("Pass one `--agent` for {arch}."))
+        }
+        SandboxError::NoAgentFor { sandbox, .. } => (
             ErrorKind::Usage,
-            "Pass a release tarball such as `tailscale_1.x.y_amd64.tgz` from pkgs.tailscale.com.",
+            format!(
+                "Build the {sandbox} agent with `{}` and pass it with `--agent` (a directory holding one agent per architecture, such as `--agent target`, works too).",
+                static_build_command(*sandbox)
+            ),
+        ),
+        SandboxError::SandboxArch { .. } => (
+            ErrorKind::Infrastructure,
+            "Use a sandbox image for x86_64 or aarch64: tailbox builds agents for those only."
+                .to_owned(),
+        ),
+        SandboxError::Tarball { .. }
+        | SandboxError::TarballWithoutTailscaled { .. }
+        | SandboxError::TarballNotElf { .. }
+        | SandboxError::TarballMixed { .. } => usage(
+            "Pass a release tarball such as `tailscale_1.x.y_amd64.tgz` or `tailscale_1.x.y_arm64.tgz` from pkgs.tailscale.com.",
+        ),
+        SandboxError::TarballArch { sandbox, .. } => (
+            ErrorKind::Usage,
+            format!(
+                "The sandbox is {sandbox}: pass the {sandbox} tarball, `tailscale_<version>_{}.tgz` from pkgs.tailscale.com.",
+                sandbox.go_arch()
+            ),
         ),
         SandboxError::Spawn { .. } => (
             ErrorKind::Infrastructure,
-            "Check that the file is an executable tailbox-agent for this machine.",
+            "Check that the file is an executable tailbox-agent for this machine.".to_owned(),
         ),
         // Converted through `From<ModalError>` before this is asked.
-        SandboxError::Modal(_) => (ErrorKind::Infrastructure, BUG_HINT),
+        SandboxError::NotInstalled | SandboxError::Modal(_) => {
+            (ErrorKind::Infrastructure, BUG_HINT.to_owned())
+        }
     }
 }
 
@@ -392,6 +424,7 @@ mod tests {
     use crate::env::MapEnv;
     use crate::modal::config::{TomlReason, resolve};
     use crate::modal::error::{EndpointProblem, Finished, RpcStatus};
+    use tailbox_proto::arch::ElfArchError;
 
     fn rpc(rpc: &'static str, service: Service, code: Code, action: &str) -> ModalError {
         ModalError::Rpc {
@@ -630,6 +663,43 @@ mod tests {
                 .into(),
             ),
             (
+                "sandbox: not an agent build's machine",
+                SandboxError::AgentNotStatic {
+                    path: "/x/tailbox-agent".into(),
+                    problem: ElfProblem::Machine(ElfArchError::UnknownMachine(243)),
+                }
+                .into(),
+            ),
+            (
+                "sandbox: two agents for one architecture",
+                SandboxError::DuplicateAgent {
+                    arch: Arch::Aarch64,
+                    first: "/x/tailbox-agent-aarch64".into(),
+                    second: "/y/tailbox-agent".into(),
+                }
+                .into(),
+            ),
+            (
+                "sandbox: a directory without an agent",
+                SandboxError::NoAgentInDirectory { dir: "/x".into() }.into(),
+            ),
+            (
+                "sandbox: no agent for the sandbox's architecture",
+                SandboxError::NoAgentFor {
+                    sandbox: Arch::Aarch64,
+                    have: vec![Arch::X86_64],
+                }
+                .into(),
+            ),
+            (
+                "sandbox: unknown sandbox architecture",
+                SandboxError::SandboxArch {
+                    file: "/proc/self/exe",
+                    problem: ElfArchError::UnknownMachine(243),
+                }
+                .into(),
+            ),
+            (
                 "sandbox: unreadable tarball",
                 SandboxError::Tarball {
                     path: "/x/ts.tgz".into(),
@@ -643,6 +713,37 @@ mod tests {
                     path: "/x/ts.tgz".into(),
                 }
                 .into(),
+            ),
+            (
+                "sandbox: tarball binary not an ELF",
+                SandboxError::TarballNotElf {
+                    path: "/x/ts.tgz".into(),
+                    name: "tailscaled",
+                    problem: ElfArchError::NotElf,
+                }
+                .into(),
+            ),
+            (
+                "sandbox: tarball of mixed architectures",
+                SandboxError::TarballMixed {
+                    path: "/x/ts.tgz".into(),
+                    tailscaled: Arch::X86_64,
+                    tailscale: Arch::Aarch64,
+                }
+                .into(),
+            ),
+            (
+                "sandbox: tarball for another architecture",
+                SandboxError::TarballArch {
+                    path: "/x/tailscale_1.2.3_amd64.tgz".into(),
+                    found: Arch::X86_64,
+                    sandbox: Arch::Aarch64,
+                }
+                .into(),
+            ),
+            (
+                "sandbox: agent not installed",
+                SandboxError::NotInstalled.into(),
             ),
             (
                 "sandbox: spawn",

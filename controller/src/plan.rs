@@ -100,8 +100,8 @@ pub struct CheckPlan {
     pub git: Vec<String>,
     /// Refs every git target must advertise.
     pub expected_refs: Vec<(String, String)>,
-    /// Agent binary override.
-    pub agent_path: Option<PathBuf>,
+    /// Agents named by `--agent` or `TAILBOX_AGENT` (files or directories); empty: the default.
+    pub agent_paths: Vec<PathBuf>,
     /// Tailscale release tarball to push into the sandbox.
     pub tailscale_tarball: Option<PathBuf>,
     /// Modal app of the sandbox.
@@ -218,10 +218,13 @@ impl CheckPlan {
         } else {
             BTreeMap::new()
         };
-        let agent_path = sandbox
-            .agent
-            .clone()
-            .or_else(|| env.non_empty(env::TAILBOX_AGENT).map(PathBuf::from));
+        let agent_paths = if sandbox.agent.is_empty() {
+            env.non_empty(env::TAILBOX_AGENT)
+                .map(|list| std::env::split_paths(&list).collect())
+                .unwrap_or_default()
+        } else {
+            sandbox.agent.clone()
+        };
         let tailscale_tarball = tailnet.tailscale_tarball.clone().or_else(|| {
             env.non_empty(env::TAILBOX_TAILSCALE_TARBALL)
                 .filter(|_| given)
@@ -289,7 +292,7 @@ impl CheckPlan {
             http: Vec::new(),
             git: Vec::new(),
             expected_refs: Vec::new(),
-            agent_path,
+            agent_paths,
             tailscale_tarball,
             modal_app,
             modal_image,
@@ -316,7 +319,7 @@ impl CheckPlan {
         lifetime: Option<Duration>,
     ) -> CliResult<Box<dyn Backend>> {
         Ok(match self.backend.kind {
-            SandboxKind::Local => Box::new(LocalBackend::new(self.agent_path.as_deref())?),
+            SandboxKind::Local => Box::new(LocalBackend::new(&self.agent_paths)?),
             _ => {
                 let config = modal.ok_or_else(|| {
                     CliError::usage("Modal is not configured").with_hint(
@@ -329,7 +332,7 @@ impl CheckPlan {
                     run_timeout: self.timeout,
                     keep: self.keep,
                     run_id: run_id.to_owned(),
-                    agent: self.agent_path.clone(),
+                    agents: self.agent_paths.clone(),
                     tailscale_tarball: self.tailscale_tarball.clone(),
                     lifetime,
                 };

@@ -178,6 +178,51 @@ fn the_aarch64_agent_under_qemu_reports_aarch64_in_its_preflight() {
     assert_eq!(report["agent"]["sha256"], sha256, "{report:#}");
 }
 
+/// Agents for both architectures, named as a directory and as a `:`-separated `TAILBOX_AGENT`:
+/// a local run picks the one for this machine.
+#[test]
+fn a_directory_of_agents_runs_the_one_for_this_machine() {
+    let host = Arch::host().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    for arch in Arch::ALL {
+        let link = dir.path().join(format!("tailbox-agent-{arch}"));
+        std::os::unix::fs::symlink(static_agent_binary_for(arch), &link).unwrap();
+        agents.push(link);
+    }
+    let host_sha = hex::encode(sha2::Sha256::digest(
+        std::fs::read(static_agent_binary_for(host)).unwrap(),
+    ));
+    let by_dir = tailbox(&[
+        "check",
+        "--sandbox",
+        "local",
+        "--agent",
+        dir.path().to_str().unwrap(),
+        "--json",
+    ]);
+    let by_env = Command::new(env!("CARGO_BIN_EXE_tailbox"))
+        .args(["check", "--sandbox", "local", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .env("TAILBOX_AGENT", std::env::join_paths(&agents).unwrap())
+        .output()
+        .unwrap();
+    for output in [by_dir, by_env] {
+        let report = passing_report(&output);
+        assert_eq!(report["agent"]["sha256"], host_sha, "{report:#}");
+        let preflight = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "preflight")
+            .unwrap()
+            .clone();
+        assert_eq!(preflight["preflight"]["arch"], host.name());
+    }
+}
+
 #[test]
 fn tailnet_checks_skip_with_a_reason_without_an_auth_key() {
     let output = check_with_agent(&[

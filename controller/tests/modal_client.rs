@@ -197,6 +197,41 @@ async fn push_skips_content_already_there_and_replaces_a_partial_file() {
     .expect("test timed out");
 }
 
+/// `read_prefix` takes the head of a file and no more, a shorter file whole, and a missing one
+/// is fs-tools' `NotFound`; `/proc/self/exe` is an ELF for the sandbox's architecture.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_prefix_takes_the_head_of_a_file() {
+    let fake = FakeModal::start().await.unwrap();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (_client, _id, router) = sandbox(&fake).await;
+        let data = Bytes::from(pattern(600_000));
+        fs::push_executable(&router, "/opt/bin/big", data.clone())
+            .await
+            .unwrap();
+        let head = fs::read_prefix(&router, "/opt/bin/big", 20).await.unwrap();
+        assert_eq!(head, data[..20]);
+        let short = fs::read_prefix(&router, "/opt/bin/big", 700_000)
+            .await
+            .unwrap();
+        assert!(short == data.as_ref());
+        let err = fs::read_prefix(&router, "/opt/bin/missing", 20)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("/opt/bin/missing"), "{err}");
+        let err = CliError::from(err).render();
+        assert!(err.contains("NotFound"), "{err}");
+        let exe = fs::read_prefix(&router, "/proc/self/exe", 20)
+            .await
+            .unwrap();
+        assert_eq!(
+            tailbox_proto::arch::Arch::from_elf_header(&exe).ok(),
+            tailbox_proto::arch::Arch::host()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// A raw router request with `authorization: Bearer <jwt>`.
 fn with_bearer<T>(message: T, jwt: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);

@@ -3,12 +3,13 @@
 //! real network brings.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tailbox_proto::arch::Arch;
 use tailbox_testkit::agent::{agent_binary, static_agent_binary};
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal, Faults, Record, TOKEN_SECRET};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
@@ -576,43 +577,14 @@ async fn a_broken_upload_resumes_and_an_expired_router_jwt_is_refreshed() {
 async fn the_tailscale_tarball_is_unpacked_here_and_pushed() {
     let fake = FakeModal::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let tarball = dir.path().join("tailscale_1.0.0_amd64.tgz");
-    {
-        let file = std::fs::File::create(&tarball).unwrap();
-        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-        let mut tar = tar::Builder::new(gz);
-        for (name, body) in [
-            (
-                "tailscale_1.0.0_amd64/tailscaled",
-                b"fake tailscaled\n".as_slice(),
-            ),
-            (
-                "tailscale_1.0.0_amd64/tailscale",
-                b"fake tailscale cli\n".as_slice(),
-            ),
-            (
-                "tailscale_1.0.0_amd64/systemd/tailscaled.service",
-                b"[Unit]\n".as_slice(),
-            ),
-        ] {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(body.len() as u64);
-            header.set_mode(0o755);
-            header.set_cksum();
-            tar.append_data(&mut header, name, body).unwrap();
-        }
-        tar.into_inner().unwrap().finish().unwrap();
-    }
+    let (tarball, tailscaled_body, cli_body) = fake_tailscale_tarball(dir.path(), host_arch());
     bounded(async {
         let run = check(&fake, &["--tailscale-tarball", tarball.to_str().unwrap()]).await;
         run.assert_code(0);
         let record = fake.record();
         let sha = |b: &[u8]| hex::encode(Sha256::digest(b));
-        let tailscaled = format!("/tmp/tailbox/bin/tailscaled-{}", sha(b"fake tailscaled\n"));
-        let cli = format!(
-            "/tmp/tailbox/bin/tailscale-{}",
-            sha(b"fake tailscale cli\n")
-        );
+        let tailscaled = format!("/tmp/tailbox/bin/tailscaled-{}", sha(&tailscaled_body));
+        let cli = format!("/tmp/tailbox/bin/tailscale-{}", sha(&cli_body));
         assert!(
             record.files_written.contains(&tailscaled),
             "{:?}",
@@ -626,7 +598,7 @@ async fn the_tailscale_tarball_is_unpacked_here_and_pushed() {
         let host = fake
             .host_path(&record.sandboxes[0].id, &tailscaled)
             .unwrap();
-        assert_eq!(std::fs::read(&host).unwrap(), b"fake tailscaled\n");
+        assert_eq!(std::fs::read(&host).unwrap(), tailscaled_body);
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &std::fs::metadata(&host).unwrap().permissions(),
         );
@@ -635,11 +607,130 @@ async fn the_tailscale_tarball_is_unpacked_here_and_pushed() {
             0o111,
             "tailscaled is not executable: {mode:o}"
         );
-        let size = std::fs::metadata(static_agent_binary()).unwrap().len() + 16 + 19;
+        let size = std::fs::metadata(static_agent_binary()).unwrap().len()
+            + tailscaled_body.len() as u64
+            + cli_body.len() as u64;
         assert_eq!(
             run.report()["sandbox"]["uploaded_bytes"].as_str().unwrap(),
             size.to_string()
         );
+    })
+    .await;
+}
+
+/// A tailscale release tarball for `arch` whose binaries are ELF headers for it plus a marker;
+/// its path and the two bodies.
+fn fake_tailscale_tarball(dir: &Path, arch: Arch) -> (PathBuf, Vec<u8>, Vec<u8>) {
+    let stem = format!("tailscale_1.0.0_{}", arch.go_arch());
+    let tarball = dir.join(format!("{stem}.tgz"));
+    let tailscaled = [arch.elf_header().as_slice(), b"fake tailscaled\n"].concat();
+    let cli = [arch.elf_header().as_slice(), b"fake tailscale cli\n"].concat();
+    let file = std::fs::File::create(&tarball).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for (name, body) in [
+        ("tailscaled", tailscaled.as_slice()),
+        ("tailscale", cli.as_slice()),
+        ("systemd/tailscaled.service", b"[Unit]\n".as_slice()),
+    ] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o755);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("{stem}/{name}"), body)
+            .unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    (tarball, tailscaled, cli)
+}
+
+fn host_arch() -> Arch {
+    Arch::host().unwrap()
+}
+
+fn other_arch() -> Arch {
+    Arch::ALL.into_iter().find(|&a| a != host_arch()).unwrap()
+}
+
+/// The sandbox's architecture was asked of fs-tools' own binary, with no tool in the image.
+fn asked_the_sandbox_its_architecture(record: &Record) -> bool {
+    record.execs.iter().any(|e| {
+        e.argv.len() == 2
+            && e.argv[0] == "/__modal/.bin/modal-sandbox-fs-tools"
+            && e.argv[1] == r#"{"ReadFile":{"path":"/proc/self/exe"}}"#
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tailscale_tarball_for_another_architecture_is_refused_before_it_is_pushed() {
+    let fake = FakeModal::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (tarball, _, _) = fake_tailscale_tarball(dir.path(), other_arch());
+    bounded(async {
+        let run = check(&fake, &["--tailscale-tarball", tarball.to_str().unwrap()]).await;
+        run.assert_code(2);
+        let expected = format!(
+            "error: The tailscale tarball {} holds {} binaries, but the sandbox is {}",
+            tarball.display(),
+            other_arch(),
+            host_arch()
+        );
+        assert!(run.stderr.contains(&expected), "{}", run.stderr);
+        let hint = format!(
+            "hint: The sandbox is {0}: pass the {0} tarball, `tailscale_<version>_{1}.tgz`",
+            host_arch(),
+            host_arch().go_arch()
+        );
+        assert!(run.stderr.contains(&hint), "{}", run.stderr);
+        let record = fake.record();
+        assert!(asked_the_sandbox_its_architecture(&record));
+        // Nothing was pushed: neither tailscale nor the agent.
+        assert!(
+            record.files_written.is_empty(),
+            "{:?}",
+            record.files_written
+        );
+        assert!(record.agent_execs().is_empty());
+        assert!(only_sandbox(&record).terminated_at.is_some());
+    })
+    .await;
+}
+
+/// A sandbox of the other architecture with only this machine's agent at hand: refused after
+/// asking the sandbox, before any upload, with the command that builds the missing agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_without_an_agent_for_its_architecture_is_refused_before_any_upload() {
+    let fake = FakeModal::start_with(FakeConfig {
+        arch: other_arch(),
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    bounded(async {
+        let run = check(&fake, &[]).await;
+        run.assert_code(2);
+        let expected = format!(
+            "error: The sandbox is {0}, but no {0} agent was given (have: {1})",
+            other_arch(),
+            host_arch()
+        );
+        assert!(run.stderr.contains(&expected), "{}", run.stderr);
+        let hint = format!(
+            "hint: Build the {} agent with `cargo xtask static-agent --target {}`",
+            other_arch(),
+            other_arch().rust_target()
+        );
+        assert!(run.stderr.contains(&hint), "{}", run.stderr);
+        let record = fake.record();
+        assert!(asked_the_sandbox_its_architecture(&record));
+        assert!(
+            record.files_written.is_empty(),
+            "{:?}",
+            record.files_written
+        );
+        assert_eq!(record.bytes_written, 0);
+        assert!(record.agent_execs().is_empty());
+        assert!(only_sandbox(&record).terminated_at.is_some());
     })
     .await;
 }

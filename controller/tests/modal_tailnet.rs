@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tailbox_proto::arch::Arch;
 use tailbox_proto::modal::task_command_router::task_exec_wait_response::ExitStatus;
-use tailbox_testkit::agent::static_agent_binary;
+use tailbox_testkit::agent::{static_agent_binary, static_agent_binary_for};
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal};
 use tailbox_testkit::lab::{Binaries, Lab};
 
@@ -280,6 +281,117 @@ async fn tailscale_pushed_from_a_release_tarball_joins_the_lab_tailnet() {
         let daemon = &run.check("daemon")["daemon"];
         assert_eq!(daemon["source"], "DAEMON_SOURCE_PUSHED", "{daemon:#}");
         assert_eq!(daemon["path"], format!("/tmp/tailbox/bin/tailscaled-{sha}"));
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A release-shaped tarball (`tailscale_<version>_<goarch>.tgz`) of the lab's tailscale build
+/// for `arch`.
+fn lab_tailscale_tarball(lab: &Lab, dir: &Path, arch: Arch) -> std::path::PathBuf {
+    let stem = format!("tailscale_1.102.3_{}", arch.go_arch());
+    let tarball = dir.join(format!("{stem}.tgz"));
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&tarball).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    for (name, path) in [
+        ("tailscaled", lab.bins().tailscaled_for(arch).unwrap()),
+        ("tailscale", lab.bins().tailscale_for(arch).unwrap()),
+    ] {
+        tar.append_path_with_name(path, format!("{stem}/{name}"))
+            .unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    tarball
+}
+
+/// An aarch64 Modal sandbox (the fake's fs-tools is an aarch64 binary, and only aarch64
+/// executables run in it, under qemu-user here) with no tailscale in its image: tailbox asks it
+/// its architecture through fs-tools' `ReadFile`, uploads the aarch64 agent from a directory
+/// holding both, checks the arm64 tarball against it and pushes it, and every check passes on
+/// the lab's tailnet.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aarch64_sandbox_gets_the_aarch64_agent_and_tailscale_and_passes_every_check() {
+    let (lab, fake, host_agent) = setup(FakeConfig {
+        arch: Arch::Aarch64,
+        path: Some("/nonexistent-bin".into()),
+        ..FakeConfig::default()
+    })
+    .await;
+    let arm_agent = tokio::task::spawn_blocking(|| static_agent_binary_for(Arch::Aarch64))
+        .await
+        .unwrap();
+    let arm_tailscaled = lab.bins().tailscaled_for(Arch::Aarch64).unwrap();
+    tailbox_testkit::qemu::require_runnable(Arch::Aarch64, &arm_agent);
+    tailbox_testkit::qemu::require_runnable(Arch::Aarch64, &arm_tailscaled);
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().unwrap();
+        // Both agents in one directory, as `--agent DIR` takes them.
+        let agents = dir.path().join("agents");
+        std::fs::create_dir(&agents).unwrap();
+        for (arch, agent) in [
+            (Arch::host().unwrap(), &host_agent),
+            (Arch::Aarch64, &arm_agent),
+        ] {
+            std::os::unix::fs::symlink(agent, agents.join(format!("tailbox-agent-{arch}")))
+                .unwrap();
+        }
+        let tarball = lab_tailscale_tarball(&lab, dir.path(), Arch::Aarch64);
+        let run = check_in_lab(
+            &lab,
+            &fake,
+            &agents,
+            &["--tailscale-tarball".into(), tarball.display().to_string()],
+        )
+        .await;
+        assert_every_check_passed_and_nothing_leaked(&run, &lab, &fake);
+
+        let sha = |path: &Path| hex::encode(Sha256::digest(std::fs::read(path).unwrap()));
+        assert_eq!(run.report["agent"]["sha256"], sha(&arm_agent));
+        let preflight = &run.check("preflight")["preflight"];
+        assert_eq!(preflight["arch"], "aarch64", "{preflight:#}");
+        assert_eq!(preflight["uname"]["machine"], "aarch64");
+        let daemon = &run.check("daemon")["daemon"];
+        assert_eq!(daemon["source"], "DAEMON_SOURCE_PUSHED", "{daemon:#}");
+        assert_eq!(
+            daemon["path"],
+            format!("/tmp/tailbox/bin/tailscaled-{}", sha(&arm_tailscaled))
+        );
+
+        // The architecture came from fs-tools' own binary, asked before anything was written.
+        let record = fake.record();
+        let asked = record
+            .execs
+            .iter()
+            .position(|e| {
+                e.argv.get(1).map(String::as_str)
+                    == Some(r#"{"ReadFile":{"path":"/proc/self/exe"}}"#)
+            })
+            .expect("the sandbox was asked its architecture");
+        let first_write = record
+            .execs
+            .iter()
+            .position(|e| e.argv.get(1).is_some_and(|a| a.contains("WriteFile")))
+            .unwrap();
+        assert!(asked < first_write, "{:#?}", record.execs);
+        assert!(
+            record.files_written.contains(&format!(
+                "/tmp/tailbox/bin/tailbox-agent-{}",
+                sha(&arm_agent)
+            )),
+            "{:?}",
+            record.files_written
+        );
+        assert!(
+            !record
+                .files_written
+                .iter()
+                .any(|f| f.contains(&sha(&host_agent))),
+            "the x86_64 agent was uploaded too: {:?}",
+            record.files_written
+        );
     })
     .await
     .expect("test timed out");

@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
+use tailbox_proto::arch::Arch;
 use tailbox_proto::modal::client::generic_result::GenericStatus;
 use tailbox_proto::modal::task_command_router::task_exec_wait_response::ExitStatus;
 use tailbox_proto::modal::task_command_router::{
     TaskExecStartRequest, TaskExecStderrConfig, TaskExecStdinWriteRequest,
     TaskExecStdioFileDescriptor, TaskExecStdoutConfig,
 };
-use tailbox_testkit::fake_modal::{Exit, FakeClient, FakeModal, piped};
+use tailbox_testkit::fake_modal::{Exit, FakeClient, FakeConfig, FakeModal, piped};
 use tailbox_testkit::process_is_alive;
 use tonic::Code;
 
@@ -230,6 +231,49 @@ async fn a_sandbox_ends_with_its_entrypoint_and_takes_its_processes_along() {
             "a process outlived its sandbox's entrypoint"
         );
         assert!(fake.sandbox_processes(sandbox.sandbox_id()).is_empty());
+    })
+    .await;
+}
+
+/// A sandbox of another architecture than this machine's: fs-tools' own executable
+/// (`/proc/self/exe`, which tailbox reads to learn the CPU) is an ELF for it, and an executable
+/// for this machine fails as a kernel fails it, so an agent of the wrong architecture cannot
+/// pass unnoticed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_of_another_architecture_says_so_and_refuses_this_machines_executables() {
+    let host = Arch::host().unwrap();
+    let other = Arch::ALL.into_iter().find(|&a| a != host).unwrap();
+    let fake = FakeModal::start_with(FakeConfig {
+        arch: other,
+        ..FakeConfig::default()
+    })
+    .await
+    .unwrap();
+    bounded(async {
+        let sandbox = sandbox(&fake).await;
+        let output = sandbox
+            .exec(&[
+                "/__modal/.bin/modal-sandbox-fs-tools",
+                r#"{"ReadFile":{"path":"/proc/self/exe"}}"#,
+            ])
+            .await
+            .unwrap();
+        assert_eq!(output.exit, ExitStatus::Code(0), "{output:?}");
+        assert_eq!(Arch::from_elf_header(&output.stdout), Ok(other));
+
+        let native = fake
+            .host_path(sandbox.sandbox_id(), "/opt/bin/true")
+            .unwrap();
+        std::fs::create_dir_all(native.parent().unwrap()).unwrap();
+        std::fs::copy("/bin/true", &native).unwrap();
+        let output = sandbox.exec(&["/opt/bin/true"]).await.unwrap();
+        assert_eq!(output.exit, ExitStatus::Code(126), "{output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("Exec format error"), "{stderr}");
+        assert!(
+            stderr.contains(&format!("an {host} executable in an {other} sandbox")),
+            "{stderr}"
+        );
     })
     .await;
 }

@@ -278,8 +278,12 @@ async fn open_and_install(
         let started = Instant::now();
         renderer.controller_phase_started(Phase::Upload)?;
         let installed = sandbox.install().await?;
+        let arch = installed
+            .arch
+            .map(|arch| format!("{arch} sandbox, {arch} agent: "))
+            .unwrap_or_default();
         renderer.note(&format!(
-            "uploaded {} bytes{}",
+            "{arch}uploaded {} bytes{}",
             installed.uploaded_bytes,
             if installed.uploaded_bytes == 0 {
                 " (the same binaries were already there)"

@@ -17,8 +17,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
+use tailbox_proto::arch::Arch;
 use tokio::process::Command;
 
+use super::agents::AgentSet;
 use super::{
     AgentProcess, Backend, Installed, Interrupt, ProcessExit, Released, Sandbox, SandboxError,
 };
@@ -71,15 +73,19 @@ struct LocalAgent {
 }
 
 impl LocalBackend {
-    /// Finds (or takes) and hashes the agent binary.
-    pub fn new(agent_override: Option<&Path>) -> Result<Self, SandboxError> {
-        let path = match agent_override {
-            Some(path) => path.to_path_buf(),
-            None => super::default_agent_candidates().into_iter().next().ok_or(
-                SandboxError::AgentMissing {
-                    static_needed: false,
-                },
-            )?,
+    /// Finds (or takes) and hashes the agent binary: the one file named (whatever its
+    /// architecture: this machine may run others under qemu-user), else the agent for this
+    /// machine's architecture among those named (files or directories, as for Modal), else
+    /// the default.
+    pub fn new(agent_paths: &[PathBuf]) -> Result<Self, SandboxError> {
+        let path = match agent_paths {
+            [] => default_agent_path()?,
+            [path] if !path.is_dir() => path.clone(),
+            paths => {
+                let agents = AgentSet::load(paths)?;
+                let arch = Arch::host().unwrap_or(Arch::X86_64);
+                agents.for_arch(arch)?.path.clone()
+            }
         };
         let sha256 = sha256_file(&path).map_err(|source| SandboxError::AgentUnreadable {
             path: path.clone(),
@@ -246,6 +252,23 @@ impl Drop for StopOnDrop {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
+}
+
+/// The first agent where `tailbox` looks by default ([`super::default_agent_dirs`]):
+/// `tailbox-agent` in one of them, else the static build for this machine.
+fn default_agent_path() -> Result<PathBuf, SandboxError> {
+    let dirs = super::default_agent_dirs();
+    let static_build = Arch::host().map(|a| format!("{}/release/tailbox-agent", a.rust_target()));
+    dirs.iter()
+        .map(|d| d.join("tailbox-agent"))
+        .chain(
+            dirs.iter()
+                .filter_map(|d| Some(d.join(static_build.as_ref()?))),
+        )
+        .find(|p| p.is_file())
+        .ok_or(SandboxError::AgentMissing {
+            static_needed: false,
+        })
 }
 
 /// Lower-case hex sha256 of a file.

@@ -6,6 +6,7 @@
 //! own way of stopping: a local agent is asked to log out (SIGTERM) and waited for, a Modal
 //! sandbox is terminated.
 
+pub mod agents;
 pub mod local;
 pub mod modal;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tailbox_proto::agent::v1::SandboxInfo;
+use tailbox_proto::arch::{Arch, ElfArchError};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::modal::ModalError;
@@ -44,6 +46,8 @@ pub struct Installed {
     pub uploaded_bytes: u64,
     /// Where a pushed tailscaled is in the sandbox, when tailscale binaries were pushed.
     pub pushed_tailscaled: Option<String>,
+    /// The sandbox's CPU architecture, when it was learned to pick the agent (Modal).
+    pub arch: Option<Arch>,
 }
 
 /// A place the agent runs.
@@ -62,7 +66,8 @@ pub trait Sandbox: Send + Sync {
     /// Whether it is somewhere else (so creating it and uploading to it are worth showing).
     fn remote(&self) -> bool;
 
-    /// Puts the agent, and any tailscale binaries to push, in place.
+    /// Puts the agent for the sandbox's architecture, and any tailscale binaries to push, in
+    /// place. [`Sandbox::exec_agent`] runs what this installed.
     async fn install(&mut self) -> Result<Installed, SandboxError>;
 
     /// Starts the installed agent with `args` (e.g. `serve --stdio`), its stdio wired as the
@@ -136,13 +141,49 @@ pub enum SandboxError {
         source: std::io::Error,
     },
     /// The agent binary cannot run in a sandbox.
-    #[error("The agent {} cannot run in a Modal sandbox", path.display())]
+    #[error("The agent {} cannot run in a sandbox", path.display())]
     AgentNotStatic {
         /// The file.
         path: PathBuf,
         /// Why not.
         #[source]
         problem: ElfProblem,
+    },
+    /// Two different agents for one architecture were named.
+    #[error("Two agents for {arch} were given: {} and {}", first.display(), second.display())]
+    DuplicateAgent {
+        /// The architecture.
+        arch: Arch,
+        /// One of them.
+        first: PathBuf,
+        /// The other.
+        second: PathBuf,
+    },
+    /// A directory named by `--agent` holds no static agent.
+    #[error("Failed to find a static tailbox-agent in {}", dir.display())]
+    NoAgentInDirectory {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The sandbox's architecture has no agent among those at hand.
+    #[error(
+        "The sandbox is {sandbox}, but no {sandbox} agent was given (have: {})",
+        arch_list(have)
+    )]
+    NoAgentFor {
+        /// The sandbox's architecture.
+        sandbox: Arch,
+        /// The architectures of the agents at hand.
+        have: Vec<Arch>,
+    },
+    /// The sandbox's architecture could not be told from its ELF header.
+    #[error("Failed to learn the sandbox's CPU architecture from {file}")]
+    SandboxArch {
+        /// The file whose header was read.
+        file: &'static str,
+        /// Why the header names no known architecture.
+        #[source]
+        problem: ElfArchError,
     },
     /// The tailscale tarball could not be used.
     #[error("Failed to read the tailscale tarball {}", path.display())]
@@ -159,6 +200,37 @@ pub enum SandboxError {
         /// The file.
         path: PathBuf,
     },
+    /// A binary in the tarball is not a Linux executable for an architecture tailbox knows.
+    #[error("The tailscale tarball's {name} ({}) is not a Linux binary tailbox can push", path.display())]
+    TarballNotElf {
+        /// The tarball.
+        path: PathBuf,
+        /// `tailscaled` or `tailscale`.
+        name: &'static str,
+        /// Why.
+        #[source]
+        problem: ElfArchError,
+    },
+    /// tailscaled and tailscale in one tarball are built for different architectures.
+    #[error("The tailscale tarball {} mixes architectures: tailscaled is {tailscaled}, tailscale is {tailscale}", path.display())]
+    TarballMixed {
+        /// The tarball.
+        path: PathBuf,
+        /// tailscaled's.
+        tailscaled: Arch,
+        /// tailscale's.
+        tailscale: Arch,
+    },
+    /// The tarball's binaries are for another architecture than the sandbox.
+    #[error("The tailscale tarball {} holds {found} binaries, but the sandbox is {sandbox}", path.display())]
+    TarballArch {
+        /// The tarball.
+        path: PathBuf,
+        /// What its binaries are built for.
+        found: Arch,
+        /// The sandbox's architecture.
+        sandbox: Arch,
+    },
     /// The agent process could not be started on this machine.
     #[error("Failed to start the agent {}", path.display())]
     Spawn {
@@ -168,9 +240,24 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
+    /// The agent was started in a sandbox before it was installed there.
+    #[error("The agent was started before it was installed")]
+    NotInstalled,
     /// Talking to Modal failed.
     #[error(transparent)]
     Modal(#[from] ModalError),
+}
+
+/// `x86_64, aarch64`, or `none`.
+fn arch_list(archs: &[Arch]) -> String {
+    if archs.is_empty() {
+        return "none".into();
+    }
+    archs
+        .iter()
+        .map(|a| a.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Why a binary cannot be run in any Linux sandbox.
@@ -179,9 +266,9 @@ pub enum ElfProblem {
     /// Not an ELF executable at all.
     #[error("it is not an ELF executable ({0})")]
     NotElf(String),
-    /// Built for another machine.
-    #[error("it is built for machine {0} (need x86_64)")]
-    WrongMachine(String),
+    /// Built for a machine with no agent build, or a 32-bit or big-endian one.
+    #[error(transparent)]
+    Machine(#[from] ElfArchError),
     /// A library, not a program.
     #[error("it is not an executable")]
     NotExecutable,
@@ -192,27 +279,26 @@ pub enum ElfProblem {
     Dynamic(String),
 }
 
-/// Where cargo puts the static agent, relative to a profile directory such as `target/release`.
-const STATIC_AGENT_FROM_PROFILE_DIR: &str = "../x86_64-unknown-linux-musl/release/tailbox-agent";
-
-/// Candidate agent binaries when none is named: next to the running `tailbox` (a release
-/// archive, or a cargo profile directory; test binaries sit one level deeper in `deps/`), then
-/// the static build `cargo xtask static-agent` produces in the same target directory.
-pub fn default_agent_candidates() -> Vec<PathBuf> {
+/// Directories where `tailbox` looks for agents when none is named: its own (a release archive,
+/// or a cargo profile directory such as `target/release`; test binaries sit one level deeper in
+/// `deps/`), then the target directory above it, where `cargo xtask static-agent` puts
+/// `<target>/release/tailbox-agent` for each architecture.
+pub fn default_agent_dirs() -> Vec<PathBuf> {
     let Ok(exe) = std::env::current_exe() else {
         return Vec::new();
     };
     let mut dirs = Vec::new();
-    if let Some(dir) = exe.parent() {
-        dirs.push(dir.to_path_buf());
-        if dir.file_name().is_some_and(|n| n == "deps")
-            && let Some(parent) = dir.parent()
-        {
-            dirs.push(parent.to_path_buf());
+    let mut dir = exe.parent();
+    if let Some(d) = dir {
+        dirs.push(d.to_path_buf());
+        if d.file_name().is_some_and(|n| n == "deps") {
+            dir = d.parent();
+            dirs.extend(dir.map(std::path::Path::to_path_buf));
         }
     }
-    let mut candidates: Vec<_> = dirs.iter().map(|d| d.join("tailbox-agent")).collect();
-    candidates.extend(dirs.iter().map(|d| d.join(STATIC_AGENT_FROM_PROFILE_DIR)));
-    candidates.retain(|p| p.is_file());
-    candidates
+    dirs.extend(
+        dir.and_then(std::path::Path::parent)
+            .map(std::path::Path::to_path_buf),
+    );
+    dirs
 }

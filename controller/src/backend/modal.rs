@@ -1,5 +1,16 @@
 //! The Modal backend: the agent runs in a Modal sandbox, uploaded through fs-tools and spoken to
 //! over its exec's stdin/stdout.
+//!
+//! **Which agent.** Before uploading, the sandbox's CPU architecture is learned with no tool in
+//! the image: images need not have `uname`, a shell or anything else, so tailbox asks the one
+//! program every Modal sandbox has and that it already needs for uploads, Modal's own
+//! `modal-sandbox-fs-tools`. Its `ReadFile` of `/proc/self/exe` reads the helper's own
+//! executable, a native ELF for the CPU the sandbox runs on, and the header's `e_machine` names
+//! that CPU; only the first 20 bytes are read ([`fs::read_prefix`]). Other sources were weighed
+//! and left: `/proc/sys/kernel/arch` is missing from older kernels and gVisor, `/proc/cpuinfo`
+//! differs per architecture and runtime, and the image's platform is not known when attaching
+//! to an existing sandbox. The agent for that architecture comes from the [`AgentSet`]; a
+//! tailscale tarball's binaries must be for it too. Both are checked before anything is pushed.
 
 use std::collections::HashMap;
 use std::io::Read as _;
@@ -11,10 +22,11 @@ use bytes::Bytes;
 use futures::FutureExt as _;
 use sha2::{Digest, Sha256};
 use tailbox_proto::agent::v1::SandboxInfo;
+use tailbox_proto::arch::{Arch, ELF_MACHINE_PREFIX_LEN};
 
+use super::agents::AgentSet;
 use super::{
-    AgentProcess, Backend, ElfProblem, Installed, Interrupt, ProcessExit, Released, Sandbox,
-    SandboxError,
+    AgentProcess, Backend, Installed, Interrupt, ProcessExit, Released, Sandbox, SandboxError,
 };
 use crate::modal::client::ModalClient;
 use crate::modal::config::ModalConfig;
@@ -29,6 +41,8 @@ pub const SANDBOX_BIN_DIR: &str = "/tmp/tailbox/bin";
 pub const CREATED_BY_TAG: (&str, &str) = ("created-by", "tailbox");
 /// The tag naming the run that created a sandbox (to find it after an interrupted create).
 pub const RUN_TAG: &str = "tailbox-run";
+/// The file whose ELF header names the sandbox's CPU: the fs-tools process's own executable.
+const SELF_EXE: &str = "/proc/self/exe";
 
 /// A local binary to push: its bytes and their sha256.
 #[derive(Clone)]
@@ -40,7 +54,8 @@ pub struct LocalBinary {
 }
 
 impl LocalBinary {
-    fn new(bytes: Vec<u8>) -> Self {
+    /// Wraps `bytes`, hashing them.
+    pub fn new(bytes: Vec<u8>) -> Self {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         Self {
             bytes: Bytes::from(bytes),
@@ -54,42 +69,13 @@ impl LocalBinary {
     }
 }
 
-/// Reads the agent to upload and checks it can run in any Linux sandbox: a static x86_64 ELF
-/// (no program interpreter), since images need not have a loader at all.
-pub fn load_static_agent(path: &Path) -> Result<LocalBinary, SandboxError> {
-    let bytes = std::fs::read(path).map_err(|source| SandboxError::AgentUnreadable {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    check_static_x86_64(&bytes).map_err(|problem| SandboxError::AgentNotStatic {
-        path: path.to_path_buf(),
-        problem,
-    })?;
-    Ok(LocalBinary::new(bytes))
-}
-
-/// `Ok` for a static x86_64 ELF executable; otherwise why not.
-pub fn check_static_x86_64(bytes: &[u8]) -> Result<(), ElfProblem> {
-    use goblin::elf::Elf;
-    use goblin::elf::header::{EM_X86_64, ET_DYN, ET_EXEC};
-    let elf = Elf::parse(bytes).map_err(|e| ElfProblem::NotElf(e.to_string()))?;
-    if elf.header.e_machine != EM_X86_64 || !elf.is_64 {
-        return Err(ElfProblem::WrongMachine(
-            goblin::elf::header::machine_to_str(elf.header.e_machine).to_owned(),
-        ));
-    }
-    if !matches!(elf.header.e_type, ET_EXEC | ET_DYN) {
-        return Err(ElfProblem::NotExecutable);
-    }
-    if let Some(interp) = elf.interpreter {
-        return Err(ElfProblem::Dynamic(interp.to_owned()));
-    }
-    Ok(())
-}
-
 /// The tailscale binaries from a release tarball (`tailscale_<ver>_<arch>.tgz`), unpacked here on
 /// the host since the image may have no tar or gzip.
 pub struct TailscaleBinaries {
+    /// The tarball they came from.
+    pub path: PathBuf,
+    /// The architecture both are built for (from their ELF headers).
+    pub arch: Arch,
     /// `tailscaled`.
     pub tailscaled: LocalBinary,
     /// `tailscale` (the CLI), when the tarball has it.
@@ -127,9 +113,30 @@ pub fn unpack_tailscale_tarball(path: &Path) -> Result<TailscaleBinaries, Sandbo
             .ok_or_else(|| SandboxError::TarballWithoutTailscaled {
                 path: path.to_path_buf(),
             })?;
+    let tailscale = found.remove("tailscale");
+    let arch_of = |name: &'static str, binary: &LocalBinary| {
+        Arch::from_elf_header(&binary.bytes).map_err(|problem| SandboxError::TarballNotElf {
+            path: path.to_path_buf(),
+            name,
+            problem,
+        })
+    };
+    let arch = arch_of("tailscaled", &tailscaled)?;
+    if let Some(cli) = &tailscale {
+        let cli_arch = arch_of("tailscale", cli)?;
+        if cli_arch != arch {
+            return Err(SandboxError::TarballMixed {
+                path: path.to_path_buf(),
+                tailscaled: arch,
+                tailscale: cli_arch,
+            });
+        }
+    }
     Ok(TailscaleBinaries {
+        path: path.to_path_buf(),
+        arch,
         tailscaled,
-        tailscale: found.remove("tailscale"),
+        tailscale,
     })
 }
 
@@ -167,8 +174,9 @@ pub struct ModalOptions {
     pub keep: bool,
     /// This run's id, tagged on what it creates.
     pub run_id: String,
-    /// The agent to upload; default: the static build next to `tailbox`.
-    pub agent: Option<PathBuf>,
+    /// The agents to choose from (files or directories); empty: the static builds next to
+    /// `tailbox`.
+    pub agents: Vec<PathBuf>,
     /// A tailscale release tarball whose binaries are pushed too.
     pub tailscale_tarball: Option<PathBuf>,
     /// How long a created sandbox lives, when the run's own budget does not decide it (`up`:
@@ -211,9 +219,9 @@ pub struct ModalBackend {
     tracked: Mutex<Tracked>,
 }
 
-/// What is uploaded into every sandbox.
+/// What is uploaded into every sandbox: the agent for its architecture, and tailscale.
 struct Payload {
-    agent: LocalBinary,
+    agents: AgentSet,
     tailscale: Option<TailscaleBinaries>,
 }
 
@@ -233,9 +241,10 @@ impl ModalBackend {
     /// Checks the local binaries first (a dynamic agent or a bad tarball is found before
     /// anything is created), then makes a client.
     pub fn new(config: ModalConfig, options: ModalOptions) -> Result<Self, SandboxError> {
-        let agent = match &options.agent {
-            Some(path) => load_static_agent(path)?,
-            None => default_static_agent()?,
+        let agents = if options.agents.is_empty() {
+            AgentSet::find_in(&super::default_agent_dirs())?
+        } else {
+            AgentSet::load(&options.agents)?
         };
         let tailscale = options
             .tailscale_tarball
@@ -247,7 +256,7 @@ impl ModalBackend {
             client,
             spec: options.spec(),
             options,
-            payload: Arc::new(Payload { agent, tailscale }),
+            payload: Arc::new(Payload { agents, tailscale }),
             tracked: Mutex::default(),
         })
     }
@@ -321,7 +330,7 @@ impl ModalBackend {
             router,
             payload: Arc::clone(&self.payload),
             uploaded_bytes: 0,
-            agent_path: None,
+            agent: None,
         })
     }
 }
@@ -419,7 +428,8 @@ pub struct ModalSandbox {
     router: Router,
     payload: Arc<Payload>,
     uploaded_bytes: u64,
-    agent_path: Option<String>,
+    /// The installed agent: its sandbox path and sha256.
+    agent: Option<(String, String)>,
 }
 
 impl ModalSandbox {
@@ -429,6 +439,15 @@ impl ModalSandbox {
         self.uploaded_bytes +=
             fs::push_executable(&self.router, &path, binary.bytes.clone()).await?;
         Ok(path)
+    }
+
+    /// The sandbox's CPU architecture, learned with no tool in the image (see the module docs).
+    async fn arch(&self) -> Result<Arch, SandboxError> {
+        let header = fs::read_prefix(&self.router, SELF_EXE, ELF_MACHINE_PREFIX_LEN).await?;
+        Arch::from_elf_header(&header).map_err(|problem| SandboxError::SandboxArch {
+            file: SELF_EXE,
+            problem,
+        })
     }
 }
 
@@ -458,8 +477,20 @@ impl Sandbox for ModalSandbox {
 
     async fn install(&mut self) -> Result<Installed, SandboxError> {
         let payload = Arc::clone(&self.payload);
-        let agent_path = self.push(&payload.agent, "tailbox-agent").await?;
-        self.agent_path = Some(agent_path);
+        // Everything is checked against the sandbox's architecture before anything is pushed.
+        let arch = self.arch().await?;
+        let agent = payload.agents.for_arch(arch)?;
+        if let Some(tailscale) = &payload.tailscale
+            && tailscale.arch != arch
+        {
+            return Err(SandboxError::TarballArch {
+                path: tailscale.path.clone(),
+                found: tailscale.arch,
+                sandbox: arch,
+            });
+        }
+        let agent_path = self.push(&agent.binary, "tailbox-agent").await?;
+        self.agent = Some((agent_path, agent.binary.sha256.clone()));
         let pushed_tailscaled = match &payload.tailscale {
             Some(binaries) => {
                 let tailscaled = self.push(&binaries.tailscaled, "tailscaled").await?;
@@ -473,14 +504,12 @@ impl Sandbox for ModalSandbox {
         Ok(Installed {
             uploaded_bytes: self.uploaded_bytes,
             pushed_tailscaled,
+            arch: Some(arch),
         })
     }
 
     async fn exec_agent(&self, args: &[&str]) -> Result<AgentProcess, SandboxError> {
-        let agent_path = self
-            .agent_path
-            .clone()
-            .unwrap_or_else(|| self.payload.agent.sandbox_path("tailbox-agent"));
+        let (agent_path, agent_sha256) = self.agent.clone().ok_or(SandboxError::NotInstalled)?;
         let exec_id = uuid::Uuid::new_v4().to_string();
         let argv = std::iter::once(agent_path.as_str())
             .chain(args.iter().copied())
@@ -508,24 +537,7 @@ impl Sandbox for ModalSandbox {
             io: Box::new(tokio::io::join(stdout, stdin)),
             stderr: Box::pin(stderr),
             exit,
-            expected_sha256: Some(self.payload.agent.sha256.clone()),
+            expected_sha256: Some(agent_sha256),
         })
     }
-}
-
-/// The first *static* agent where [`super::default_agent_candidates`] looks, read for upload
-/// (each candidate is read once): a dynamically linked agent next to `tailbox` (a plain
-/// `cargo build`) is passed over in favour of the musl build.
-pub fn default_static_agent() -> Result<LocalBinary, SandboxError> {
-    super::default_agent_candidates()
-        .into_iter()
-        .find_map(|path| {
-            let bytes = std::fs::read(&path).ok()?;
-            check_static_x86_64(&bytes)
-                .is_ok()
-                .then(|| LocalBinary::new(bytes))
-        })
-        .ok_or(SandboxError::AgentMissing {
-            static_needed: true,
-        })
 }

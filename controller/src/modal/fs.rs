@@ -1,6 +1,6 @@
 //! Files in the sandbox with no tools in the image: Modal's own
 //! `/__modal/.bin/modal-sandbox-fs-tools '<json>'`, run through the router, with the bytes on its
-//! stdin (streamed, resumable) or stdout.
+//! stdin (streamed, resumable) or stdout (of which [`read_prefix`] takes only the head).
 //!
 //! Making a file executable: fs-tools has no chmod. Its `Stat` tells whether the mode already
 //! has the execute bits (if `WriteFile` keeps the mode of the file it overwrites, or creates
@@ -55,17 +55,7 @@ pub async fn run(
     let feed = async {
         match stdin {
             Some(data) => router.stdin_upload(&exec_id, data).await.map(|_| ()),
-            None => match router.stdin_write(&exec_id, 0, Bytes::new(), true).await {
-                Err(s)
-                    if !matches!(
-                        s.code(),
-                        tonic::Code::FailedPrecondition | tonic::Code::Aborted
-                    ) =>
-                {
-                    Err(s)
-                }
-                _ => Ok(()),
-            },
+            None => close_stdin(router, &exec_id).await,
         }
     };
     // The first failure wins: a process whose stdin never closes would never exit.
@@ -80,6 +70,64 @@ pub async fn run(
         stdout,
         stderr,
     })
+}
+
+/// Closes an exec's stdin at once; a process that already exited is fine.
+async fn close_stdin(router: &Router, exec_id: &str) -> Result<(), Status> {
+    match router.stdin_write(exec_id, 0, Bytes::new(), true).await {
+        Err(s)
+            if !matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::Aborted
+            ) =>
+        {
+            Err(s)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `ReadFile`, but only the first `len` bytes (fewer if the file is shorter): the stdout stream
+/// is dropped once they are in, so a large file is not transferred.
+pub async fn read_prefix(router: &Router, path: &str, len: usize) -> Result<Vec<u8>, ModalError> {
+    let action = format!("read {path} in the sandbox");
+    let exec_id = uuid::Uuid::new_v4().to_string();
+    let read = async {
+        let argv = command(serde_json::json!({"ReadFile": {"path": path}}));
+        router.exec_start(&exec_id, argv, HashMap::new()).await?;
+        close_stdin(router, &exec_id).await?;
+        let mut prefix = Vec::with_capacity(len);
+        ExecReader::new(router.clone(), exec_id.clone(), Fd::Stdout)
+            .take(len as u64)
+            .read_to_end(&mut prefix)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the output: {e}")))?;
+        Ok::<_, Status>(prefix)
+    };
+    let prefix = read.await.map_err(exec_failed(&action))?;
+    if prefix.len() == len {
+        return Ok(prefix);
+    }
+    // Short: either the file is, or fs-tools failed and says why on stderr.
+    let finished = async {
+        let mut stderr = Vec::new();
+        ExecReader::new(router.clone(), exec_id.clone(), Fd::Stderr)
+            .read_to_end(&mut stderr)
+            .await
+            .map_err(|e| Status::unavailable(format!("reading the output: {e}")))?;
+        Ok::<_, Status>((router.wait(&exec_id).await?, stderr))
+    };
+    let (exit, stderr) = finished.await.map_err(exec_failed(&action))?;
+    let output = ExecOutput {
+        exit,
+        stdout: prefix,
+        stderr,
+    };
+    if output.exit.success() {
+        Ok(output.stdout)
+    } else {
+        Err(fs_failure(action, &output))
+    }
 }
 
 /// fs-tools' description of a file (the fields tailbox reads).

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
+use tailbox_proto::arch::Arch;
 use tailbox_proto::modal::client::modal_client_server::ModalClientServer;
 use tailbox_proto::modal::task_command_router::task_command_router_server::TaskCommandRouterServer;
 use tokio::sync::{oneshot, watch};
@@ -67,6 +68,11 @@ pub struct FakeConfig {
     pub path: Option<String>,
     /// What sandboxes may reach on this machine (at the same address); nothing else.
     pub uplinks: Vec<Uplink>,
+    /// The sandboxes' CPU architecture (default: this machine's). fs-tools' own binary
+    /// (`ReadFile` of `/proc/self/exe`) is an ELF for it, and only ELF executables for it run as
+    /// execs: others fail as the kernel fails them (`Exec format error`). Executables for it
+    /// that are not this machine's run under qemu-user through binfmt_misc ([`crate::qemu`]).
+    pub arch: Arch,
 }
 
 impl FakeConfig {
@@ -88,6 +94,7 @@ impl Default for FakeConfig {
             list_page_size: 100,
             path: None,
             uplinks: Vec::new(),
+            arch: Arch::host().unwrap_or(Arch::X86_64),
         }
     }
 }

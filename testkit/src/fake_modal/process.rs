@@ -11,6 +11,8 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
+use tailbox_proto::arch::Arch;
+
 use super::State;
 use super::sandbox::Sandbox;
 use super::tools::map_path;
@@ -124,6 +126,26 @@ fn program(root: &Path, first: &str) -> std::path::PathBuf {
         return mapped;
     }
     first.into()
+}
+
+/// Why `argv[0]` cannot run in a sandbox of the fake's architecture, the way the kernel refuses
+/// it: an ELF for another machine is an `Exec format error`. Scripts, missing and unreadable
+/// files are left to the spawn.
+pub(crate) fn foreign_executable(state: &State, sandbox: &Sandbox, first: &str) -> Option<String> {
+    let arch = state.config.arch;
+    let mut header = [0u8; tailbox_proto::arch::ELF_MACHINE_PREFIX_LEN];
+    let mut file = std::fs::File::open(program(&sandbox.root, first)).ok()?;
+    std::io::Read::read_exact(&mut file, &mut header).ok()?;
+    if !header.starts_with(b"\x7fELF") {
+        return None;
+    }
+    match Arch::from_elf_header(&header) {
+        Ok(found) if found == arch => None,
+        Ok(found) => Some(format!(
+            "Exec format error (an {found} executable in an {arch} sandbox)"
+        )),
+        Err(why) => Some(format!("Exec format error ({why})")),
+    }
 }
 
 fn c_path(path: &Path) -> Result<CString, String> {

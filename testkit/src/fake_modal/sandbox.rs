@@ -434,6 +434,12 @@ pub(crate) fn start_exec(
 /// until every holder has closed them (a background child that keeps them keeps the streams
 /// open); its exit is its own, whenever its output ends.
 fn spawn_exec(state: &State, sandbox: &Sandbox, spec: ExecSpec) -> Arc<Exec> {
+    if let Some(first) = spec.argv.first()
+        && let Some(why) = process::foreign_executable(state, sandbox, first)
+    {
+        let stderr = format!("{first}: cannot execute binary file: {why}\n");
+        return Exec::exited(spec.argv, 126, &stderr);
+    }
     let spawned = (|| {
         let mut command = process::command(
             state,

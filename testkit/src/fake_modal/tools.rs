@@ -12,6 +12,8 @@ use super::sandbox::{Exec, Sink};
 
 /// Modal's fs helper path.
 pub(crate) const FS_TOOLS: &str = "/__modal/.bin/modal-sandbox-fs-tools";
+/// A process's own executable, as procfs shows it.
+const SELF_EXE: &str = "/proc/self/exe";
 
 /// Whether `argv` is one of the tools the fake emulates rather than runs.
 pub(crate) fn is_tool(argv: &[String]) -> bool {
@@ -30,7 +32,7 @@ fn chmod_args(argv: &[String]) -> Option<&[String]> {
 /// Starts an emulated tool, or `None` when `argv` is not one.
 pub(crate) fn start(state: &State, root: &Path, argv: &[String]) -> Option<Arc<Exec>> {
     if argv.first().map(String::as_str) == Some(FS_TOOLS) {
-        return Some(start_fs_tools(root, argv.to_vec()));
+        return Some(start_fs_tools(state, root, argv.to_vec()));
     }
     let args = chmod_args(argv)?;
     if !state.config.image_has_chmod {
@@ -65,7 +67,7 @@ fn chmod(root: &Path, args: &[String], exec: &Exec) {
 }
 
 /// fs-tools: `Stat` and `ReadFile` answer at once; `WriteFile` completes when stdin closes.
-fn start_fs_tools(root: &Path, argv: Vec<String>) -> Arc<Exec> {
+fn start_fs_tools(state: &State, root: &Path, argv: Vec<String>) -> Arc<Exec> {
     let op: Option<serde_json::Value> = argv.get(1).and_then(|a| serde_json::from_str(a).ok());
     let path_of = |name: &str| {
         op.as_ref()
@@ -87,7 +89,7 @@ fn start_fs_tools(root: &Path, argv: Vec<String>) -> Arc<Exec> {
     if let Some(path) = path_of("Stat") {
         stat(root, &path, &exec);
     } else if let Some(path) = path_of("ReadFile") {
-        read_file(root, &path, &exec);
+        read_file(state, root, &path, &exec);
     } else {
         exec.fail(
             1,
@@ -132,7 +134,15 @@ fn stat(root: &Path, path: &str, exec: &Exec) {
     }
 }
 
-fn read_file(root: &Path, path: &str, exec: &Exec) {
+/// `ReadFile`: the file's bytes on stdout. `/proc/self/exe` is fs-tools' own executable, a
+/// native binary of the sandbox's CPU; the fake stands in for it with an ELF header for the
+/// sandbox's architecture.
+fn read_file(state: &State, root: &Path, path: &str, exec: &Exec) {
+    if path == SELF_EXE {
+        exec.stdout.push(&state.config.arch.elf_header());
+        exec.finish(Exit::Code(0));
+        return;
+    }
     let host = match map_path(root, path) {
         Ok(host) => host,
         Err(e) => return exec.fail(1, "InvalidPath", &e),
