@@ -193,7 +193,12 @@ fn the_demo_runs_every_check_locally_and_through_the_fake_modal_and_leaves_nothi
 
     // Through the fake Modal: a sandbox created, the agent uploaded and run, the sandbox gone.
     assert!(stderr.contains("\n» upload\n"), "{stderr}");
-    assert!(stderr.contains("\nuploaded "), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("uploaded ") && l.ends_with(" bytes")),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("demo: the fake Modal saw 1 sandbox(es) created, 1 file(s) uploaded ("),
         "{stderr}"
