@@ -305,6 +305,11 @@ impl CheckPlan {
         })
     }
 
+    /// Whether anything on the dev host is to be checked (ping, HTTP or git).
+    pub fn has_targets(&self) -> bool {
+        !(self.ping.is_empty() && self.http.is_empty() && self.git.is_empty())
+    }
+
     /// The backend the plan chose, with its local inputs checked before anything is created.
     /// `lifetime` overrides how long a created Modal sandbox lives.
     pub fn open_backend(

@@ -86,6 +86,17 @@ impl Renderer {
         }
     }
 
+    /// A block of lines for people after the results table, set off by an empty line and never
+    /// cut to the terminal's width (ignored in JSON mode and under `--quiet`).
+    pub fn block(&mut self, text: &str) {
+        if let Renderer::Human(human) = self
+            && !human.quiet
+        {
+            human.clear_spinner();
+            eprintln!("\n{}", text.trim_end());
+        }
+    }
+
     /// Clears live progress (before an error message is printed).
     pub fn clear(&mut self) {
         if let Renderer::Human(human) = self {
@@ -446,6 +457,27 @@ pub fn report_table(report: &Report, width: Option<usize>) -> String {
     out
 }
 
+/// What a run with no tailnet targets did not check, and the variables and flags that would
+/// make it check them. `joined`: the sandbox's node is on the tailnet (an auth key was given, or
+/// a sidecar's node was checked), so login and status were checked.
+pub fn unchecked_guidance(joined: bool) -> String {
+    let mut out = String::from(if joined {
+        "not checked: no targets were given, so nothing on the dev host was pinged, fetched or cloned\n"
+    } else {
+        "not checked: with no auth key the sandbox joined no tailnet; nothing was pinged, fetched or cloned\n"
+    });
+    if !joined {
+        out.push_str("  to join the tailnet, set `TS_AUTHKEY` (ephemeral, pre-authorized) or pass `--auth-key-file PATH`\n");
+    }
+    out.push_str(concat!(
+        "  to ping the dev host, set `COOK_TAIL_IP` or pass `--ping HOST`\n",
+        "  to fetch a URL from it, set `COOK_HTTP_URL` or pass `--http URL`\n",
+        "  to list a git remote on it, set `COOK_GIT_URL` or pass `--git URL` (and `--expect-ref NAME=SHA`)\n",
+        "  to see a whole run on a local tailnet, with no account: `cargo xtask demo` in a tailbox checkout\n",
+    ));
+    out
+}
+
 /// Shrinks TARGET (index 1) and DETAIL (index 4) so that the columns and their two-space gaps
 /// fit `limit`. DETAIL says the most, so TARGET gives up to its share first (it is cut in the
 /// middle, keeping a URL's host and path end), then DETAIL takes what is left.
@@ -588,6 +620,15 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_guidance_for_a_run_without_targets_is_pinned() {
+        insta::assert_snapshot!(format!(
+            "{}\n---\n\n{}",
+            unchecked_guidance(false),
+            unchecked_guidance(true)
+        ));
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Repository tooling, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
 //!
+//! - `cargo xtask demo`: the whole product on this machine (the lab, `tailbox check` on the
+//!   local backend and through the fake Modal, teardown); exits 0 only if both runs passed.
 //! - `cargo xtask lab up`: start the local tailnet lab in the foreground and print what to
 //!   export to point tailbox (or the spike) at it; Ctrl-C tears it down. See `lab/README.md`.
 //! - `cargo xtask lab build`: build or find the lab binaries and print their directory.
@@ -12,6 +14,7 @@
 //!   on the real lab; a table of ratios on stdout, the figures as JSON (see `bench.rs`).
 
 mod bench;
+mod demo;
 mod static_agent;
 
 use std::collections::BTreeMap;
@@ -32,6 +35,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole job on this machine, no account needed: build what is missing, bring up the
+    /// local tailnet lab and a fake Modal, run `tailbox check` with every check on the local
+    /// backend and through the fake Modal, tear down. Exits 0 only if both runs passed
+    Demo,
     /// The local tailnet lab: real tailscaled + Tailscale's test control on loopback
     Lab {
         #[command(subcommand)]
@@ -73,7 +80,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -81,30 +88,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+/// The repository root (xtask lives inside it).
+fn workspace() -> Result<PathBuf> {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .context("xtask lives inside the workspace")
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Bench(args) => bench::run(&workspace()?, args).await,
+        Command::Bench(args) => bench::run(&workspace()?, args)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Demo => demo::run(&workspace()?).await,
         Command::Lab {
             command: LabCommand::Build,
         } => {
             let bins = Binaries::locate().await?;
             println!("{}", bins.dir().display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Lab {
             command: LabCommand::Up { env_file },
-        } => lab_up(env_file).await,
+        } => lab_up(env_file).await.map(|()| ExitCode::SUCCESS),
         Command::Man => {
-            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .context("xtask lives inside the workspace")?
-                .join("controller/man");
+            let dir = workspace()?.join("controller/man");
             let written = tailbox::write_man_pages(&dir)
                 .with_context(|| format!("writing the man pages to {}", dir.display()))?;
             for page in written {
                 println!("{}", page.display());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::StaticAgent { mut targets } => {
             let workspace = workspace()?;
@@ -124,17 +139,9 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 println!("{}", binary.display());
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The workspace root (xtask's parent directory).
-fn workspace() -> Result<PathBuf> {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .context("xtask lives inside the workspace")
 }
 
 async fn lab_up(env_file: Option<PathBuf>) -> Result<()> {

@@ -142,11 +142,15 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
     match ended {
         Ended::Done(Ok(report)) => {
             finish(&plan, &mut renderer, &report)?;
-            Ok(if render::report_failed(&report) {
-                ExitStatus::CheckFailed
-            } else {
-                ExitStatus::Passed
-            })
+            if render::report_failed(&report) {
+                return Ok(ExitStatus::CheckFailed);
+            }
+            // Not a failure (exit 0), but not a bare success either: say what went unchecked.
+            // The node is on the tailnet if the agent logged in, or a sidecar's node was checked.
+            if !plan.has_targets() {
+                renderer.block(&render::unchecked_guidance(report.tailnet.is_some()));
+            }
+            Ok(ExitStatus::Passed)
         }
         Ended::Done(Err(err)) => {
             renderer.clear();
