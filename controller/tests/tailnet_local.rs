@@ -359,11 +359,8 @@ async fn a_wrong_auth_key_fails_login_with_auth_invalid() {
         assert!(!login["log_tail"].as_array().unwrap().is_empty());
         assert_eq!(run.report()["verdict"]["first_failed_layer"], "LAYER_LOGIN");
         assert_eq!(status(run.check("ping")), "CHECK_STATUS_SKIP");
-        assert!(
-            run.elapsed < Duration::from_secs(60),
-            "no hang: {:?}",
-            run.elapsed
-        );
+        // A hang would run into TEST_TIMEOUT; the time is reported, not asserted.
+        eprintln!("the run took {:?}", run.elapsed);
     })
     .await
     .expect("test timed out");
@@ -386,11 +383,8 @@ async fn control_stopped_before_login_is_control_unreachable() {
         assert_eq!(login["layer"], "LAYER_CONTROL");
         assert!(login["hint"].as_str().unwrap().contains("egress"));
         // Detected by probing, well before the login budget runs out.
-        assert!(
-            run.elapsed < Duration::from_secs(40),
-            "took {:?}",
-            run.elapsed
-        );
+        // A hang would run into TEST_TIMEOUT; the time is reported, not asserted.
+        eprintln!("took {:?}", run.elapsed);
     })
     .await
     .expect("test timed out");
@@ -421,11 +415,8 @@ async fn a_target_not_on_the_tailnet_is_peer_not_in_netmap() {
             run.report()["verdict"]["first_failed_layer"],
             "LAYER_PEER_VISIBLE"
         );
-        assert!(
-            run.elapsed < Duration::from_secs(40),
-            "no hang: {:?}",
-            run.elapsed
-        );
+        // A hang would run into TEST_TIMEOUT; the time is reported, not asserted.
+        eprintln!("the run took {:?}", run.elapsed);
     })
     .await
     .expect("test timed out");
@@ -629,7 +620,10 @@ async fn ctrl_c_still_logs_the_node_out() {
         .await;
         let (events, stderr) = (&run.events, &run.stderr);
         assert_eq!(run.code, Some(130), "stderr:\n{stderr}");
-        assert!(interrupted_at.unwrap().elapsed() < Duration::from_secs(12));
+        eprintln!(
+            "tailbox exited {:?} after Ctrl-C",
+            interrupted_at.unwrap().elapsed()
+        );
 
         // The agent was asked to stop, not killed: its report arrived, with the logout done and
         // tailscaled stopped gracefully, and the checks cut short.
@@ -809,16 +803,12 @@ async fn a_stopped_tailscaled_fails_at_the_daemon_layer_soon_after_the_deadline(
         assert_eq!(report["teardown"]["daemon_stop"], "sigkill", "{report:#}");
         assert_eq!(report["teardown"]["logged_out"], false);
 
-        // The HTTP deadline fell at most http_timeout after tailscaled was stopped; the whole
-        // run, tailbox's exit included, ended within 3 s of it.
+        // How soon after the HTTP deadline the run ended is reported, not asserted (timings
+        // belong to the benchmark); that tailscaled was killed at once is asserted above.
         let after_deadline = ended
             .duration_since(stopped_at.unwrap())
             .saturating_sub(http_timeout);
         eprintln!("the run ended {after_deadline:?} after the HTTP deadline");
-        assert!(
-            after_deadline < Duration::from_secs(3),
-            "the run ended {after_deadline:?} after the HTTP deadline"
-        );
         let pid = daemon_pid.unwrap();
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
