@@ -803,12 +803,17 @@ async fn a_stopped_tailscaled_fails_at_the_daemon_layer_soon_after_the_deadline(
         assert_eq!(report["teardown"]["daemon_stop"], "sigkill", "{report:#}");
         assert_eq!(report["teardown"]["logged_out"], false);
 
-        // How soon after the HTTP deadline the run ended is reported, not asserted (timings
-        // belong to the benchmark); that tailscaled was killed at once is asserted above.
+        // The HTTP deadline fell at most http_timeout after tailscaled was stopped; the whole
+        // run, tailbox's exit included, ended within 3 s of it. This bound is a promise of the
+        // product (a hung tailscaled must not hold the run), not a speed measurement.
         let after_deadline = ended
             .duration_since(stopped_at.unwrap())
             .saturating_sub(http_timeout);
         eprintln!("the run ended {after_deadline:?} after the HTTP deadline");
+        assert!(
+            after_deadline < Duration::from_secs(3),
+            "the run ended {after_deadline:?} after the HTTP deadline"
+        );
         let pid = daemon_pid.unwrap();
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
