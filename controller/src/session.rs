@@ -11,7 +11,8 @@ use tailbox_proto::PROTO_VERSION;
 use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
 use tailbox_proto::agent::v1::{
-    CheckRequest, Event, HelloRequest, HelloResponse, Report, RunRequest, event,
+    CheckRequest, Event, GitTarget, HelloRequest, HelloResponse, HttpTarget, PingTarget, Report,
+    RunRequest, event,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
@@ -222,22 +223,20 @@ impl Session {
         observer: &mut dyn Observer,
         deadline: Instant,
     ) -> Result<SessionOutcome, SessionError> {
-        if let Err(failure) = negotiate(&self.hello, &request) {
-            return Err(self.watch.failure(failure).await);
-        }
         let mut client = AgentClient::new(self.channel.clone());
-        let stream = match client.run(request).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => {
-                return Err(self
-                    .watch
-                    .failure(SessionFailure::Refused(status.into()))
-                    .await);
-            }
+        let needs = RunRequest {
+            tailnet: request.tailnet.clone(),
+            ..targets_of(
+                &request.ping_targets,
+                &request.http_targets,
+                &request.git_targets,
+            )
         };
-        let report = self.drain(stream, observer, deadline).await?;
-        // The client holds a handle on the channel: while it lives, closing the channel in
-        // `finish` leaves the agent's stdin open and the agent waits out the exit grace.
+        let report = self
+            .stream_to_report(&needs, client.run(request), observer, deadline)
+            .await?;
+        // While a client lives, closing the channel would leave the agent's stdin open, and the
+        // agent would wait out the exit grace.
         drop(client);
         Ok(self.finish(report).await)
     }
@@ -250,17 +249,32 @@ impl Session {
         observer: &mut dyn Observer,
         deadline: Instant,
     ) -> Result<SessionOutcome, SessionError> {
-        let as_run = RunRequest {
-            ping_targets: request.ping_targets.clone(),
-            http_targets: request.http_targets.clone(),
-            git_targets: request.git_targets.clone(),
-            ..Default::default()
-        };
-        if let Err(failure) = negotiate(&self.hello, &as_run) {
+        let mut client = self.sidecar();
+        let needs = targets_of(
+            &request.ping_targets,
+            &request.http_targets,
+            &request.git_targets,
+        );
+        let report = self
+            .stream_to_report(&needs, client.check(request), observer, deadline)
+            .await?;
+        drop(client);
+        Ok(self.finish(report).await)
+    }
+
+    /// Negotiates what `needs` asks of the agent, opens the event stream with `open`, and shows
+    /// its events until the report.
+    async fn stream_to_report(
+        &mut self,
+        needs: &RunRequest,
+        open: impl Future<Output = Result<tonic::Response<tonic::Streaming<Event>>, tonic::Status>>,
+        observer: &mut dyn Observer,
+        deadline: Instant,
+    ) -> Result<Report, SessionError> {
+        if let Err(failure) = negotiate(&self.hello, needs) {
             return Err(self.watch.failure(failure).await);
         }
-        let mut client = self.sidecar();
-        let stream = match client.check(request).await {
+        let stream = match open.await {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 return Err(self
@@ -269,11 +283,7 @@ impl Session {
                     .await);
             }
         };
-        let report = self.drain(stream, observer, deadline).await?;
-        // The client holds a handle on the channel: while it lives, closing the channel in
-        // `finish` leaves the agent's stdin open and the agent waits out the exit grace.
-        drop(client);
-        Ok(self.finish(report).await)
+        self.drain(stream, observer, deadline).await
     }
 
     /// A client of the sidecar service on this session's wire.
@@ -290,7 +300,11 @@ impl Session {
         deadline: Instant,
     ) -> Result<T, SessionError> {
         let mut call = std::pin::pin!(call);
+        // Set once the agent has exited: its answer may still be on the way (a sidecar that
+        // answers `Down` and exits, taking `attach` with it), so it gets a moment to arrive.
+        let mut drain_deadline: Option<Instant> = None;
         loop {
+            let effective_deadline = drain_deadline.map_or(deadline, |d| d.min(deadline));
             tokio::select! {
                 reply = &mut call => return match reply {
                     Ok(reply) => Ok(reply.into_inner()),
@@ -306,10 +320,15 @@ impl Session {
                 Some(line) = self.stderr_lines.recv() => tracing::debug!("agent: {line}"),
                 status = &mut self.watch.exit, if self.watch.exited.is_none() => {
                     self.watch.exited = Some(status);
-                    return Err(self.watch.failure(SessionFailure::Died(None)).await);
+                    drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 }
-                () = tokio::time::sleep_until(deadline) => {
-                    return Err(self.watch.failure(SessionFailure::Timeout).await);
+                () = tokio::time::sleep_until(effective_deadline) => {
+                    let failure = if drain_deadline.is_some() {
+                        SessionFailure::Died(None)
+                    } else {
+                        SessionFailure::Timeout
+                    };
+                    return Err(self.watch.failure(failure).await);
                 }
             }
         }
@@ -466,6 +485,16 @@ pub fn negotiate(hello: &HelloResponse, request: &RunRequest) -> Result<(), Sess
         agent_version: hello.agent_version.clone(),
         missing: missing.join(", "),
     })
+}
+
+/// A request holding only these targets: what [`negotiate`] looks at.
+fn targets_of(ping: &[PingTarget], http: &[HttpTarget], git: &[GitTarget]) -> RunRequest {
+    RunRequest {
+        ping_targets: ping.to_vec(),
+        http_targets: http.to_vec(),
+        git_targets: git.to_vec(),
+        ..Default::default()
+    }
 }
 
 /// An event the controller emits itself; seq 0 marks it as not from the agent.
