@@ -17,6 +17,7 @@ use tailbox_proto::agent::v1::{
     HttpTarget, PingTarget, RunRequest, ServeMode, SidecarState, SidecarStatus, StatusRequest,
     TailnetConfig, UpRequest, UpResponse, WatchEvent, WatchRequest, event, watch_event,
 };
+use tailbox_testkit::describe_output;
 use tailbox_testkit::lab::{Lab, LabConfig, processes_mentioning};
 use tailbox_testkit::scan::{ProcessScanner, contains};
 use tokio::process::Command;
@@ -74,7 +75,7 @@ impl Sidecar {
 
     async fn expect_with(&self, agent: &str, args: &[&str], code: i32) -> Output {
         let out = self.run_with(agent, args).await;
-        assert_eq!(out.status.code(), Some(code), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(code), "{}", describe_output(&out));
         out
     }
 
@@ -89,7 +90,7 @@ impl Sidecar {
     /// its stdout closed (the detached sidecar holds none of the exec's pipes).
     async fn start(&self) -> u32 {
         let out = self.expect(&["sidecar"], 0).await;
-        assert!(out.stdout.is_empty(), "{}", text(&out));
+        assert!(out.stdout.is_empty(), "{}", describe_output(&out));
         self.pid()
     }
 
@@ -175,17 +176,8 @@ fn stderr_says(out: &Output, needle: &str) {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(needle),
         "{needle:?} missing from\n{}",
-        text(out)
+        describe_output(out)
     );
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn up_request(lab: &Lab, hostname: &str) -> UpRequest {
@@ -268,7 +260,7 @@ async fn clone_lab_repo(sidecar: &Sidecar, lab: &Lab, into: &Path) -> Result<Str
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
-        Err(text(&out))
+        Err(describe_output(&out))
     }
 }
 
@@ -362,7 +354,7 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
 
         // The scripts' view.
         let out = sidecar.expect(&["status", "--wait", "30s"], 0).await;
-        assert!(String::from_utf8_lossy(&out.stdout).contains("running"), "{}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("running"), "{}", describe_output(&out));
         let out = sidecar.expect(&["status", "--json"], 0).await;
         let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["state"], "SIDECAR_STATE_RUNNING", "{json:#}");
@@ -395,7 +387,7 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
             format!("curl -fsS --max-time 20 --proxy \"$ALL_PROXY\" '{}'", lab.health_url()),
         ] {
             let out = with_sidecar_env(&sidecar, &curl).await;
-            assert!(out.status.success(), "{curl}: {}", text(&out));
+            assert!(out.status.success(), "{curl}: {}", describe_output(&out));
             assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
         }
 
@@ -629,7 +621,7 @@ async fn a_killed_sidecar_takes_tailscaled_along_and_the_next_start_recovers() {
             .output()
             .await
             .unwrap();
-        assert!(logout.status.success(), "{}", text(&logout));
+        assert!(logout.status.success(), "{}", describe_output(&logout));
         // tailscaled passes through Stopped on its way to NeedsLogin.
         let mut degraded = sidecar.status().await;
         for _ in 0..200 {
@@ -849,7 +841,7 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
             command
         };
         let out = as_nobody().output().await.unwrap();
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
         stderr_says(&out, "Permission denied");
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
         std::fs::set_permissions(
@@ -859,7 +851,7 @@ async fn the_auth_key_stays_secret_and_other_users_cannot_connect() {
         .unwrap();
         let out = as_nobody().output().await.unwrap();
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
         stderr_says(&out, "Permission denied");
         // We still can.
         assert_eq!(state(&sidecar.status().await), SidecarState::Running);
@@ -881,8 +873,8 @@ async fn one_sidecar_per_state_dir_reached_through_attach_and_replaced_only_on_r
     tokio::time::timeout(TEST_TIMEOUT, async {
         // Two starts racing: one sidecar, both starters satisfied.
         let (a, b) = tokio::join!(sidecar.run(&["sidecar"]), sidecar.run(&["sidecar"]));
-        assert_eq!(a.status.code(), Some(0), "{}", text(&a));
-        assert_eq!(b.status.code(), Some(0), "{}", text(&b));
+        assert_eq!(a.status.code(), Some(0), "{}", describe_output(&a));
+        assert_eq!(b.status.code(), Some(0), "{}", describe_output(&b));
         let pid = sidecar.pid();
         // A third finds it and reuses it.
         let out = sidecar.expect(&["sidecar"], 0).await;

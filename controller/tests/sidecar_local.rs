@@ -14,6 +14,7 @@ use serde_json::Value;
 use tailbox_testkit::agent::agent_binary;
 use tailbox_testkit::lab::{Binaries, Lab};
 use tailbox_testkit::scan::ProcessScanner;
+use tailbox_testkit::{describe_output, last_json_line};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -84,7 +85,7 @@ impl Setup {
 
     async fn up(&self, lab: &Lab) -> Value {
         let out = self.up_with(&agent_binary(), lab, &[]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         last_json_line(&out)
     }
 
@@ -159,24 +160,6 @@ impl Drop for Setup {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn last_json_line(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no stdout: {}", text(out)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(out)))
-}
-
 /// Pids of the processes running `binary` (by /proc/<pid>/exe) whose parent runs `parent` with
 /// `state_dir` or `serve` on its command line: the tailscaleds of this test's sidecar and of any
 /// one-shot agent, whatever else (other tests' sidecars, other labs) runs on the machine.
@@ -241,10 +224,8 @@ fn pids_naming(needle: &str) -> Vec<u32> {
 }
 
 fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z'))
-    })
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !tailbox_testkit::process_is_alive(i32::try_from(pid).unwrap())
 }
 
 async fn lab() -> Lab {
@@ -297,7 +278,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         let out = setup
             .clone_lab_repo(&lab, &clones.path().join("first"))
             .await;
-        assert!(out.status.success(), "git clone: {}", text(&out));
+        assert!(out.status.success(), "git clone: {}", describe_output(&out));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             lab.git_ref("HEAD")
@@ -307,7 +288,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         let out = setup
             .with_env(&format!("curl -fsS --max-time 20 '{}'", lab.health_url()))
             .await;
-        assert!(out.status.success(), "curl: {}", text(&out));
+        assert!(out.status.success(), "curl: {}", describe_output(&out));
 
         // Status: Running, with the proxy.
         let (code, status) = setup.status(&lab).await;
@@ -360,7 +341,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
             .await;
         watching.store(false, Ordering::SeqCst);
         sampler.await.unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let report = &last_json_line(&out)["report"];
         assert_eq!(report["verdict"]["ok"], true, "{report:#}");
         let names: Vec<&str> = report["checks"]
@@ -408,12 +389,12 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         assert!(
             out.status.success(),
             "git clone after the restart: {}",
-            text(&out)
+            describe_output(&out)
         );
 
         // Down: the node logs out and nothing of ours is left.
         let out = setup.tailbox(&lab, "down", &["--json"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let down = last_json_line(&out);
         assert_eq!(down["sidecar_was_running"], true, "{down:#}");
         assert_eq!(down["logged_out"], true, "{down:#}");
@@ -431,7 +412,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
 
         // Status now says no sidecar runs, and how to start one; down again is fine.
         let out = setup.tailbox(&lab, "status", &[]).await;
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("error: No sidecar runs in"), "{stderr}");
         assert!(
@@ -439,7 +420,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
             "{stderr}"
         );
         let out = setup.tailbox(&lab, "down", &[]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
 
         let scan = scanner.stop();
         assert!(scan.scans > 5, "the scanner ran ({} scans)", scan.scans);
@@ -459,7 +440,7 @@ async fn up_without_an_auth_key_and_check_over_an_idle_sidecar_say_what_to_do() 
     let setup = Setup::new(&lab);
     tokio::time::timeout(TEST_TIMEOUT, async {
         let out = setup.tailbox(&lab, "up", &[]).await;
-        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains("error: `tailbox up` needs a Tailscale auth key"),
@@ -476,10 +457,10 @@ async fn up_without_an_auth_key_and_check_over_an_idle_sidecar_say_what_to_do() 
             .output()
             .await
             .unwrap();
-        assert!(out.status.success(), "{}", text(&out));
+        assert!(out.status.success(), "{}", describe_output(&out));
         let peer = lab.peer_ipv4().to_string();
         let out = setup.tailbox(&lab, "check", &["--ping", &peer]).await;
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains("is idle, so its node cannot be checked"),
@@ -495,7 +476,7 @@ async fn up_without_an_auth_key_and_check_over_an_idle_sidecar_say_what_to_do() 
         assert_eq!(status["state"], "idle");
 
         let out = setup.tailbox(&lab, "down", &["--json"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         assert_eq!(last_json_line(&out)["sidecar_was_running"], true);
     })
     .await
@@ -516,7 +497,7 @@ async fn a_sidecar_of_another_build_is_reported_and_replaced_only_on_request() {
         std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let out = setup.up_with(&other, &lab, &[]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
 
         // This build reaches it, uses it, and says it is another build.
         let (code, status) = setup.status(&lab).await;
@@ -530,7 +511,7 @@ async fn a_sidecar_of_another_build_is_reported_and_replaced_only_on_request() {
 
         // up with this build refuses to replace it silently...
         let out = setup.up_with(&agent_binary(), &lab, &[]).await;
-        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(3), "{}", describe_output(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains("error: A sidecar of another version already runs in"),
@@ -543,13 +524,13 @@ async fn a_sidecar_of_another_build_is_reported_and_replaced_only_on_request() {
 
         // ...and replaces it when asked.
         let out = setup.up_with(&agent_binary(), &lab, &["--replace"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let up = last_json_line(&out);
         assert_eq!(up["state"], "running", "{up:#}");
         assert!(up["other_build"].is_null(), "{up:#}");
 
         let out = setup.tailbox(&lab, "down", &[]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
     })
     .await
     .expect("test timed out");

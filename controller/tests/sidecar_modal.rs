@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
 use tailbox_testkit::agent::static_agent_binary;
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal};
 use tailbox_testkit::lab::{Binaries, Lab};
+use tailbox_testkit::{describe_output, last_json_line};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -58,24 +58,6 @@ async fn tailbox(lab: &Lab, fake: &FakeModal, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn last_json_line(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .last()
-        .unwrap_or_else(|| panic!("no stdout: {}", text(out)));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(out)))
-}
-
 /// The sandbox's processes running `binary`.
 fn running(fake: &FakeModal, sandbox_id: &str, binary: &Path) -> usize {
     let target = std::fs::canonicalize(binary).unwrap();
@@ -113,7 +95,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
             out.status.code(),
             Some(0),
             "{}\nlab:\n{}",
-            text(&out),
+            describe_output(&out),
             lab.log_tails()
         );
         let up = last_json_line(&out);
@@ -136,7 +118,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
 
         // Status through a new exec of `attach`.
         let out = tailbox(&lab, &fake, &["status", "--sandbox-id", &id, "--json"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let status = last_json_line(&out);
         assert_eq!(status["state"], "running", "{status:#}");
         assert_eq!(status["sandbox_id"], id.as_str());
@@ -166,7 +148,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
             ],
         )
         .await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let report = &last_json_line(&out)["report"];
         assert_eq!(report["verdict"]["ok"], true, "{report:#}");
         assert_eq!(report["sandbox"]["sandbox_id"], id.as_str());
@@ -187,7 +169,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
 
         // Down: the node logs out, the sidecar stops, and the sandbox tailbox created goes.
         let out = tailbox(&lab, &fake, &["down", "--sandbox-id", &id, "--json"]).await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let down = last_json_line(&out);
         assert_eq!(down["logged_out"], true, "{down:#}");
         assert_eq!(down["sandbox"], "terminated", "{down:#}");
@@ -227,7 +209,7 @@ async fn down_leaves_a_sandbox_tailbox_did_not_create_and_status_needs_an_id() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         // Which sandbox? On Modal, status and down need an id.
         let out = tailbox(&lab, &fake, &["status", "--sandbox", "modal"]).await;
-        assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(2), "{}", describe_output(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("`--sandbox-id` is needed"), "{stderr}");
 
@@ -247,7 +229,7 @@ async fn down_leaves_a_sandbox_tailbox_did_not_create_and_status_needs_an_id() {
             ],
         )
         .await;
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let down = last_json_line(&out);
         assert_eq!(down["sidecar_was_running"], false, "{down:#}");
         assert_eq!(down["sandbox"], "not created by tailbox; left running");

@@ -62,3 +62,25 @@ pub fn process_is_alive(pid: i32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A finished command's exit, stdout and stderr, for an assertion's message.
+pub fn describe_output(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The last line of a command's stdout as JSON (`tailbox … --json` ends with its answer);
+/// panics with the whole output if there is none.
+pub fn last_json_line(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no stdout: {}", describe_output(out)));
+    serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe_output(out)))
+}
