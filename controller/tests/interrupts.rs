@@ -40,8 +40,7 @@ fn running(binaries: &[PathBuf]) -> BTreeSet<u32> {
         };
         let alive = tailbox_testkit::process_is_alive(i32::try_from(pid).unwrap());
         if alive
-            && std::fs::read_link(entry.path().join("exe"))
-                .is_ok_and(|exe| binaries.iter().any(|b| *b == exe))
+            && std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| binaries.contains(&exe))
         {
             pids.insert(pid);
         }
