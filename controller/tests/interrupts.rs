@@ -16,17 +16,6 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 const TEST_TIMEOUT: Duration = Duration::from_secs(600);
 const RUNS: usize = 20;
 
-/// The seed: `TAILBOX_FAULT_SEED` to repeat a run, else a fresh one, printed first so a failure's
-/// captured output names it.
-fn fault_seed() -> u64 {
-    let seed = std::env::var("TAILBOX_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("fault seed {seed} (rerun with TAILBOX_FAULT_SEED={seed})");
-    seed
-}
-
 /// Pids of the processes running any of `binaries`.
 fn running(binaries: &[PathBuf]) -> BTreeSet<u32> {
     let mut pids = BTreeSet::new();
@@ -119,7 +108,7 @@ async fn check_interrupted(lab: &Lab, key_file: &Path, after: Duration) -> Inter
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seeded_random_ctrl_c_leaves_nothing_and_logs_a_logged_in_node_out() {
-    let seed = fault_seed();
+    let seed = tailbox_testkit::fault_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     Binaries::locate().await.unwrap();
     let lab = Lab::start().await.unwrap();

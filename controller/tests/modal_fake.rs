@@ -421,20 +421,9 @@ async fn every_event_arrives_exactly_once_when_stdout_is_cut_again_and_again() {
     .await;
 }
 
-/// The seed of a seeded fault test: `TAILBOX_FAULT_SEED` to repeat a run, else a fresh one.
-/// Printed first, so a failure's captured output names it.
-fn fault_seed() -> u64 {
-    let seed = std::env::var("TAILBOX_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("fault seed {seed} (rerun with TAILBOX_FAULT_SEED={seed})");
-    seed
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn seeded_random_stdout_cuts_lose_and_repeat_no_event() {
-    let seed = fault_seed();
+    let seed = tailbox_testkit::fault_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let fake = FakeModal::start().await.unwrap();
     bounded(async {
@@ -924,7 +913,7 @@ async fn sigterm_while_the_agent_runs_terminates_the_sandbox() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seeded_random_ctrl_c_always_terminates_the_sandbox_within_3_s() {
-    let seed = fault_seed();
+    let seed = tailbox_testkit::fault_seed();
     let mut rng = fastrand::Rng::with_seed(seed);
     let fake = FakeModal::start().await.unwrap();
     let agent = static_agent();

@@ -84,3 +84,14 @@ pub fn last_json_line(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe_output(out)))
 }
+
+/// The seed of a seeded fault test: `TAILBOX_FAULT_SEED` to repeat a run, else a fresh one.
+/// Printed first, so a failing test's captured output names it.
+pub fn fault_seed() -> u64 {
+    let seed = std::env::var("TAILBOX_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("fault seed {seed} (rerun with TAILBOX_FAULT_SEED={seed})");
+    seed
+}

@@ -99,12 +99,7 @@ async fn stop_requested() -> Stop {
 }
 
 async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
-    // A broken Modal config only matters when Modal may be used.
-    let modal = match config::resolve(env) {
-        Ok(modal) => modal,
-        Err(_) if args.sandbox.sandbox == SandboxKind::Local => None,
-        Err(err) => return Err(err.into()),
-    };
+    let modal = modal_config_for(args.sandbox.sandbox, env)?;
     let plan = CheckPlan::from_args(args, env, modal.is_some())?;
     let run_id = uuid::Uuid::new_v4().to_string();
     let backend = plan.open_backend(modal, &run_id, None)?;
@@ -330,11 +325,6 @@ fn cleanup_budget(err: &CliError) -> Duration {
     }
 }
 
-/// How long cleanup may take after work that went well.
-fn cleanup_budget_ok() -> Duration {
-    CLEANUP_BUDGET
-}
-
 /// Tells people what happened to each sandbox at the end.
 fn show_released(renderer: &mut Renderer, released: Vec<Released>, budget: Duration) {
     for outcome in released {
@@ -423,6 +413,15 @@ async fn terminate(ids: &[String], env: &dyn Env) -> CliResult<ExitStatus> {
         eprintln!("sandbox {id} terminated");
     }
     Ok(ExitStatus::Passed)
+}
+
+/// The Modal config, when there is one. A broken one only matters when Modal may be used.
+fn modal_config_for(kind: SandboxKind, env: &dyn Env) -> CliResult<Option<config::ModalConfig>> {
+    match config::resolve(env) {
+        Ok(modal) => Ok(modal),
+        Err(_) if kind == SandboxKind::Local => Ok(None),
+        Err(err) => Err(err.into()),
+    }
 }
 
 fn modal_client(env: &dyn Env) -> CliResult<ModalClient> {

@@ -418,12 +418,8 @@ pub async fn status(args: &StatusArgs, env: &dyn Env) -> CliResult<ExitStatus> {
         result = work => result,
         () = interrupted() => Err(CliError::interrupted()),
     };
-    let released = backend.release(super::cleanup_budget_ok()).await;
-    show_released(
-        &mut Renderer::new(output),
-        released,
-        super::cleanup_budget_ok(),
-    );
+    let released = backend.release(super::CLEANUP_BUDGET).await;
+    show_released(&mut Renderer::new(output), released, super::CLEANUP_BUDGET);
     let (sandbox, status, other_build) = result?;
     if args.json {
         write_json_line(
@@ -582,11 +578,7 @@ fn plan_for(
     timeout: Duration,
     env: &dyn Env,
 ) -> CliResult<(CheckPlan, Option<config::ModalConfig>)> {
-    let modal = match config::resolve(env) {
-        Ok(modal) => modal,
-        Err(_) if sandbox.sandbox == crate::cli::SandboxKind::Local => None,
-        Err(err) => return Err(err.into()),
-    };
+    let modal = super::modal_config_for(sandbox.sandbox, env)?;
     if sandbox.sandbox_id.is_none()
         && tailnet.is_none()
         && (sandbox.sandbox == crate::cli::SandboxKind::Modal
