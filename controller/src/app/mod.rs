@@ -17,9 +17,10 @@ use crate::modal::client::ModalClient;
 use crate::modal::config;
 use crate::output::{self, write_stdout};
 use crate::plan::{CheckPlan, DEFAULT_MODAL_APP, OutputMode};
-use crate::render::{self, Renderer};
+use crate::render::{self, Renderer, Shows};
 use crate::session::{self, controller_event};
 
+mod fleet;
 mod sidecar;
 
 /// Time beyond `--timeout` for the agent to log out and stop tailscaled.
@@ -109,6 +110,14 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
         backend.kind(),
         plan.backend.reason
     ));
+    if plan.is_fleet() {
+        renderer.note(&format!(
+            "checking {} sandboxes, up to {} at once",
+            plan.count, plan.parallel
+        ));
+        drop(renderer);
+        return fleet::check_fleet(backend.as_ref(), &plan, &run_id).await;
+    }
 
     let ended = {
         let mut work = Box::pin(check_in(backend.as_ref(), &plan, &mut renderer, &run_id));
@@ -183,7 +192,7 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
 async fn check_in(
     backend: &dyn Backend,
     plan: &CheckPlan,
-    renderer: &mut Renderer,
+    renderer: &mut dyn Shows,
     run_id: &str,
 ) -> CliResult<Report> {
     let (sandbox, installed) = open_and_install(backend, plan, renderer).await?;
@@ -259,11 +268,12 @@ async fn check_in(
 async fn open_and_install(
     backend: &dyn Backend,
     plan: &CheckPlan,
-    renderer: &mut Renderer,
+    renderer: &mut dyn Shows,
 ) -> CliResult<(Box<dyn Sandbox>, Installed)> {
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
     let mut sandbox = open_sandbox(backend, plan).await?;
+    renderer.sandbox_opened(sandbox.id());
     if sandbox.remote() {
         renderer.note(&format!("sandbox {} is running", sandbox.id()));
     }
@@ -446,18 +456,23 @@ fn finish(plan: &CheckPlan, renderer: &mut Renderer, report: &Report) -> CliResu
         write_stdout(&render::report_table(report, render::stdout_width()))?;
     }
     if let Some(path) = &plan.report_path {
-        let json = serde_json::to_string_pretty(report).map_err(|err| {
-            CliError::infra("Failed to encode the report as JSON")
-                .with_source(err)
-                .with_hint(crate::error::BUG_HINT)
-        })?;
-        std::fs::write(path, json + "\n").map_err(|err| {
-            CliError::usage(format!("Failed to write the report to {}", path.display()))
-                .with_source(err)
-                .with_hint("Check that the directory exists and is writable.")
-        })?;
+        write_report_file(path, report)?;
     }
     Ok(())
+}
+
+/// Writes `--report`: a run's report (or a fan-out's aggregate) as pretty JSON.
+fn write_report_file(path: &std::path::Path, report: &impl serde::Serialize) -> CliResult<()> {
+    let json = serde_json::to_string_pretty(report).map_err(|err| {
+        CliError::infra("Failed to encode the report as JSON")
+            .with_source(err)
+            .with_hint(crate::error::BUG_HINT)
+    })?;
+    std::fs::write(path, json + "\n").map_err(|err| {
+        CliError::usage(format!("Failed to write the report to {}", path.display()))
+            .with_source(err)
+            .with_hint("Check that the directory exists and is writable.")
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
