@@ -104,18 +104,7 @@ impl Sidecar {
 
     /// A gRPC channel over the socket.
     async fn channel(&self) -> Channel {
-        let socket = self.socket();
-        tonic::transport::Endpoint::from_static("http://sidecar")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .unwrap()
+        tailbox_testkit::unix_channel(&self.socket()).await.unwrap()
     }
 
     async fn sidecar(&self) -> SidecarClient<Channel> {

@@ -80,6 +80,23 @@ pub fn kill_by_pidfile(pidfile: &std::path::Path) {
     }
 }
 
+/// A gRPC channel to the server on the unix socket at `socket` (a sidecar's).
+pub async fn unix_channel(
+    socket: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    tonic::transport::Endpoint::from_static("http://sidecar")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+}
+
 /// Reads a child's whole stderr in the background (so the child never blocks on a full pipe);
 /// the task yields the text once the child closes it.
 pub fn collect_stderr(child: &mut tokio::process::Child) -> tokio::task::JoinHandle<String> {

@@ -519,15 +519,7 @@ impl Setup<'_> {
         };
         expect_ok(sidecar(&["sidecar"]), "tailbox-agent sidecar").await?;
         let socket = state_dir.join("sidecar.sock");
-        let channel = tonic::transport::Endpoint::from_static("http://sidecar")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
+        let channel = tailbox_testkit::unix_channel(&socket)
             .await
             .context("connecting to the sidecar's socket")?;
         let up = UpRequest {
