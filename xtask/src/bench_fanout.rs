@@ -6,14 +6,12 @@
 //! about N/8).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal};
 use tailbox_testkit::lab::Lab;
-use tokio::process::Command;
 
 use super::{Pair, STEP_TIMEOUT};
 
@@ -79,30 +77,15 @@ async fn run(
 ) -> Result<(Duration, Value)> {
     let home = tempfile::tempdir().context("creating a HOME for tailbox")?;
     let started = Instant::now();
-    let child = Command::new(tailbox)
+    let child = tailbox_testkit::tailbox_command(tailbox, home.path())
         .args(["check", "--sandbox", "modal", "--json", "--count"])
         .arg(count.to_string())
         .arg("--agent")
         .arg(agent)
         .arg("--tailscaled")
         .arg(lab.bins().tailscaled())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("TS_AUTHKEY", lab.auth_key())
-        .env("TS_CONTROL_URL", lab.control_url())
-        .env(
-            "TAILBOX_TAILSCALED_ENV",
-            serde_json::to_string(&lab.tailscaled_env())?,
-        )
-        .env("COOK_TAIL_IP", lab.peer_ipv4().to_string())
-        .env("COOK_HTTP_URL", lab.health_url())
-        .env("COOK_GIT_URL", lab.git_url())
+        .envs(lab.developer_env())
         .envs(fake.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .context("starting tailbox")?;
     let output = tokio::time::timeout(STEP_TIMEOUT, child.wait_with_output())
