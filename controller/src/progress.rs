@@ -129,12 +129,12 @@ impl Drop for Progress {
     }
 }
 
-/// A fan-out's live lines: one per sandbox, naming it and its current phase, and left in place
-/// with its outcome when it is done:
+/// A fan-out's live lines: one per running sandbox, naming it and its current phase; when it
+/// is done, its outcome is printed above them:
 ///
 /// ```text
 /// ✓ #1 sb-4b1f… (modal-sb-4b1f)  passed in 4.2s
-/// ⠒ #2 sb-9c3a… (modal-sb-9c3a)  checks  3.1s
+/// ⠒ #2 sb-9c3a…  checks  3.1s
 /// ⠒ #3  sandbox  0.4s
 /// ```
 pub struct FleetProgress {
@@ -176,25 +176,33 @@ impl FleetProgress {
         bar.set_message(phase.to_owned());
     }
 
-    /// Sandbox `slot` is done: its line becomes `line` and stays.
+    /// Sandbox `slot` is done: its live line goes, and `line` is printed above the others, so
+    /// the outcomes stay in the order the sandboxes finished and nothing live is left at the end.
     pub fn finish(&mut self, slot: u32, line: &str) {
-        let width = Progress::width();
-        let bar = self.bar(slot);
-        bar.set_style(style("{msg}"));
-        bar.finish_with_message(cut(line, width));
+        self.println(line);
+        if let Some(at) = self.bars.iter().position(|(s, _)| *s == slot) {
+            let (_, bar) = self.bars.remove(at);
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
+        }
     }
 
     /// Prints a line above the live ones.
     pub fn println(&self, line: &str) {
-        let _ = self.multi.println(cut(line, Progress::width()));
+        let line = cut(line, Progress::width());
+        if self.bars.is_empty() {
+            eprintln!("{line}");
+        } else {
+            // On a terminal that went away there is no one to tell.
+            let _ = self.multi.println(line);
+        }
     }
 
-    /// Removes every live line that is not done (after Ctrl-C, or before an error is printed).
+    /// Removes every live line (after Ctrl-C, or before an error is printed).
     pub fn clear(&mut self) {
-        for (_, bar) in &self.bars {
-            if !bar.is_finished() {
-                bar.finish_and_clear();
-            }
+        for (_, bar) in self.bars.drain(..) {
+            bar.finish_and_clear();
+            self.multi.remove(&bar);
         }
     }
 }

@@ -485,3 +485,43 @@ async fn color_follows_the_flag_then_no_color_then_clicolor_force() {
         assert!(!out.stdout.contains(&0x1b), "{flags:?} {env:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fan_out_keeps_one_line_per_sandbox_with_its_outcome() {
+    let lab = lab().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = own_agent(dir.path());
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let extra = [
+            "--ping".into(),
+            lab.peer_ipv4().to_string(),
+            "--count".into(),
+            "3".into(),
+        ];
+        let mut args = check_args(&lab, dir.path(), &agent, &extra);
+        // Three local agents cannot share one state directory: each gets its own.
+        let at = args
+            .iter()
+            .position(|a| a == "--tailscaled-statedir")
+            .unwrap();
+        args.drain(at..at + 2);
+        let terminal = Terminal::run(dir.path(), &env_for(&lab), &args);
+        let (code, text) = terminal.finished().await;
+        assert_eq!(code, 0, "{text}");
+        // Each sandbox's live line stays, as its outcome, once it is done.
+        for n in 1..=3 {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("✓ #{n} local-")) && l.contains("passed in ")),
+                "no line for sandbox #{n}:\n{text}"
+            );
+        }
+        assert_eq!(too_wide(&text), Vec::<(usize, &str)>::new(), "{text}");
+        assert!(
+            text.contains("verdict: ok (3 of 3 sandboxes passed)"),
+            "{text}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
