@@ -338,6 +338,15 @@ impl LocalApi {
         Self::decode("GET status", &bytes)
     }
 
+    /// The DERP map tailscaled uses, as raw JSON (`Regions` → `Nodes` with `HostName`, `IPv4`,
+    /// `DERPPort`).
+    pub async fn derp_map(&self) -> Result<serde_json::Value, LocalApiError> {
+        let bytes = self
+            .call(Method::GET, "derpmap", None, StatusCode::OK)
+            .await?;
+        Self::decode("GET derpmap", &bytes)
+    }
+
     /// Current prefs as raw JSON (so fields this agent does not know survive a round trip).
     pub async fn prefs(&self) -> Result<serde_json::Value, LocalApiError> {
         let bytes = self

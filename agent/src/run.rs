@@ -195,9 +195,12 @@ async fn tailnet_run(
 ) -> (Option<TailnetInfo>, Option<Teardown>) {
     let sink = bringup.sink;
     let Some(mut started) = bringup.start_daemon().await else {
-        targets
-            .skip_all(sink, skip_reason::DAEMON_FAILED, skip_reason::FIX_DAEMON)
-            .await;
+        let (reason, hint) = if ctx.cancel.is_cancelled() {
+            (skip_reason::INTERRUPTED, "")
+        } else {
+            (skip_reason::DAEMON_FAILED, skip_reason::FIX_DAEMON)
+        };
+        targets.skip_all(sink, reason, hint).await;
         return (None, None);
     };
     let logged_in =

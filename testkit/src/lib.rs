@@ -7,10 +7,14 @@
 //!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
 //! - [`qemu`]: running another architecture's binaries (through qemu-user and binfmt_misc).
-//! - [`scan`]: watching every process's argv and environment for a secret.
+//! - [`scan`]: watching every process's argv and environment for a secret, and finding what a
+//!   test left running.
+//! - [`fault_server`]: servers that misbehave on purpose (garbage, a reset mid-body, a git
+//!   advertisement that is not pkt-lines), reached through the lab's tailnet.
 
 pub mod agent;
 pub mod fake_modal;
+pub mod fault_server;
 pub mod lab;
 pub mod modal_descriptors;
 pub mod qemu;

@@ -76,3 +76,31 @@ fn process_texts() -> Vec<(u32, Vec<u8>)> {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Every live process that runs a binary under `dir` or names `dir` in its argv, as (pid,
+/// argv with spaces for NULs). A test that puts the binaries it runs (the agent, tailscaled)
+/// and their files in a directory of its own finds with this whatever of them is left, and only
+/// that: other tests' processes and the lab's run from elsewhere. Zombies are dead and not
+/// counted.
+pub fn processes_under(dir: &std::path::Path) -> Vec<(u32, String)> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The state follows the command name's closing parenthesis.
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next();
+            if state == Some('Z') {
+                return None;
+            }
+            let exe = std::fs::read_link(entry.path().join("exe")).unwrap_or_default();
+            let argv = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            (exe.starts_with(dir) || contains(&argv, needle))
+                .then(|| (pid, String::from_utf8_lossy(&argv).replace('\0', " ")))
+        })
+        .collect()
+}

@@ -498,6 +498,33 @@ pub async fn check_ping(
                     outcome.fail(fault.class, Layer::Daemon, fault.detail, fault.hint, None);
                 return (result, None);
             }
+            // tailscaled's own word on its relays: a peer that answers nothing while no DERP
+            // relay can be reached is cut off at the DERP layer, not at the peer.
+            let derp_trouble = match visibility {
+                Visibility::Absent | Visibility::Offline => None,
+                _ => derp_unreachable(api).await,
+            };
+            if let Some(health) = derp_trouble {
+                return (
+                    outcome.fail(
+                        FailureClass::DerpUnreachable,
+                        Layer::Derp,
+                        format!(
+                            "no pong from {ip} in {attempts} attempt(s) over {}, and no DERP \
+                             relay is reachable: {health}",
+                            humanize(limit)
+                        ),
+                        "No direct path came up and the DERP relay cannot be reached: allow \
+                         HTTPS (TCP 443) to the DERP servers from the sandbox, or UDP both ways \
+                         between the sandbox and the dev host.",
+                        Some(check_result::Evidence::Ping(PingEvidence {
+                            attempts,
+                            ..Default::default()
+                        })),
+                    ),
+                    None,
+                );
+            }
             let (class, layer, hint) = match visibility {
                 Visibility::Absent => (
                     FailureClass::PeerNotInNetmap,
@@ -536,6 +563,40 @@ pub async fn check_ping(
             )
         }
     }
+}
+
+/// Why no DERP relay of tailscaled's DERP map can be reached, or `None` when one can (or the
+/// map is unknown): a TCP connection to each relay node, 2 s each, as the login's probe of the
+/// control server does.
+async fn derp_unreachable(api: &crate::localapi::LocalApi) -> Option<String> {
+    let map = tokio::time::timeout(Duration::from_secs(2), api.derp_map())
+        .await
+        .ok()?
+        .ok()?;
+    let mut nodes = Vec::new();
+    for region in map["Regions"].as_object()?.values() {
+        for node in region["Nodes"].as_array().into_iter().flatten() {
+            let host = node["IPv4"]
+                .as_str()
+                .filter(|h| !h.is_empty())
+                .or(node["HostName"].as_str())?;
+            let port = match node["DERPPort"].as_u64() {
+                None | Some(0) => 443,
+                Some(p) => u16::try_from(p).ok()?,
+            };
+            nodes.push((host.to_owned(), port));
+        }
+    }
+    let mut failures = Vec::new();
+    for (host, port) in nodes {
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(_)) => return None,
+            Ok(Err(err)) => failures.push(format!("{host}:{port}: {err}")),
+            Err(_) => failures.push(format!("{host}:{port}: no answer within 2s")),
+        }
+    }
+    (!failures.is_empty()).then(|| failures.join("; "))
 }
 
 /// The address a passed netmap check resolved its peer to (IPv4 first).
