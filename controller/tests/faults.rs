@@ -19,7 +19,6 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -259,22 +258,16 @@ impl Row {
     }
 
     async fn run_unbounded(mut self, lab: &Lab) {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"));
+        let mut command =
+            tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), self.dir.path());
         command
             .args(&self.args)
             .arg("--tailscaled")
             .arg(&self.tailscaled)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", self.dir.path())
             .env(
                 "TAILBOX_TAILSCALED_ENV",
                 serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            );
         if let Some(network) = &self.network {
             // SAFETY: the closure only calls setns(2).
             unsafe {
@@ -363,7 +356,7 @@ impl Row {
             tokio::time::sleep(Duration::from_millis(50)).await;
             left = processes_under(self.dir.path());
         }
-        assert!(left.is_empty(), "{name}: left running: {left:?}");
+        assert!(left.is_empty(), "{name}: left running: {left:#?}");
 
         if let Some(report) = ran.events.last().filter(|e| e["report"].is_object()) {
             eprintln!(
@@ -1029,14 +1022,12 @@ async fn fault_controller_sigint_in_daemon() {
     // no child of its own is left), so the Ctrl-C lands in the daemon phase.
     let real = row.tailscaled.display().to_string();
     let slow = row.dir.path().join("slow-tailscaled");
-    std::fs::write(
+    tailbox_testkit::write_executable(
         &slow,
-        format!(
+        &format!(
             "#!/bin/bash\nif [ -n \"$TS_PARENT_DEATH_FD\" ]; then read -r -t 10 -u \"$TS_PARENT_DEATH_FD\" _; fi\nexec {real} \"$@\"\n"
         ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     row.tailscaled = slow;
     row.arg("--ping", lab.peer_ipv4().to_string())
         .fault(phase_started("PHASE_DAEMON"), |pids| {

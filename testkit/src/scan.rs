@@ -1,7 +1,9 @@
-//! Watching every process on the machine for a secret in its argv or environment, for as long
-//! as a test's scenario runs.
+//! The machine's processes: which of a test's are still running ([`processes`]), and watching
+//! every process for a secret in its argv or environment for as long as a test's scenario runs
+//! ([`ProcessScanner`]).
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -77,30 +79,87 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Every live process that runs a binary under `dir` or names `dir` in its argv, as (pid,
-/// argv with spaces for NULs). A test that puts the binaries it runs (the agent, tailscaled)
-/// and their files in a directory of its own finds with this whatever of them is left, and only
-/// that: other tests' processes and the lab's run from elsewhere. Zombies are dead and not
-/// counted.
-pub fn processes_under(dir: &std::path::Path) -> Vec<(u32, String)> {
-    let needle = dir.as_os_str().as_encoded_bytes();
+/// One live process, as /proc showed it when [`processes`] read it.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub pid: u32,
+    /// Its parent's pid.
+    pub ppid: u32,
+    /// The binary it runs (`/proc/<pid>/exe`), when readable.
+    pub exe: Option<PathBuf>,
+    /// Its arguments, `argv[0]` first.
+    pub args: Vec<String>,
+}
+
+impl Process {
+    /// The arguments joined by spaces, for searching and for messages.
+    pub fn cmdline(&self) -> String {
+        self.args.join(" ")
+    }
+
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), while the process lives.
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        status.lines().find_map(|line| {
+            line.strip_prefix(field)?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
+/// Every live process on the machine except the caller: zombies (dead, not yet reaped) and
+/// processes that end while being read are left out.
+pub fn processes() -> Vec<Process> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let me = std::process::id();
     entries
         .flatten()
         .filter_map(|entry| {
-            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
             let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // The state follows the command name's closing parenthesis.
-            let state = stat.rsplit_once(')')?.1.trim_start().chars().next();
-            if state == Some('Z') {
+            // State and parent follow the command name, which is in parentheses and may hold
+            // spaces.
+            let mut fields = stat.rsplit_once(") ")?.1.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            if pid == me || state == "Z" || state == "X" {
                 return None;
             }
-            let exe = std::fs::read_link(entry.path().join("exe")).unwrap_or_default();
-            let argv = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            (exe.starts_with(dir) || contains(&argv, needle))
-                .then(|| (pid, String::from_utf8_lossy(&argv).replace('\0', " ")))
+            let args = std::fs::read(entry.path().join("cmdline"))
+                .map(|raw| {
+                    raw.split(|&b| b == 0)
+                        .filter(|arg| !arg.is_empty())
+                        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(Process {
+                pid,
+                ppid,
+                exe: std::fs::read_link(entry.path().join("exe")).ok(),
+                args,
+            })
+
+/// Every live process that runs a binary under `dir` or names `dir` in its argv. A test that
+/// puts the binaries it runs (the agent, tailscaled) and their files in a directory of its own
+/// finds with this whatever of them is left, and only that: other tests' processes and the
+/// lab's run from elsewhere.
+pub fn processes_under(dir: &std::path::Path) -> Vec<Process> {
+    let needle = dir.display().to_string();
+    processes()
+        .into_iter()
+        .filter(|p| {
+            p.exe.as_ref().is_some_and(|exe| exe.starts_with(dir))
+                || p.args.iter().any(|a| a.contains(&needle))
+        })
+        .collect()
+}
         })
         .collect()
 }
