@@ -145,6 +145,9 @@ pub fn processes() -> Vec<Process> {
                 exe: std::fs::read_link(entry.path().join("exe")).ok(),
                 args,
             })
+        })
+        .collect()
+}
 
 /// Every live process that runs a binary under `dir` or names `dir` in its argv. A test that
 /// puts the binaries it runs (the agent, tailscaled) and their files in a directory of its own
@@ -157,9 +160,6 @@ pub fn processes_under(dir: &std::path::Path) -> Vec<Process> {
         .filter(|p| {
             p.exe.as_ref().is_some_and(|exe| exe.starts_with(dir))
                 || p.args.iter().any(|a| a.contains(&needle))
-        })
-        .collect()
-}
         })
         .collect()
 }
