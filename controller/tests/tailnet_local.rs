@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use tailbox_proto::arch::Arch;
@@ -21,7 +21,6 @@ struct Run {
     events: Vec<Value>,
     stderr: String,
     code: Option<i32>,
-    elapsed: Duration,
 }
 
 impl Run {
@@ -88,7 +87,6 @@ fn key_file(dir: &tempfile::TempDir, key: &str) -> PathBuf {
 
 /// Runs tailbox to completion; `on_event` sees each JSON event as it arrives, with tailbox's pid.
 async fn run_tailbox(lab: &Lab, args: Vec<String>, mut on_event: impl FnMut(&Value, u32)) -> Run {
-    let started = Instant::now();
     let mut child =
         tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), std::env::temp_dir())
             .args(&args)
@@ -109,7 +107,6 @@ async fn run_tailbox(lab: &Lab, args: Vec<String>, mut on_event: impl FnMut(&Val
         events,
         stderr: stderr_task.await.unwrap(),
         code: status.code(),
-        elapsed: started.elapsed(),
     }
 }
 
