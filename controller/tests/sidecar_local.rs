@@ -149,14 +149,7 @@ impl Drop for Setup {
     /// A test that failed half-way leaves no sidecar behind (its tailscaled follows it through
     /// `TS_PARENT_DEATH_FD`).
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.state_dir.join("sidecar.pid"))
-            && let Ok(pid) = pid.trim().parse::<i32>()
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        tailbox_testkit::kill_sidecar(&self.state_dir);
     }
 }
 

@@ -339,6 +339,28 @@ impl Lab {
         &self.peer
     }
 
+    /// A sidecar's `Up` for this lab: its key and control, and the lab's tailscaled with its
+    /// environment, its proxy on a port of its own choosing (tests run side by side).
+    pub fn sidecar_up_request(&self, hostname: &str) -> tailbox_proto::agent::v1::UpRequest {
+        use tailbox_proto::agent::v1::{DaemonConfig, TailnetConfig, UpRequest};
+        UpRequest {
+            tailnet: Some(TailnetConfig {
+                auth_key: self.auth_key().into(),
+                hostname: hostname.into(),
+                control_url: self.control_url().into(),
+                daemon: Some(DaemonConfig {
+                    tailscaled_path: self.bins().tailscaled().display().to_string(),
+                    proxy_listen: "127.0.0.1:0".into(),
+                    env: self.tailscaled_env().into_iter().collect(),
+                    ..Default::default()
+                }),
+                advertise_tags: Vec::new(),
+            }),
+            sandbox_id: String::new(),
+            deadlines: None,
+        }
+    }
+
     /// The environment any other tailscaled joining this lab must get, on top of its own
     /// flags (`--tun=userspace-networking --statedir=… --socket=…`, and ideally
     /// `--no-logs-no-support`) and a per-node `TS_LOGS_DIR`. It keeps the daemon off the

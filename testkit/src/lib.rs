@@ -16,6 +16,20 @@ pub mod modal_descriptors;
 pub mod qemu;
 pub mod scan;
 
+/// SIGKILLs the sidecar whose pidfile is in `state_dir`, if there is one: what a test that failed
+/// half-way does so it leaves no sidecar behind (its tailscaled follows it through
+/// `TS_PARENT_DEATH_FD`).
+pub fn kill_sidecar(state_dir: &std::path::Path) {
+    if let Ok(pid) = std::fs::read_to_string(state_dir.join("sidecar.pid"))
+        && let Ok(pid) = pid.trim().parse::<i32>()
+    {
+        // SAFETY: kill(2) sends a signal; no memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
 /// Removes the host's proxy variables and git configuration from a client command (curl, git),
 /// so what it measures is the lab (or the proxy a test hands it), not the developer's shell.
 /// For tokio's `Command`, pass `as_std_mut()`.
