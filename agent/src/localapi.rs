@@ -335,7 +335,7 @@ impl LocalApi {
             "status?peers=false"
         };
         let bytes = self.call(Method::GET, path, None, StatusCode::OK).await?;
-        Self::decode("GET status", &bytes)
+        decode_status(&bytes)
     }
 
     /// Current prefs as raw JSON (so fields this agent does not know survive a round trip).
@@ -416,7 +416,7 @@ impl LocalApi {
                     what: "POST ping".into(),
                     after: limit,
                 })??;
-        Self::decode("POST ping", &bytes)
+        decode_ping(&bytes)
     }
 
     /// Asks tailscaled to dial `host:port` the way its SOCKS5 proxy would, to learn whether the
@@ -472,7 +472,7 @@ impl LocalApi {
         }
         Ok(BusWatcher {
             body: response.into_body(),
-            buffer: Vec::new(),
+            lines: BusLines::default(),
         })
     }
 }
@@ -489,32 +489,20 @@ async fn body_text(response: hyper::Response<Incoming>) -> String {
 /// An open IPN bus: newline-delimited JSON `ipn.Notify` messages.
 pub struct BusWatcher {
     body: Incoming,
-    buffer: Vec<u8>,
+    lines: BusLines,
 }
 
 impl BusWatcher {
     /// The next message, or `None` when tailscaled closed the stream.
     pub async fn next(&mut self) -> Result<Option<Notify>, LocalApiError> {
         loop {
-            if let Some(newline) = self.buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=newline).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return LocalApi::decode("watch-ipn-bus message", &line).map(Some);
+            if let Some(line) = self.lines.next_line() {
+                return decode_notify(&line).map(Some);
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        if self.buffer.len() + data.len() > MAX_MESSAGE_BYTES {
-                            // One message this large would be held whole; stop reading instead.
-                            self.buffer = Vec::new();
-                            return Err(LocalApiError::TooLarge {
-                                what: "watch-ipn-bus message".into(),
-                                limit: MAX_MESSAGE_BYTES,
-                            });
-                        }
-                        self.buffer.extend_from_slice(&data);
+                        self.lines.push(&data)?;
                     }
                 }
                 Some(Err(source)) => {
@@ -527,4 +515,53 @@ impl BusWatcher {
             }
         }
     }
+}
+
+/// The IPN bus's bytes cut into lines as they arrive in chunks of any size, holding at most
+/// [`MAX_MESSAGE_BYTES`] of an unfinished line.
+#[derive(Debug, Default)]
+pub(crate) struct BusLines {
+    buffer: Vec<u8>,
+}
+
+impl BusLines {
+    /// The next whole line that is not blank (its newline included), if one has arrived.
+    pub(crate) fn next_line(&mut self) -> Option<Vec<u8>> {
+        while let Some(newline) = self.buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=newline).collect();
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
+    /// Appends a chunk; refuses one that would make the held bytes exceed the limit.
+    pub(crate) fn push(&mut self, data: &[u8]) -> Result<(), LocalApiError> {
+        if self.buffer.len() + data.len() > MAX_MESSAGE_BYTES {
+            // One message this large would be held whole; stop reading instead.
+            self.buffer = Vec::new();
+            return Err(LocalApiError::TooLarge {
+                what: "watch-ipn-bus message".into(),
+                limit: MAX_MESSAGE_BYTES,
+            });
+        }
+        self.buffer.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// A `status` answer.
+pub(crate) fn decode_status(bytes: &[u8]) -> Result<Status, LocalApiError> {
+    LocalApi::decode("GET status", bytes)
+}
+
+/// A `ping` answer.
+pub(crate) fn decode_ping(bytes: &[u8]) -> Result<PingResult, LocalApiError> {
+    LocalApi::decode("POST ping", bytes)
+}
+
+/// One IPN-bus line as a message.
+pub(crate) fn decode_notify(line: &[u8]) -> Result<Notify, LocalApiError> {
+    LocalApi::decode("watch-ipn-bus message", line)
 }

@@ -112,6 +112,7 @@ pub fn resolve(env: &dyn Env) -> Result<Option<ModalConfig>, ConfigError> {
 }
 
 /// Resolves the settings from `env` over the config file's text (as read from `path`).
+#[cfg(feature = "fuzzing")]
 pub(crate) fn resolve_text(
     env: &dyn Env,
     path: PathBuf,

@@ -160,7 +160,11 @@ impl FileInfo {
             }
             // rwxr-xr-x, or ls-style -rwxr-xr-x (as bytes: the text is fs-tools', any UTF-8).
             let perms = s.as_bytes();
-            let perms = if perms.len() == 10 { &perms[1..] } else { perms };
+            let perms = if perms.len() == 10 {
+                &perms[1..]
+            } else {
+                perms
+            };
             (perms.len() == 9).then(|| perms[2] == b'x' || perms[2] == b's')
         };
         self.mode
@@ -373,7 +377,13 @@ mod tests {
         // Found while writing the fs_tools_json fuzz target (and now a seed of its corpus): the
         // ls-style shape was cut at byte 1, inside `é`.
         // Read as bytes: `é` is two, so this is an ls-style shape whose owner bits are `12`.
-        assert_eq!(info(serde_json::json!("é12345678")).executable(), Some(false));
-        assert_eq!(info(serde_json::json!("éwxr-xr-x")).executable(), Some(true));
+        assert_eq!(
+            info(serde_json::json!("é12345678")).executable(),
+            Some(false)
+        );
+        assert_eq!(
+            info(serde_json::json!("éwxr-xr-x")).executable(),
+            Some(true)
+        );
     }
 }
