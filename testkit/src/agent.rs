@@ -47,22 +47,6 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recorder<R> {
     }
 }
 
-/// A gRPC channel to a sidecar's unix socket (a new connection whenever tonic needs one).
-pub async fn channel_to_socket(
-    socket: PathBuf,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::from_static("http://sidecar")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                tokio::net::UnixStream::connect(socket)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-}
-
 /// A gRPC channel over one byte stream that is already connected to an agent: a child's
 /// stdin/stdout (`serve --stdio`, `attach`), joined with `tokio::io::join`. Single-use, as the
 /// stream is.

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use tailbox_proto::agent::v1::SidecarState;
 use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
+use tailbox_proto::agent::v1::{SidecarState, UpRequest};
 use tailbox_proto::arch::Arch;
 use tailbox_testkit::lab::Lab;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -519,10 +519,14 @@ impl Setup<'_> {
         };
         expect_ok(sidecar(&["sidecar"]), "tailbox-agent sidecar").await?;
         let socket = state_dir.join("sidecar.sock");
-        let channel = tailbox_testkit::agent::channel_to_socket(socket)
+        let channel = tailbox_testkit::unix_channel(&socket)
             .await
             .context("connecting to the sidecar's socket")?;
-        let up = lab.sidecar_up_request("bench-sidecar");
+        let up = UpRequest {
+            tailnet: Some(lab.tailnet_config("bench-sidecar")),
+            sandbox_id: String::new(),
+            deadlines: None,
+        };
         let result = async {
             let status = tokio::time::timeout(STEP_TIMEOUT, SidecarClient::new(channel).up(up))
                 .await

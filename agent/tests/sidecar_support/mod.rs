@@ -96,9 +96,7 @@ impl Sidecar {
 
     /// A gRPC channel over the socket.
     pub async fn channel(&self) -> Channel {
-        tailbox_testkit::agent::channel_to_socket(self.socket())
-            .await
-            .unwrap()
+        tailbox_testkit::unix_channel(&self.socket()).await.unwrap()
     }
 
     pub async fn sidecar(&self) -> SidecarClient<Channel> {
@@ -139,7 +137,7 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        tailbox_testkit::kill_sidecar(&self.state_dir);
+        tailbox_testkit::kill_by_pidfile(&self.state_dir.join("sidecar.pid"));
     }
 }
 
@@ -149,7 +147,11 @@ pub fn isolate(command: &mut Command) {
 }
 
 pub fn up_request(lab: &Lab, hostname: &str) -> UpRequest {
-    lab.sidecar_up_request(hostname)
+    UpRequest {
+        tailnet: Some(lab.tailnet_config(hostname)),
+        sandbox_id: String::new(),
+        deadlines: None,
+    }
 }
 
 /// A `Check` of the lab's dev host: a ping and an HTTP GET, and the git listing if `git`.
