@@ -26,7 +26,9 @@ libfuzzer_sys::fuzz_target!(|bytes: &[u8]| {
         let listener = match LISTENER.get() {
             Some(listener) => listener,
             None => {
-                let bound = TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+                let bound = TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("a loopback port");
                 LISTENER.get_or_init(|| bound)
             }
         };
