@@ -32,11 +32,13 @@ const LOAD_FOR: Duration = Duration::from_secs(60);
 /// How often the sidecar's RSS is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(200);
 /// The most the sidecar's RSS may grow over its size after `Up`, at its peak under load.
-/// Measured: +35.7 MiB (16.0 → 51.7 MiB, docs/reliability.md); the budget is 1.8x that.
+/// Measured: +35.7 and +37.4 MiB in two runs (about 16 → 53 MiB, docs/reliability.md); the
+/// budget is 1.7x the larger.
 const PEAK_GROWTH_BUDGET_KIB: u64 = 64 * 1024;
-/// The most it may stay above its size after `Up` once the load is over. Measured: +34.7 MiB,
-/// nearly the peak: the allocator keeps what 400 connections used. The budget (1.4x) is there
-/// to catch memory that grows with the number of calls made rather than with the concurrency.
+/// The most it may stay above its size after `Up` once the load is over. Measured: +34.7 and
+/// +35.6 MiB, nearly the peak: the allocator keeps what 400 connections used. The budget (1.35x)
+/// is there to catch memory that grows with the number of calls made rather than with the
+/// concurrency.
 const END_GROWTH_BUDGET_KIB: u64 = 48 * 1024;
 
 /// What every caller saw that it should not have.
