@@ -12,9 +12,13 @@
 //!   definitions (`controller/tests/man.rs` fails when they are stale).
 //! - `cargo xtask bench [--quick]`: tailbox side by side with the spike's way and containerboot
 //!   on the real lab; a table of ratios on stdout, the figures as JSON (see `bench.rs`).
+//! - `cargo xtask fuzz [--time SECONDS] [--list] [--capture] [TARGET]...`: the cargo-fuzz
+//!   targets in `fuzz/`, each for SECONDS from the committed corpus; `--capture` records seeds
+//!   from the lab (see `fuzz.rs`).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod static_agent;
 
 use std::collections::BTreeMap;
@@ -56,6 +60,9 @@ enum Command {
     Man,
     /// Benchmarks on the real lab: tailbox against the spike's way and containerboot
     Bench(bench::BenchArgs),
+    /// Run every fuzz target (cargo-fuzz, nightly) for a while from the committed corpus; list
+    /// them; or record fresh seeds from the lab
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +109,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Demo => demo::run(&workspace()?).await,
+        Command::Fuzz(args) => fuzz::run(&workspace()?, args).await,
         Command::Lab {
             command: LabCommand::Build,
         } => {

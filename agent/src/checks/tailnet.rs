@@ -43,6 +43,11 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
             );
         }
     };
+    (status_result(&outcome, &status), Some(status))
+}
+
+/// The status check's result for what tailscaled said.
+pub(crate) fn status_result(outcome: &Outcome, status: &Status) -> CheckResult {
     let self_node = status.self_node.clone().unwrap_or_default();
     let evidence = TailnetStatusEvidence {
         backend_state: status.backend_state.clone(),
@@ -69,7 +74,7 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
         },
         evidence.peer_count,
     );
-    let result = if evidence.backend_state != "Running" {
+    if evidence.backend_state != "Running" {
         outcome.fail(
             FailureClass::Deadline,
             Layer::Login,
@@ -86,8 +91,7 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
         )
     } else {
         outcome.pass(detail, check_result::Evidence::TailnetStatus(evidence))
-    };
-    (result, Some(status))
+    }
 }
 
 /// The Tailscale address ranges: 100.64.0.0/10 and fd7a:115c:a1e0::/48.
@@ -149,7 +153,7 @@ fn prefix_contains(prefix: &str, ip: IpAddr) -> bool {
 }
 
 /// What one look at the netmap found for a target.
-enum Sighting<'a> {
+pub(crate) enum Sighting<'a> {
     /// The peer the target names.
     Peer(&'a PeerStatus),
     /// A name more than one peer has.
@@ -160,7 +164,7 @@ enum Sighting<'a> {
     Absent,
 }
 
-fn sight<'a>(status: &'a Status, target: &Target) -> Sighting<'a> {
+pub(crate) fn sight<'a>(status: &'a Status, target: &Target) -> Sighting<'a> {
     match target {
         Target::Ip(ip) => match find_peer(status, *ip) {
             Some(peer) => Sighting::Peer(peer),
@@ -643,13 +647,14 @@ fn rank(pong: &crate::localapi::PingResult) -> u8 {
     }
 }
 
-fn pong_result(
+pub(crate) fn pong_result(
     outcome: &Outcome,
     ip: IpAddr,
     pong: &crate::localapi::PingResult,
     attempts: u32,
 ) -> (CheckResult, Option<Warning>) {
-    let latency = Duration::from_secs_f64(pong.latency_seconds.max(0.0));
+    // tailscaled's number, trusted only as far as a Duration can hold it (1e300 would panic).
+    let latency = Duration::try_from_secs_f64(pong.latency_seconds.max(0.0)).unwrap_or_default();
     let path = if !pong.endpoint.is_empty() {
         PingPath::Direct
     } else if !pong.peer_relay.is_empty() {
@@ -754,5 +759,16 @@ mod tests {
             tailbox_proto::agent::v1::CheckStatus::Pass as i32
         );
         assert!(warning.is_none());
+    }
+
+    #[test]
+    fn a_latency_no_duration_holds_is_no_panic() {
+        let outcome = Outcome::start("ping", "100.64.0.2", Layer::Ping);
+        let pong: crate::localapi::PingResult = serde_json::from_str(
+            r#"{"NodeName":"devhost","LatencySeconds":1e300,"Endpoint":"127.0.0.1:41641"}"#,
+        )
+        .unwrap();
+        let (result, _) = pong_result(&outcome, "100.64.0.2".parse().unwrap(), &pong, 1);
+        assert!(result.detail.contains("in 0µs"), "{}", result.detail);
     }
 }
