@@ -13,6 +13,7 @@
 //! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`progress`]: the
 //!   live lines on a terminal; [`render`]: progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
 //!   and exit codes.
+//! - [`pictures`]: `--timeline` and `--report-html`, drawn from the reports.
 //! - [`app`]: the subcommands.
 //!
 //! The binary is the product; this library exists for the binary and for the integration
@@ -25,6 +26,7 @@ mod env;
 mod error;
 mod modal;
 mod output;
+mod pictures;
 mod plan;
 mod process;
 mod progress;

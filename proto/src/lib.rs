@@ -16,6 +16,7 @@ pub mod arch;
 pub mod convert;
 pub mod describe;
 pub mod redact;
+pub mod schema;
 
 /// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`) and the sidecar's service
 /// (`sidecar.proto`).
