@@ -34,6 +34,16 @@ pub const ROOTS: &[Root] = &[
         message: "tailbox.agent.v1.Event",
         what: "One line of `tailbox check --json`: an event of the run; the last one carries the report.",
     },
+    Root {
+        file: "fleet-report.schema.json",
+        message: "tailbox.agent.v1.FleetReport",
+        what: "The aggregated report of a run over several sandboxes (`--count N`, or several `--sandbox-id`): the last `--json` line's `fleet_report`, and what `--report FILE` writes.",
+    },
+    Root {
+        file: "fleet-event.schema.json",
+        message: "tailbox.agent.v1.FleetEvent",
+        what: "One line of `tailbox check --json` in a run over several sandboxes: a sandbox's event or outcome, or (last) the aggregated report.",
+    },
 ];
 
 /// One schema document.
@@ -229,6 +239,7 @@ impl<'a> Index<'a> {
         let mut oneofs: BTreeMap<i32, Vec<String>> = BTreeMap::new();
         for (i, field) in message.field.iter().enumerate() {
             let mut schema = self.field_schema(name, field, &mut refs)?;
+            // Every report of v1 says 1: the one thing about it that never changes.
             if field.name() == "schema_version" {
                 schema = json!({ "type": "integer", "const": crate::REPORT_SCHEMA_VERSION });
             }

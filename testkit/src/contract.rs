@@ -17,6 +17,10 @@ pub enum Document {
     Event,
     /// A report (`--report FILE`, and the last line's `report`).
     Report,
+    /// One `--json` line of a run over several sandboxes.
+    FleetEvent,
+    /// The aggregated report of a run over several sandboxes.
+    FleetReport,
 }
 
 impl Document {
@@ -24,6 +28,8 @@ impl Document {
         match self {
             Document::Event => "event.schema.json",
             Document::Report => "report.schema.json",
+            Document::FleetEvent => "fleet-event.schema.json",
+            Document::FleetReport => "fleet-report.schema.json",
         }
     }
 }
@@ -38,7 +44,12 @@ impl Contract {
     /// Loads the committed schemas from `docs/schema/` under `workspace` and generates the
     /// closed ones.
     pub fn load(workspace: &Path) -> Self {
-        let kinds = [Document::Event, Document::Report];
+        let kinds = [
+            Document::Event,
+            Document::Report,
+            Document::FleetEvent,
+            Document::FleetReport,
+        ];
         let committed = kinds
             .iter()
             .map(|kind| {

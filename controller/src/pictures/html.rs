@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use tailbox_proto::agent::v1::check_result::Evidence;
-use tailbox_proto::agent::v1::{CheckResult, CheckStatus, Phase, Report};
+use tailbox_proto::agent::v1::{CheckResult, CheckStatus, FleetReport, Phase, Report};
 
 use super::{Waterfall, duration_text, waterfall};
 use crate::render::{phase_name, status_name};
@@ -47,6 +47,15 @@ code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f6f8fa;pa
 
 /// The page for the reports of one run (one per sandbox).
 pub fn render(reports: &[Report]) -> String {
+    page(reports, None)
+}
+
+/// The page for a fan-out: its sandboxes' reports, with the aggregate's figures on top.
+pub fn render_fleet(fleet: &FleetReport) -> String {
+    page(&super::fleet_reports(fleet), Some(fleet))
+}
+
+fn page(reports: &[Report], fleet: Option<&FleetReport>) -> String {
     let mut page = String::new();
     let passed = reports
         .iter()
@@ -67,6 +76,9 @@ pub fn render(reports: &[Report]) -> String {
         reports.len(),
         reports.len() - passed
     );
+    if let Some(fleet) = fleet {
+        page.push_str(&fleet_figures(fleet));
+    }
     page.push_str(&verdicts(reports));
 
     let waterfall = waterfall(reports);
@@ -115,6 +127,59 @@ fn sandbox_label(report: &Report) -> String {
         .filter(|id| !id.is_empty())
         .or_else(|| report.tailnet.as_ref().map(|t| t.hostname.clone()))
         .unwrap_or_else(|| "sandbox".to_owned())
+}
+
+/// The aggregate's percentiles, path mix and slowest sandbox.
+fn fleet_figures(fleet: &FleetReport) -> String {
+    let mut out = String::from(
+        "<section id=\"fleet\">\n<h2>Across sandboxes</h2>\n<table class=\"figures\">\n<thead><tr><th>Measure</th><th>Sandboxes</th><th>p50</th><th>p95</th><th>max</th><th>Slowest</th></tr></thead>\n<tbody>\n",
+    );
+    let text = |d: Option<&pbjson_types::Duration>| {
+        d.map(crate::render::format_duration)
+            .unwrap_or_else(|| "-".to_owned())
+    };
+    for (name, figure) in [
+        ("sandbox create time", &fleet.create_time),
+        ("time to Running", &fleet.time_to_running),
+        ("ping latency", &fleet.ping_latency),
+        ("HTTP time to first byte", &fleet.http_time_to_first_byte),
+        ("git time", &fleet.git_time),
+    ] {
+        let Some(figure) = figure else { continue };
+        let slowest = figure
+            .max_sandbox
+            .as_ref()
+            .map(|s| super::name_of(&s.sandbox_id, &s.hostname, s.slot))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "<tr class=\"figure\"><td>{name}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            figure.count,
+            esc(&text(figure.p50.as_ref())),
+            esc(&text(figure.p95.as_ref())),
+            esc(&text(figure.max.as_ref())),
+            esc(&slowest)
+        );
+    }
+    out.push_str("</tbody>\n</table>\n");
+    if let Some(mix) = &fleet.path_mix {
+        let _ = writeln!(
+            out,
+            "<p class=\"summary\">Paths to the dev host: {} direct, {} over DERP, {} over a peer relay, {} without a ping.</p>",
+            mix.direct, mix.derp, mix.peer_relay, mix.none
+        );
+    }
+    if let Some(slowest) = &fleet.slowest {
+        let name = super::name_of(&slowest.sandbox_id, &slowest.hostname, slowest.slot);
+        let _ = writeln!(
+            out,
+            "<p class=\"summary\">Slowest sandbox: <code>{}</code> ({}).</p>",
+            esc(&name),
+            esc(&text(slowest.value.as_ref()))
+        );
+    }
+    out.push_str("</section>\n");
+    out
 }
 
 /// One line per sandbox: its verdict.
@@ -604,5 +669,60 @@ mod tests {
             assert!(!page.contains(external), "{external} in {page}");
         }
         assert!(page.contains("<section id=\"histograms\">"));
+    }
+
+    #[test]
+    fn a_fan_out_page_shows_every_sandbox_even_one_without_a_report() {
+        use tailbox_proto::agent::v1::{FleetDistribution, FleetSandbox, FleetSandboxRef};
+        let passed = report("sb-ok", 300, &[(Phase::Preflight, 10), (Phase::Login, 30)]);
+        let fleet = FleetReport {
+            sandboxes: vec![
+                FleetSandbox {
+                    slot: 1,
+                    sandbox_id: "sb-ok".into(),
+                    report: Some(passed),
+                    controller_phases: vec![tailbox_proto::agent::v1::PhaseTiming {
+                        phase: Phase::Sandbox as i32,
+                        status: CheckStatus::Pass as i32,
+                        duration: Some(tailbox_proto::convert::duration(Duration::from_millis(
+                            100,
+                        ))),
+                    }],
+                    ..Default::default()
+                },
+                FleetSandbox {
+                    slot: 2,
+                    error: "Failed to create the <sandbox>".into(),
+                    hint: "Raise `--timeout`.".into(),
+                    ..Default::default()
+                },
+            ],
+            time_to_running: Some(FleetDistribution {
+                count: 1,
+                p50: Some(tailbox_proto::convert::duration(Duration::from_millis(30))),
+                max_sandbox: Some(FleetSandboxRef {
+                    slot: 1,
+                    sandbox_id: "sb-ok".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let page = render_fleet(&fleet);
+        assert!(page.contains("data-sandboxes=\"2\""), "{page}");
+        assert_eq!(page.matches("<g class=\"lane\"").count(), 2, "{page}");
+        // The controller's phase leads the report's own.
+        assert!(page.contains("phase-sandbox"), "{page}");
+        assert!(
+            page.contains("Failed to create the &lt;sandbox&gt;"),
+            "{page}"
+        );
+        assert!(page.contains("sandbox 2"), "{page}");
+        assert!(page.contains("Raise `--timeout`."), "{page}");
+        assert!(
+            page.contains("<td>time to Running</td><td>1</td><td>30ms</td>"),
+            "{page}"
+        );
     }
 }

@@ -12,7 +12,7 @@ pub mod timeline;
 
 use std::time::Duration;
 
-use tailbox_proto::agent::v1::{CheckStatus, Phase, Report};
+use tailbox_proto::agent::v1::{CheckStatus, FleetReport, Phase, Report, SandboxInfo, Verdict};
 
 use crate::render::phase_name;
 
@@ -137,6 +137,67 @@ pub fn waterfall<'a>(reports: impl IntoIterator<Item = &'a Report>) -> Waterfall
         lanes.push(lane);
     }
     Waterfall { lanes, span }
+}
+
+/// One report per sandbox of a fan-out, to draw: each with its sandbox named and the
+/// controller's phases leading its own; a sandbox that ended without a report (its creation
+/// failed, say) gets a stand-in holding its controller phases, and its error as the verdict.
+pub fn fleet_reports(fleet: &FleetReport) -> Vec<Report> {
+    fleet
+        .sandboxes
+        .iter()
+        .map(|sandbox| {
+            let label = name_of(&sandbox.sandbox_id, &sandbox.hostname, sandbox.slot);
+            let mut report = sandbox.report.clone().unwrap_or_else(|| {
+                let lead: Duration = sandbox
+                    .controller_phases
+                    .iter()
+                    .map(|p| to_duration(p.duration.as_ref()))
+                    .sum();
+                Report {
+                    verdict: Some(Verdict {
+                        ok: false,
+                        summary: sandbox.error.clone(),
+                        hint: sandbox.hint.clone(),
+                        first_failed_layer: sandbox.layer,
+                        failure_class: sandbox.failure_class,
+                        ..Default::default()
+                    }),
+                    // The agent would have started after the controller's phases.
+                    started_at: sandbox.started_at.map(|t| {
+                        let at = to_nanos(&t) + lead.as_nanos() as i128;
+                        pbjson_types::Timestamp {
+                            seconds: i64::try_from(at.div_euclid(1_000_000_000)).unwrap_or(0),
+                            nanos: i32::try_from(at.rem_euclid(1_000_000_000)).unwrap_or(0),
+                        }
+                    }),
+                    ..Default::default()
+                }
+            });
+            let info = report.sandbox.get_or_insert_with(SandboxInfo::default);
+            if info.sandbox_id.is_empty() {
+                info.sandbox_id = label;
+            }
+            let has_controller_phases = report
+                .phases
+                .iter()
+                .any(|p| before_agent(Phase::try_from(p.phase).unwrap_or(Phase::Unspecified)));
+            if !has_controller_phases {
+                report
+                    .phases
+                    .splice(0..0, sandbox.controller_phases.iter().cloned());
+            }
+            report
+        })
+        .collect()
+}
+
+/// What a fan-out's sandbox is called: its id, else its hostname, else its slot.
+pub fn name_of(sandbox_id: &str, hostname: &str, slot: u32) -> String {
+    [sandbox_id, hostname]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .map_or_else(|| format!("sandbox {slot}"), str::to_owned)
 }
 
 /// Compact duration text (`850µs`, `12ms`, `3.4s`), as the results table writes it.

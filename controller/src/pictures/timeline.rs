@@ -273,19 +273,25 @@ mod tests {
             lines[0],
             "timeline of local-7: 100ms from the first phase to the last"
         );
+        // (first, last) cell of each bar, in characters.
         let bars: Vec<(usize, usize)> = lines[2..5]
             .iter()
             .map(|l| {
-                let first = l.find('█').unwrap();
-                let last = l.rfind('█').unwrap();
+                let cells: Vec<char> = l.chars().collect();
+                let first = cells.iter().position(|c| *c == '█').unwrap();
+                let last = cells.iter().rposition(|c| *c == '█').unwrap();
                 (first, last)
             })
             .collect();
-        // Each bar starts at or after the previous one's end, and the last reaches the right.
-        assert!(
-            bars[0].1 < bars[1].0 + 1 && bars[1].1 < bars[2].0 + 1,
-            "{text}"
-        );
+        // Each bar starts where the one before ended (sharing at most that cell), and the last
+        // ends at the right edge of the bars.
+        for pair in bars.windows(2) {
+            assert!(
+                pair[1].0 > pair[0].0 && pair[1].0 + 1 >= pair[0].1,
+                "{text}"
+            );
+        }
+        assert_eq!(bars[2].1 + 1, lines[1].chars().count(), "{text}");
         assert!(lines[4].ends_with("40ms"), "{text}");
         assert!(text.lines().all(|l| l.chars().count() <= 60), "{text}");
     }
