@@ -13,6 +13,7 @@
 //! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`progress`]: the
 //!   live lines on a terminal; [`render`]: progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
 //!   and exit codes.
+//! - [`fleet`]: a fan-out's sandboxes folded into one report, its exit-code policy and summary.
 //! - [`pictures`]: `--timeline` and `--report-html`, drawn from the reports.
 //! - [`app`]: the subcommands.
 //!
@@ -24,6 +25,7 @@ mod backend;
 mod cli;
 mod env;
 mod error;
+mod fleet;
 mod modal;
 mod output;
 mod pictures;

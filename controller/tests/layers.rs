@@ -19,6 +19,7 @@ const LAYERS: &[&str] = &[
     "plan",
     "progress",
     "render",
+    "fleet",
     "pictures",
     "app",
 ];

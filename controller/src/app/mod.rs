@@ -20,9 +20,10 @@ use crate::modal::config;
 use crate::output::{self, write_stdout};
 use crate::pictures;
 use crate::plan::{CheckPlan, DEFAULT_MODAL_APP, OutputMode};
-use crate::render::{self, Renderer};
+use crate::render::{self, Renderer, Shows};
 use crate::session::{self, controller_event};
 
+mod fleet;
 mod sidecar;
 
 /// Time beyond `--timeout` for the agent to log out and stop tailscaled.
@@ -112,6 +113,14 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
         backend.kind(),
         plan.backend.reason
     ));
+    if plan.is_fleet() {
+        renderer.note(&format!(
+            "checking {} sandboxes, up to {} at once",
+            plan.count, plan.parallel
+        ));
+        drop(renderer);
+        return fleet::check_fleet(backend.as_ref(), &plan, &run_id).await;
+    }
 
     let ended = {
         let mut work = Box::pin(check_in(backend.as_ref(), &plan, &mut renderer, &run_id));
@@ -186,7 +195,7 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
 async fn check_in(
     backend: &dyn Backend,
     plan: &CheckPlan,
-    renderer: &mut Renderer,
+    renderer: &mut dyn Shows,
     run_id: &str,
 ) -> CliResult<Report> {
     let (sandbox, installed, lead) = open_and_install(backend, plan, renderer).await?;
@@ -264,7 +273,7 @@ async fn check_in(
 async fn open_and_install(
     backend: &dyn Backend,
     plan: &CheckPlan,
-    renderer: &mut Renderer,
+    renderer: &mut dyn Shows,
 ) -> CliResult<(Box<dyn Sandbox>, Installed, Vec<PhaseTiming>)> {
     let mut timings = Vec::new();
     let mut timed = |phase: Phase, took: Duration| {
@@ -278,6 +287,7 @@ async fn open_and_install(
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
     let mut sandbox = open_sandbox(backend, plan).await?;
+    renderer.sandbox_opened(sandbox.id());
     if sandbox.remote() {
         renderer.note(&format!("sandbox {} is running", sandbox.id()));
     }
@@ -462,18 +472,18 @@ fn finish(plan: &CheckPlan, renderer: &mut Renderer, report: &Report) -> CliResu
         write_stdout(&render::report_table(report, render::stdout_width()))?;
     }
     if let Some(path) = &plan.report_path {
-        let json = serde_json::to_string_pretty(report).map_err(|err| {
-            CliError::infra("Failed to encode the report as JSON")
-                .with_source(err)
-                .with_hint(crate::error::BUG_HINT)
-        })?;
-        write_file(path, &(json + "\n"), "the report")?;
+        write_report_file(path, report)?;
     }
-    show_pictures(plan, std::slice::from_ref(report))
+    show_pictures(plan, std::slice::from_ref(report), None)
 }
 
-/// `--timeline` on stderr and `--report-html`, for the reports of one run (one per sandbox).
-fn show_pictures(plan: &CheckPlan, reports: &[Report]) -> CliResult<()> {
+/// `--timeline` on stderr and `--report-html`, for the reports of one run (one per sandbox;
+/// with the aggregate, for a fan-out).
+fn show_pictures(
+    plan: &CheckPlan,
+    reports: &[Report],
+    fleet: Option<&tailbox_proto::agent::v1::FleetReport>,
+) -> CliResult<()> {
     if plan.timeline {
         let term = console::Term::stderr();
         let width = term
@@ -488,12 +498,27 @@ fn show_pictures(plan: &CheckPlan, reports: &[Report]) -> CliResult<()> {
         );
     }
     if let Some(path) = &plan.report_html {
-        write_file(path, &pictures::html::render(reports), "the HTML report")?;
+        let page = match fleet {
+            Some(fleet) => pictures::html::render_fleet(fleet),
+            None => pictures::html::render(reports),
+        };
+        write_text(path, &page, "the HTML report")?;
     }
     Ok(())
 }
 
-fn write_file(path: &std::path::Path, text: &str, what: &str) -> CliResult<()> {
+/// Writes `--report`: a run's report (or a fan-out's aggregate) as pretty JSON.
+fn write_report_file(path: &std::path::Path, report: &impl serde::Serialize) -> CliResult<()> {
+    let json = serde_json::to_string_pretty(report).map_err(|err| {
+        CliError::infra("Failed to encode the report as JSON")
+            .with_source(err)
+            .with_hint(crate::error::BUG_HINT)
+    })?;
+    write_text(path, &(json + "\n"), "the report")
+}
+
+/// Writes a file the user named; `what` it holds is in the error.
+fn write_text(path: &std::path::Path, text: &str, what: &str) -> CliResult<()> {
     std::fs::write(path, text).map_err(|err| {
         CliError::usage(format!("Failed to write {what} to {}", path.display()))
             .with_source(err)
