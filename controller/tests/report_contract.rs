@@ -204,6 +204,96 @@ async fn a_real_runs_events_report_timeline_and_html_page() {
     let shot = out.path().join("report.png");
     let rendered = chromium::render(&html_path, &shot);
     assert_drawn(&rendered, &report, 1);
+}
+
+/// The same for a fan-out of three local sandboxes: every line is a `FleetEvent`, the aggregate
+/// validates, the timeline has a row per sandbox, and the page has three lanes, the aggregate's
+/// figures and the histograms. Its screenshot is the README's (`scripts/report-screenshot`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_fan_outs_lines_aggregate_timeline_and_html_page() {
+    Binaries::locate().await.unwrap();
+    let lab = Lab::start().await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let report_path = out.path().join("fleet.json");
+    let html_path = out.path().join("fleet.html");
+    let (code, lines, stderr) = run(
+        &lab,
+        &[
+            "--count".into(),
+            "3".into(),
+            "--report".into(),
+            report_path.display().to_string(),
+            "--report-html".into(),
+            html_path.display().to_string(),
+            "--timeline".into(),
+        ],
+    )
+    .await;
+    assert_eq!(
+        code,
+        Some(1),
+        "the 503 fails every sandbox\nstderr:\n{stderr}"
+    );
+
+    let contract = Contract::load(&workspace());
+    for line in &lines {
+        contract.assert_valid(Document::FleetEvent, line);
+        // What a sandbox line carries is a plain event, valid on its own too.
+        if line["event"].is_object() {
+            contract.assert_valid(Document::Event, &line["event"]);
+        }
+    }
+    let fleet: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    contract.assert_valid(Document::FleetReport, &fleet);
+    assert_eq!(&fleet, &lines.last().unwrap()["fleet_report"]);
+    let sandboxes = fleet["sandboxes"].as_array().unwrap();
+    assert_eq!(sandboxes.len(), 3);
+    for sandbox in sandboxes {
+        contract.assert_valid(Document::Report, &sandbox["report"]);
+    }
+    let mut broken = fleet.clone();
+    broken["sandboxes"][0]["slot"] = json!("1");
+    assert!(!contract.is_valid(Document::FleetReport, &broken));
+
+    // --timeline: one row per sandbox, each named, and a legend.
+    let timeline: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("timeline of 3 sandboxes: "))
+        .collect();
+    assert!(timeline.len() >= 6, "no timeline on stderr:\n{stderr}");
+    for sandbox in sandboxes {
+        let id = sandbox["sandbox_id"].as_str().unwrap();
+        assert!(
+            timeline[2..5]
+                .iter()
+                .any(|l| l.trim_start().starts_with(id)),
+            "no row for {id}:\n{stderr}"
+        );
+    }
+    assert!(timeline[5].contains("s sandbox"), "no legend:\n{stderr}");
+
+    let shot = out.path().join("fleet.png");
+    let rendered = chromium::render(&html_path, &shot);
+    assert_drawn(&rendered, &sandboxes[0]["report"], 3);
+    let dom = &rendered.dom;
+    assert!(
+        dom.contains("<section id=\"fleet\">"),
+        "no aggregate figures:\n{dom}"
+    );
+    assert!(dom.contains("<td>time to Running</td><td>3</td>"), "{dom}");
+    for metric in [
+        "sandbox_create",
+        "time_to_running",
+        "ping_latency",
+        "http_ttfb",
+        "git_time",
+    ] {
+        assert!(
+            dom.contains(&format!("data-metric=\"{metric}\" data-samples=\"")),
+            "no {metric} histogram:\n{dom}"
+        );
+    }
     if let Ok(keep) = std::env::var("TAILBOX_REPORT_SCREENSHOT") {
         std::fs::copy(&shot, &keep).unwrap();
         eprintln!("screenshot copied to {keep}");
