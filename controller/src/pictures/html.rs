@@ -21,7 +21,9 @@ const LABEL_WIDTH: f64 = 190.0;
 /// Room for the durations at its right.
 const TAIL_WIDTH: f64 = 90.0;
 const ROW_HEIGHT: f64 = 22.0;
-const HISTOGRAM_HEIGHT: f64 = 160.0;
+/// Each histogram's box: two side by side across the page.
+const HISTOGRAM_WIDTH: f64 = 470.0;
+const HISTOGRAM_HEIGHT: f64 = 170.0;
 const HISTOGRAM_BINS: usize = 12;
 
 const STYLE: &str = "
@@ -31,6 +33,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .verdict{display:inline-block;padding:2px 8px;border-radius:10px;font-weight:600;margin-right:6px}
 .ok{background:#dafbe1;color:#116329}.failed{background:#ffebe9;color:#a40e26}.interrupted{background:#fff8c5;color:#7d4e00}
 svg{width:100%;height:auto;display:block}
+.histograms{display:grid;grid-template-columns:1fr 1fr;gap:8px 24px}
 svg text{font:12px system-ui,sans-serif;fill:#1f2328}
 svg .axis{stroke:#d0d7de}svg .muted{fill:#57606a}
 svg rect.fail{stroke:#cf222e;stroke-width:2}
@@ -88,13 +91,15 @@ fn page(reports: &[Report], fleet: Option<&FleetReport>) -> String {
     page.push_str("</section>\n");
 
     if reports.len() > 1 {
-        page.push_str("<section id=\"histograms\">\n<h2>Latency across sandboxes</h2>\n");
+        page.push_str(
+            "<section id=\"histograms\">\n<h2>Latency across sandboxes</h2>\n<div class=\"histograms\">\n",
+        );
         for (metric, title, samples) in latencies(reports) {
             if !samples.is_empty() {
                 page.push_str(&histogram_svg(metric, title, &samples));
             }
         }
-        page.push_str("</section>\n");
+        page.push_str("</div>\n</section>\n");
     }
 
     page.push_str(&checks_table(reports));
@@ -285,7 +290,11 @@ fn waterfall_svg(waterfall: &Waterfall) -> String {
             "<line class=\"axis\" x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{:.1}\"/><text class=\"muted\" x=\"{x:.1}\" y=\"14\" text-anchor=\"{anchor}\">{}</text>",
             top - 4.0,
             height - 4.0,
-            esc(&duration_text(at))
+            if i == 0 {
+                "0".to_owned()
+            } else {
+                esc(&duration_text(at))
+            }
         );
     }
     for (i, row) in rows.iter().enumerate() {
@@ -383,7 +392,7 @@ fn latencies(reports: &[Report]) -> Vec<(&'static str, &'static str, Vec<Duratio
         ),
         (
             "time_to_running",
-            "Time to Running (login)",
+            "Login to Running",
             from(&|c| match &c.evidence {
                 Some(Evidence::Login(e)) => Some(as_duration(e.time_to_running.as_ref())),
                 _ => None,
@@ -435,15 +444,16 @@ fn histogram_svg(metric: &str, title: &str, samples: &[Duration]) -> String {
         counts[at.min(bins - 1)] += 1;
     }
     let most = counts.iter().max().copied().unwrap_or(1).max(1);
-    let left = 40.0;
-    let plot_width = SVG_WIDTH - left - 20.0;
-    let plot_height = HISTOGRAM_HEIGHT - 50.0;
-    let base = 28.0 + plot_height;
+    let left = 12.0;
+    let plot_width = HISTOGRAM_WIDTH - 2.0 * left;
+    // Room above the bars for the title and the tallest bar's count, below for the axis.
+    let plot_height = HISTOGRAM_HEIGHT - 64.0;
+    let base = 42.0 + plot_height;
     let bar_width = plot_width / bins as f64;
     let mut svg = String::new();
     let _ = writeln!(
         svg,
-        "<svg class=\"histogram\" viewBox=\"0 0 {SVG_WIDTH} {HISTOGRAM_HEIGHT}\" role=\"img\" aria-label=\"{}\" data-metric=\"{metric}\" data-samples=\"{}\">\n<text x=\"{left}\" y=\"16\" font-weight=\"600\">{} ({} sandboxes)</text>",
+        "<svg class=\"histogram\" viewBox=\"0 0 {HISTOGRAM_WIDTH} {HISTOGRAM_HEIGHT}\" role=\"img\" aria-label=\"{}\" data-metric=\"{metric}\" data-samples=\"{}\">\n<text x=\"{left}\" y=\"16\" font-weight=\"600\">{} ({} sandboxes)</text>",
         esc(title),
         samples.len(),
         esc(title),
