@@ -180,6 +180,7 @@ async fn twenty_sandboxes_all_pass_with_a_slow_create() {
 /// SIGINT once `reached` holds: every sandbox the fake created must be terminated within 3 s,
 /// and tailbox exits 130 with the aggregate as its last line.
 async fn ctrl_c_mid_fan_out(
+    agent: &Path,
     count: u32,
     parallel: u32,
     rpc: &str,
@@ -190,7 +191,6 @@ async fn ctrl_c_mid_fan_out(
         f.latency.insert("SandboxCreate".into(), CREATE_LATENCY);
         f.latency.insert(rpc.to_owned(), Duration::from_secs(60));
     });
-    let agent = agent().await;
     let home = tempfile::tempdir().unwrap();
     let (count_arg, parallel_arg) = (count.to_string(), parallel.to_string());
     let mut child = tailbox(
@@ -270,9 +270,14 @@ async fn ctrl_c_mid_fan_out(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_while_agents_run_terminates_every_sandbox_within_3s() {
+    // Built outside the timeout: minutes on a cold cache.
+    let agent = agent().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         // Six agents wait on their handshake (their output held back); four slots never start.
-        ctrl_c_mid_fan_out(10, 6, "TaskExecStdioRead", |r| r.agent_execs().len() >= 6).await;
+        ctrl_c_mid_fan_out(&agent, 10, 6, "TaskExecStdioRead", |r| {
+            r.agent_execs().len() >= 6
+        })
+        .await;
     })
     .await
     .unwrap();
@@ -280,9 +285,11 @@ async fn ctrl_c_while_agents_run_terminates_every_sandbox_within_3s() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_while_creates_are_in_flight_terminates_every_sandbox_within_3s() {
+    // Built outside the timeout: minutes on a cold cache.
+    let agent = agent().await;
     tokio::time::timeout(TEST_TIMEOUT, async {
         // Five sandboxes exist but no id came back: they are found by the run's tag.
-        ctrl_c_mid_fan_out(5, 5, "SandboxCreate", |r| r.sandboxes.len() >= 5).await;
+        ctrl_c_mid_fan_out(&agent, 5, 5, "SandboxCreate", |r| r.sandboxes.len() >= 5).await;
     })
     .await
     .unwrap();
