@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -42,17 +41,9 @@ async fn check_local(lab: &Lab, extra: &[&str]) -> (String, String, Option<i32>)
         format!("main={main_sha}"),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+    let out = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), dir.path())
         .args(&args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", dir.path())
-        .env(
-            "TAILBOX_TAILSCALED_ENV",
-            serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-        )
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
+        .envs(lab.tailbox_env())
         .output()
         .await
         .unwrap();
@@ -239,31 +230,4 @@ async fn the_human_summary_names_every_sandbox_and_the_percentiles() {
     })
     .await
     .unwrap();
-}
-
-#[tokio::test]
-async fn a_fixed_proxy_port_for_many_local_agents_is_a_usage_error() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
-        .args([
-            "check",
-            "--sandbox",
-            "local",
-            "--count",
-            "2",
-            "--proxy-listen",
-            "127.0.0.1:1055",
-        ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr
-            .contains("error: `--proxy-listen` names one place, but 2 local agents would share it"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("hint: Drop it"), "{stderr}");
 }

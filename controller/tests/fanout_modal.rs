@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -25,36 +24,18 @@ async fn agent() -> PathBuf {
         .unwrap()
 }
 
-/// `tailbox args…` against the fake, with the lab's key, control and targets in the
-/// environment when there is a lab.
+/// `tailbox args…` against the fake, as a developer runs it with the lab's key, control and
+/// targets in the environment when there is a lab.
 fn tailbox(
     fake: &FakeModal,
     lab: Option<&Lab>,
     home: &Path,
     args: &[&str],
 ) -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .envs(fake.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut command = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), home);
+    command.args(args).envs(fake.env());
     if let Some(lab) = lab {
-        command
-            .env("TS_AUTHKEY", lab.auth_key())
-            .env("TS_CONTROL_URL", lab.control_url())
-            .env(
-                "TAILBOX_TAILSCALED_ENV",
-                serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-            )
-            .env("COOK_TAIL_IP", lab.peer_ipv4().to_string())
-            .env("COOK_HTTP_URL", lab.health_url())
-            .env("COOK_GIT_URL", lab.git_url());
+        command.envs(lab.developer_env());
     }
     command
 }
