@@ -13,6 +13,8 @@
 //! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`progress`]: the
 //!   live lines on a terminal; [`render`]: progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
 //!   and exit codes.
+//! - [`fleet`]: a fan-out's sandboxes folded into one report, its exit-code policy and summary.
+//! - [`pictures`]: `--timeline` and `--report-html`, drawn from the reports.
 //! - [`app`]: the subcommands.
 //!
 //! The binary is the product; this library exists for the binary and for the integration
@@ -23,8 +25,10 @@ mod backend;
 mod cli;
 mod env;
 mod error;
+mod fleet;
 mod modal;
 mod output;
+mod pictures;
 mod plan;
 mod process;
 mod progress;

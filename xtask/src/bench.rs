@@ -17,8 +17,10 @@
 //! - B5: the agent's peak RSS in a run, and an idle sidecar's RSS, against containerboot's own
 //!   process (built by `lab/build.sh` from the same pin, userspace mode against the lab);
 //!   tailscaled's beside each for context.
-//! - B4 (upload through the fake router), B6 (gRPC over stdio) and B7 (fan-out) are listed as
-//!   not available yet.
+//! - B7: fan-out, N = 50 sandboxes through the fake Modal with a 100 ms create, against one
+//!   (`bench_fanout.rs`).
+//! - B4 (upload through the fake router) and B6 (gRPC over stdio) are listed as not available
+//!   yet.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +37,9 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::static_agent;
+
+#[path = "bench_fanout.rs"]
+mod fanout;
 
 /// What `cargo xtask bench` was asked for.
 #[derive(Debug, clap::Args)]
@@ -214,10 +219,17 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.1}ms", ms(containerboot.ready)),
     );
     table.context("size", "static agent", &format!("{agent_bytes} bytes"));
+    eprintln!("bench: B7, fan-out through the fake Modal");
+    let b7 = fanout::measure(&setup.tailbox, &agent, &lab, args.quick, rounds.min(3)).await?;
+    table.time(
+        "B7",
+        &format!("fan-out: {} sandboxes, wall time", b7.n),
+        "one sandbox",
+        &b7.pair,
+    );
     for (id, what) in [
         ("B4", "upload through the fake router"),
         ("B6", "gRPC over stdio"),
-        ("B7", "fan-out (lands with fan-out)"),
     ] {
         table.context(id, what, "not available");
     }
@@ -249,7 +261,12 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         },
         "B4": "not available",
         "B6": "not available",
-        "B7": "not available: fan-out has not landed",
+        "B7_fanout_wall_ms": {
+            "n": b7.n,
+            "create_latency_ms": 100,
+            "n_against_one": b7.pair.json(),
+            "last_fleet_report": b7.last_report,
+        },
     });
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
