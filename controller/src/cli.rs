@@ -315,6 +315,15 @@ pub struct CheckArgs {
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
 
+    /// After the run, print a waterfall of each sandbox's phases on stderr.
+    #[arg(long)]
+    pub timeline: bool,
+
+    /// Also write the report as one self-contained HTML page to this file: the waterfall, the
+    /// latency histograms of a fan-out, the checks with failures first, and every hint.
+    #[arg(long, value_name = "PATH")]
+    pub report_html: Option<PathBuf>,
+
     /// The dev host to ping: its tailnet IP, or its name (host name, MagicDNS name or FQDN),
     /// looked up in the netmap [env: COOK_TAIL_IP]. Repeatable.
     #[arg(long = "ping", value_name = "HOST")]

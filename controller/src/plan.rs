@@ -85,6 +85,10 @@ pub struct CheckPlan {
     pub output: OutputMode,
     /// Also write the report here.
     pub report_path: Option<PathBuf>,
+    /// Print the waterfall of the phases on stderr after the run.
+    pub timeline: bool,
+    /// Also write the report as an HTML page here.
+    pub report_html: Option<PathBuf>,
     /// Tailscale auth key, if any.
     pub auth_key: Option<Secret>,
     /// Tailnet hostname override.
@@ -179,6 +183,8 @@ impl CheckPlan {
             );
         }
         plan.report_path = args.report.clone();
+        plan.timeline = args.timeline;
+        plan.report_html = args.report_html.clone();
         plan.keep = args.keep || env.flag(env::KEEP_SANDBOX);
         plan.use_sidecar = !args.no_sidecar;
         plan.deadlines.netmap = args.netmap_timeout.map(tailbox_proto::convert::duration);
@@ -291,6 +297,8 @@ impl CheckPlan {
             backend,
             output,
             report_path: None,
+            timeline: false,
+            report_html: None,
             auth_key,
             hostname,
             control_url,

@@ -560,7 +560,8 @@ pub fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
-fn status_name(status: i32) -> &'static str {
+/// Status as the results table writes it: `pass`, `FAIL`, `skip`, `warn`.
+pub fn status_name(status: i32) -> &'static str {
     match CheckStatus::try_from(status).unwrap_or(CheckStatus::Unspecified) {
         CheckStatus::Pass => "pass",
         CheckStatus::Fail => "FAIL",

@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "progress",
     "render",
     "fleet",
+    "pictures",
     "app",
 ];
 

@@ -18,6 +18,7 @@ pub mod arch;
 pub mod convert;
 pub mod describe;
 pub mod redact;
+pub mod schema;
 
 /// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`), the sidecar's service
 /// (`sidecar.proto`) and the fan-out's JSON lines and report (`fleet.proto`).

@@ -163,7 +163,7 @@ fn finish(plan: &CheckPlan, report: &FleetReport) -> CliResult<()> {
     if let Some(path) = &plan.report_path {
         super::write_report_file(path, report)?;
     }
-    Ok(())
+    super::show_pictures(plan, &crate::pictures::fleet_reports(report), Some(report))
 }
 
 /// One sandbox of the fan-out, from opening it to its outcome.

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use tailbox_proto::agent::v1::{CheckStatus, Phase, Report, SidecarState, StatusRequest, event};
+use tailbox_proto::agent::v1::{
+    CheckStatus, Phase, PhaseTiming, Report, SidecarState, StatusRequest, event,
+};
 use tailbox_proto::describe;
 
 use crate::backend::modal::CREATED_BY_TAG;
@@ -16,6 +18,7 @@ use crate::error::{CliError, CliResult, ExitStatus};
 use crate::modal::client::ModalClient;
 use crate::modal::config;
 use crate::output::{self, write_stdout};
+use crate::pictures;
 use crate::plan::{CheckPlan, DEFAULT_MODAL_APP, OutputMode};
 use crate::render::{self, Renderer, Shows};
 use crate::session::{self, controller_event};
@@ -195,7 +198,7 @@ async fn check_in(
     renderer: &mut dyn Shows,
     run_id: &str,
 ) -> CliResult<Report> {
-    let (sandbox, installed) = open_and_install(backend, plan, renderer).await?;
+    let (sandbox, installed, lead) = open_and_install(backend, plan, renderer).await?;
     let deadline = tokio::time::Instant::now() + plan.timeout + TEARDOWN_ALLOWANCE;
 
     // A sidecar already keeps this sandbox on the tailnet: check over its node rather than
@@ -243,6 +246,7 @@ async fn check_in(
             .await?;
         let mut report = outcome.report;
         report.sandbox = Some(sandbox.info());
+        report.phases.splice(0..0, lead);
         return Ok(report);
     }
 
@@ -260,16 +264,26 @@ async fn check_in(
     let outcome = session::run(agent, request, renderer, deadline).await?;
     let mut report = outcome.report;
     report.sandbox = Some(sandbox.info());
+    report.phases.splice(0..0, lead);
     Ok(report)
 }
 
 /// Opens the plan's sandbox (creating one, or attaching to `--sandbox-id`) within `--timeout`
-/// and puts the agent in it, showing both phases.
+/// and puts the agent in it, showing both phases; their timings lead the report's phases.
 async fn open_and_install(
     backend: &dyn Backend,
     plan: &CheckPlan,
     renderer: &mut dyn Shows,
-) -> CliResult<(Box<dyn Sandbox>, Installed)> {
+) -> CliResult<(Box<dyn Sandbox>, Installed, Vec<PhaseTiming>)> {
+    let mut timings = Vec::new();
+    let mut timed = |phase: Phase, took: Duration| {
+        timings.push(PhaseTiming {
+            phase: phase as i32,
+            status: CheckStatus::Pass as i32,
+            duration: Some(tailbox_proto::convert::duration(took)),
+        });
+        took
+    };
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
     let mut sandbox = open_sandbox(backend, plan).await?;
@@ -277,7 +291,8 @@ async fn open_and_install(
     if sandbox.remote() {
         renderer.note(&format!("sandbox {} is running", sandbox.id()));
     }
-    renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, started.elapsed())?;
+    let took = timed(Phase::Sandbox, started.elapsed());
+    renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, took)?;
 
     let installed = if sandbox.remote() {
         let started = Instant::now();
@@ -296,12 +311,13 @@ async fn open_and_install(
                 ""
             }
         ));
-        renderer.controller_phase_finished(Phase::Upload, CheckStatus::Pass, started.elapsed())?;
+        let took = timed(Phase::Upload, started.elapsed());
+        renderer.controller_phase_finished(Phase::Upload, CheckStatus::Pass, took)?;
         installed
     } else {
         sandbox.install().await?
     };
-    Ok((sandbox, installed))
+    Ok((sandbox, installed, timings))
 }
 
 /// The same, showing nothing (for `status` and `down`).
@@ -458,6 +474,36 @@ fn finish(plan: &CheckPlan, renderer: &mut Renderer, report: &Report) -> CliResu
     if let Some(path) = &plan.report_path {
         write_report_file(path, report)?;
     }
+    show_pictures(plan, std::slice::from_ref(report), None)
+}
+
+/// `--timeline` on stderr and `--report-html`, for the reports of one run (one per sandbox;
+/// with the aggregate, for a fan-out).
+fn show_pictures(
+    plan: &CheckPlan,
+    reports: &[Report],
+    fleet: Option<&tailbox_proto::agent::v1::FleetReport>,
+) -> CliResult<()> {
+    if plan.timeline {
+        let term = console::Term::stderr();
+        let width = term
+            .is_term()
+            .then(|| term.size_checked())
+            .flatten()
+            .map(|(_rows, cols)| usize::from(cols));
+        let waterfall = pictures::waterfall(reports);
+        eprint!(
+            "\n{}",
+            pictures::timeline::render(&waterfall, width, console::colors_enabled_stderr())
+        );
+    }
+    if let Some(path) = &plan.report_html {
+        let page = match fleet {
+            Some(fleet) => pictures::html::render_fleet(fleet),
+            None => pictures::html::render(reports),
+        };
+        write_text(path, &page, "the HTML report")?;
+    }
     Ok(())
 }
 
@@ -468,8 +514,13 @@ fn write_report_file(path: &std::path::Path, report: &impl serde::Serialize) -> 
             .with_source(err)
             .with_hint(crate::error::BUG_HINT)
     })?;
-    std::fs::write(path, json + "\n").map_err(|err| {
-        CliError::usage(format!("Failed to write the report to {}", path.display()))
+    write_text(path, &(json + "\n"), "the report")
+}
+
+/// Writes a file the user named; `what` it holds is in the error.
+fn write_text(path: &std::path::Path, text: &str, what: &str) -> CliResult<()> {
+    std::fs::write(path, text).map_err(|err| {
+        CliError::usage(format!("Failed to write {what} to {}", path.display()))
             .with_source(err)
             .with_hint("Check that the directory exists and is writable.")
     })

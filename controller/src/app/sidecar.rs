@@ -246,7 +246,8 @@ async fn up_in(
     renderer: &mut Renderer,
 ) -> CliResult<UpSummary> {
     let deadline = Instant::now() + plan.timeout;
-    let (mut sandbox, installed) = super::open_and_install(backend, plan, renderer).await?;
+    let (mut sandbox, installed, _timings) =
+        super::open_and_install(backend, plan, renderer).await?;
 
     let started = std::time::Instant::now();
     renderer.controller_phase_started(Phase::Daemon)?;
