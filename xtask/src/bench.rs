@@ -17,8 +17,12 @@
 //! - B5: the agent's peak RSS in a run, and an idle sidecar's RSS, against containerboot's own
 //!   process (built by `lab/build.sh` from the same pin, userspace mode against the lab);
 //!   tailscaled's beside each for context.
-//! - B4 (upload through the fake router), B6 (gRPC over stdio) and B7 (fan-out) are listed as
-//!   not available yet.
+//! - B4: the agent's upload through the fake Modal's router over a slow link, against
+//!   bytes / bandwidth + one round trip; and what a re-run uploads (`upload.rs`).
+//! - B6: gRPC over stdio: unary p50/p99 against a pipe echo of the same bytes, streamed events
+//!   per second, the static musl agent against a glibc build (`stdio.rs`).
+//! - B7: fan-out, N sandboxes on the fake Modal against one (`fanout.rs`); "not available" until
+//!   `tailbox check --count` exists.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +39,10 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::static_agent;
+
+mod fanout;
+mod stdio;
+mod upload;
 
 /// What `cargo xtask bench` was asked for.
 #[derive(Debug, clap::Args)]
@@ -103,7 +111,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     write_private(&key_file, lab.auth_key())?;
     let setup = Setup {
         lab: &lab,
-        tailbox,
+        tailbox: tailbox.clone(),
         agent: agent.clone(),
         key_file,
         work: work.path().to_owned(),
@@ -128,6 +136,54 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     );
     let (sidecar, containerboot) =
         tokio::try_join!(setup.idle_sidecar(idle), setup.containerboot(idle))?;
+    drop(setup);
+    drop(lab);
+
+    eprintln!(
+        "bench: B4: uploads through the fake Modal's router ({} round trip, {} MiB/s)",
+        humantime::format_duration(UPLOAD_LINK.rtt),
+        UPLOAD_LINK.bandwidth >> 20
+    );
+    let home = work.path().join("home");
+    std::fs::create_dir_all(&home).context("creating the bench's HOME")?;
+    let uploads = upload::measure(&tailbox, &agent, &home, UPLOAD_LINK, rounds).await?;
+    if uploads.again_bytes.iter().any(|&b| b != 0) {
+        bail!(
+            "a re-run uploaded {:?} bytes: the agent's upload is not content-addressed",
+            uploads.again_bytes
+        );
+    }
+    let upload_floor = upload::Upload::floor_ms(UPLOAD_LINK, agent_bytes);
+    if uploads.first.min < upload_floor {
+        bail!(
+            "an upload took {:.1}ms, under its floor of {upload_floor:.1}ms: the fake's link \
+             model is broken",
+            uploads.first.min
+        );
+    }
+
+    eprintln!("bench: B6: gRPC over stdio, the musl agent and a glibc build");
+    let glibc_agent = build_glibc_agent(workspace, &target_dir, !args.quick)?;
+    let sizes = if args.quick {
+        stdio::Sizes {
+            calls: 500,
+            events: 1000,
+            streams: rounds,
+        }
+    } else {
+        stdio::Sizes {
+            calls: 5000,
+            events: 5000,
+            streams: rounds,
+        }
+    };
+    let musl_stdio = stdio::agent(&agent, sizes).await?;
+    let glibc_stdio = stdio::agent(&glibc_agent, sizes).await?;
+    let echo = stdio::pipe_echo(musl_stdio.hello_bytes.0 as usize, sizes.calls).await?;
+
+    let fanout_n = if args.quick { 4 } else { 50 };
+    eprintln!("bench: B7: fan-out, {fanout_n} sandboxes on the fake Modal against one");
+    let fanout = fanout::measure(&tailbox, &agent, &home, fanout_n, rounds).await?;
 
     let b1 = Pair::new(
         tailbox_runs.iter().map(|r| r.checks).collect(),
@@ -214,12 +270,106 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.1}ms", ms(containerboot.ready)),
     );
     table.context("size", "static agent", &format!("{agent_bytes} bytes"));
-    for (id, what) in [
-        ("B4", "upload through the fake router"),
-        ("B6", "gRPC over stdio"),
-        ("B7", "fan-out (lands with fan-out)"),
-    ] {
-        table.context(id, what, "not available");
+    table.versus(
+        "B4",
+        "upload into a new sandbox",
+        &format!("{:.1}ms", uploads.first.median),
+        &format!(
+            "{upload_floor:.1}ms floor: {agent_bytes} B at {} MiB/s + 1 RTT",
+            UPLOAD_LINK.bandwidth >> 20
+        ),
+        uploads.first.median / upload_floor,
+    );
+    table.context(
+        "B4",
+        "  its range; router calls",
+        &format!(
+            "{:.1}–{:.1}ms; {} calls",
+            uploads.first.min, uploads.first.max, uploads.router_calls.0
+        ),
+    );
+    table.context(
+        "B4",
+        "re-run in the same sandbox",
+        &format!(
+            "{:.1}ms ({:.1}–{:.1}), {} calls, {} bytes uploaded",
+            uploads.again.median,
+            uploads.again.min,
+            uploads.again.max,
+            uploads.router_calls.1,
+            uploads.again_bytes.iter().max().copied().unwrap_or(0)
+        ),
+    );
+    let p = |stats: &Stats, p: f64| stdio::percentile(stats, p);
+    table.versus(
+        "B6",
+        "unary Hello p50 / p99 (µs)",
+        &format!(
+            "{:.0} / {:.0}",
+            p(&musl_stdio.hello_us, 50.0),
+            p(&musl_stdio.hello_us, 99.0)
+        ),
+        &format!(
+            "{:.0} / {:.0} pipe echo of {} B (cat)",
+            p(&echo, 50.0),
+            p(&echo, 99.0),
+            musl_stdio.hello_bytes.0
+        ),
+        p(&musl_stdio.hello_us, 50.0) / p(&echo, 50.0),
+    );
+    table.context(
+        "B6",
+        "  bytes per Hello, each way",
+        &format!(
+            "{} B out, {} B back",
+            musl_stdio.hello_bytes.0, musl_stdio.hello_bytes.1
+        ),
+    );
+    table.context(
+        "B6",
+        "streamed events/s",
+        &format!(
+            "{:.0} ({:.0}–{:.0}), {} events a run",
+            musl_stdio.events_per_s.median,
+            musl_stdio.events_per_s.min,
+            musl_stdio.events_per_s.max,
+            musl_stdio.events_per_stream
+        ),
+    );
+    let glibc_kind = if args.quick {
+        "glibc debug"
+    } else {
+        "glibc dist"
+    };
+    table.versus(
+        "B6",
+        "musl static: Hello p50",
+        &format!("{:.0}µs", p(&musl_stdio.hello_us, 50.0)),
+        &format!("{:.0}µs {glibc_kind}", p(&glibc_stdio.hello_us, 50.0)),
+        p(&musl_stdio.hello_us, 50.0) / p(&glibc_stdio.hello_us, 50.0),
+    );
+    table.versus(
+        "B6",
+        "musl static: events/s",
+        &format!("{:.0}", musl_stdio.events_per_s.median),
+        &format!("{:.0} {glibc_kind}", glibc_stdio.events_per_s.median),
+        musl_stdio.events_per_s.median / glibc_stdio.events_per_s.median,
+    );
+    match &fanout {
+        fanout::FanOut::NotAvailable(why) => table.context("B7", "fan-out", why),
+        fanout::FanOut::Measured { n, one, many } => table.versus(
+            "B7",
+            &format!("fan-out: {n} sandboxes, wall"),
+            &format!("{:.1}ms ({:.1}–{:.1})", many.median, many.min, many.max),
+            &format!(
+                "{:.1}ms ({:.1}–{:.1}) one sandbox ({}ms create latency)",
+                one.median,
+                one.min,
+                one.max,
+                fanout::CREATE_LATENCY.as_millis()
+            ),
+            many.median / one.median,
+        ),
     }
     print!("{}", table.render(rounds));
 
@@ -247,9 +397,36 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "containerboot_tailscaled_idle": containerboot.tailscaled_rss_kib,
             "containerboot_ready_ms": ms(containerboot.ready),
         },
-        "B4": "not available",
-        "B6": "not available",
-        "B7": "not available: fan-out has not landed",
+        "B4_upload": {
+            "rtt_ms": ms(UPLOAD_LINK.rtt),
+            "bandwidth_bytes_per_s": UPLOAD_LINK.bandwidth,
+            "agent_bytes": agent_bytes,
+            "floor_ms": upload_floor,
+            "new_sandbox_ms": uploads.first.json(),
+            "new_sandbox_bytes": uploads.first_bytes,
+            "new_sandbox_router_calls": uploads.router_calls.0,
+            "ratio": uploads.first.median / upload_floor,
+            "rerun_ms": uploads.again.json(),
+            "rerun_bytes": uploads.again_bytes,
+            "rerun_router_calls": uploads.router_calls.1,
+        },
+        "B6_stdio": {
+            "calls": sizes.calls,
+            "pipe_echo_us": echo.json(),
+            "musl": stdio_json(&musl_stdio),
+            "glibc": stdio_json(&glibc_stdio),
+            "glibc_build": glibc_kind,
+        },
+        "B7_fanout": match &fanout {
+            fanout::FanOut::NotAvailable(why) => json!(why),
+            fanout::FanOut::Measured { n, one, many } => json!({
+                "n": n,
+                "create_latency_ms": ms(fanout::CREATE_LATENCY),
+                "one_ms": one.json(),
+                "n_ms": many.json(),
+                "ratio": many.median / one.median,
+            }),
+        },
     });
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -259,6 +436,46 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     eprintln!("bench: figures written to {}", json_path.display());
     Ok(())
+}
+
+/// The link B4 uploads over: a distant worker's round trip and a modest uplink.
+const UPLOAD_LINK: upload::Link = upload::Link {
+    rtt: Duration::from_millis(50),
+    bandwidth: 20 << 20,
+};
+
+fn stdio_json(figures: &stdio::AgentStdio) -> Value {
+    json!({
+        "hello_us": figures.hello_us.json(),
+        "hello_p50_us": stdio::percentile(&figures.hello_us, 50.0),
+        "hello_p99_us": stdio::percentile(&figures.hello_us, 99.0),
+        "hello_bytes_out": figures.hello_bytes.0,
+        "hello_bytes_back": figures.hello_bytes.1,
+        "events_per_s": figures.events_per_s.json(),
+        "events_per_stream": figures.events_per_stream,
+    })
+}
+
+/// The agent for this machine with glibc, for B6: the `dist` profile as the static agent uses,
+/// or a debug build with `--quick`.
+fn build_glibc_agent(workspace: &Path, target_dir: &Path, dist: bool) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .current_dir(workspace)
+        .args(["build", "--locked", "--package", "tailbox-agent"]);
+    if dist {
+        command.args(["--profile", "dist"]);
+    }
+    let status = command
+        .status()
+        .context("running cargo build for the glibc agent")?;
+    if !status.success() {
+        bail!("building the glibc agent failed ({status})");
+    }
+    Ok(target_dir
+        .join(if dist { "dist" } else { "debug" })
+        .join("tailbox-agent"))
 }
 
 /// `cargo build -p tailbox` (release for a full run); returns the binary.
@@ -926,6 +1143,17 @@ impl Table {
             ours_text,
             format!("{theirs} KiB {baseline}"),
             format!("{:.2}×", ours.median / theirs as f64),
+        ]);
+    }
+
+    /// A row with tailbox's figure, the baseline's, and their ratio.
+    fn versus(&mut self, id: &str, what: &str, ours: &str, baseline: &str, ratio: f64) {
+        self.rows.push([
+            id.into(),
+            what.into(),
+            ours.into(),
+            baseline.into(),
+            format!("{ratio:.2}×"),
         ]);
     }
 
