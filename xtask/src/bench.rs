@@ -136,6 +136,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     );
     let (sidecar, containerboot) =
         tokio::try_join!(setup.idle_sidecar(idle), setup.containerboot(idle))?;
+    let lab_tailscaled = lab.bins().tailscaled();
     drop(setup);
     drop(lab);
 
@@ -232,7 +233,63 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
         );
     }
+    let mut spike_steps: Vec<(&str, Vec<f64>)> = Vec::new();
+    for run in &spike_runs {
+        for (name, took) in &run.steps {
+            match spike_steps.iter_mut().find(|(n, _)| n == name) {
+                Some((_, samples)) => samples.push(ms(*took)),
+                None => spike_steps.push((name, vec![ms(*took)])),
+            }
+        }
+    }
+    let spike_steps: Vec<(&str, Stats)> = spike_steps
+        .into_iter()
+        .map(|(name, samples)| (name, Stats::of(samples)))
+        .collect();
+    for (name, stats) in &spike_steps {
+        table.context(
+            "B1",
+            &format!("  spike: {name}"),
+            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
+        );
+    }
     table.time("B2", "start to Running", "spike: spawn, poll, up", &b2);
+    let b2_parts = Pair::new(
+        tailbox_runs.iter().map(|r| r.daemon).collect(),
+        spike_runs.iter().map(|r| r.to_socket).collect(),
+    );
+    table.time(
+        "B2",
+        "  daemon phase / spike to socket",
+        "spawn to socket accepting",
+        &b2_parts,
+    );
+    let b2_login = Pair::new(
+        tailbox_runs
+            .iter()
+            .map(|r| r.daemon_login - r.daemon)
+            .collect(),
+        spike_runs
+            .iter()
+            .map(|r| r.to_running - r.to_socket)
+            .collect(),
+    );
+    table.time("B2", "  login phase", "`tailscale up`", &b2_login);
+    let ready = Stats::of(tailbox_runs.iter().map(|r| ms(r.daemon_ready)).collect());
+    table.context(
+        "B2",
+        "  of the daemon phase: spawn to LocalAPI",
+        &format!("{:.1}ms ({:.1}–{:.1})", ready.median, ready.min, ready.max),
+    );
+    let version = version_floor(&lab_tailscaled, rounds.max(5)).await?;
+    table.context(
+        "B2",
+        "  of the daemon phase: tailscaled --version",
+        &format!(
+            "{:.1}ms ({:.1}–{:.1})",
+            version.median, version.min, version.max
+        ),
+    );
     table.time("B3", "whole run", "spike: whole sequence", &b3);
     table.memory(
         "B5",
@@ -286,6 +343,14 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!(
             "{:.1}–{:.1}ms; {} calls",
             uploads.first.min, uploads.first.max, uploads.router_calls.0
+        ),
+    );
+    table.context(
+        "B4",
+        "  the same with no link limits",
+        &format!(
+            "{:.1}ms ({:.1}–{:.1})",
+            uploads.unlimited.median, uploads.unlimited.min, uploads.unlimited.max
         ),
     );
     table.context(
@@ -386,6 +451,10 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         "B2_start_to_running_ms": b2.json(),
         "B2_tailbox_daemon_phase_ms": Stats::of(tailbox_runs.iter().map(|r| ms(r.daemon)).collect()).json(),
         "B2_spike_to_socket_ms": Stats::of(spike_runs.iter().map(|r| ms(r.to_socket)).collect()).json(),
+        "B2_tailbox_spawn_to_localapi_ms": ready.json(),
+        "B2_tailscaled_version_ms": version.json(),
+        "B2_login_ms": b2_login.json(),
+        "B1_spike_step_ms": spike_steps.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
         "B3_whole_run_ms": b3.json(),
         "B5_memory_kib": {
             "agent_peak_in_run": agent_peak.json(),
@@ -405,6 +474,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "new_sandbox_ms": uploads.first.json(),
             "new_sandbox_bytes": uploads.first_bytes,
             "new_sandbox_router_calls": uploads.router_calls.0,
+            "new_sandbox_no_link_limits_ms": uploads.unlimited.json(),
             "ratio": uploads.first.median / upload_floor,
             "rerun_ms": uploads.again.json(),
             "rerun_bytes": uploads.again_bytes,
@@ -436,6 +506,20 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     eprintln!("bench: figures written to {}", json_path.display());
     Ok(())
+}
+
+/// The wall time of `tailscaled --version`, which the agent runs before starting tailscaled
+/// (part of B2's daemon phase), `times` times.
+async fn version_floor(tailscaled: &Path, times: usize) -> Result<Stats> {
+    let mut samples = Vec::with_capacity(times);
+    for _ in 0..times {
+        let mut command = Command::new(tailscaled);
+        command.arg("--version");
+        let started = Instant::now();
+        expect_ok(command, "tailscaled --version").await?;
+        samples.push(ms(started.elapsed()));
+    }
+    Ok(Stats::of(samples))
 }
 
 /// The link B4 uploads over: a distant worker's round trip and a modest uplink.
@@ -514,6 +598,8 @@ struct TailboxRun {
     check_times: Vec<(String, Duration)>,
     checks: Duration,
     daemon: Duration,
+    /// From spawning tailscaled until its LocalAPI answered (the daemon check's evidence).
+    daemon_ready: Duration,
     daemon_login: Duration,
     agent_peak_kib: u64,
     tailscaled_peak_kib: u64,
@@ -525,6 +611,8 @@ struct SpikeRun {
     to_socket: Duration,
     to_running: Duration,
     checks: Duration,
+    /// Each step of the checks, by name, in order.
+    steps: Vec<(&'static str, Duration)>,
 }
 
 struct IdleSidecar {
@@ -608,6 +696,14 @@ impl Setup<'_> {
                 .with_context(|| format!("the report has no {name} duration: {report:#}"))
         };
         let daemon = phase("PHASE_DAEMON")?;
+        let daemon_ready = report["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "daemon")
+            .and_then(|c| c["daemon"]["time_to_ready"].as_str())
+            .and_then(parse_proto_duration)
+            .with_context(|| format!("the daemon check has no time to ready: {report:#}"))?;
         let check_times = report["checks"]
             .as_array()
             .into_iter()
@@ -622,6 +718,7 @@ impl Setup<'_> {
             check_times,
             checks: phase("PHASE_CHECKS")?,
             daemon,
+            daemon_ready,
             daemon_login: daemon + phase("PHASE_LOGIN")?,
             agent_peak_kib,
             tailscaled_peak_kib,
@@ -684,9 +781,17 @@ impl Setup<'_> {
         let to_running = started.elapsed();
 
         let checks_started = Instant::now();
+        let mut steps = Vec::new();
+        let mut step_started = Instant::now();
+        let mut step = |name: &'static str| {
+            steps.push((name, step_started.elapsed()));
+            step_started = Instant::now();
+        };
         expect_ok(tailscale(&["status"]), "tailscale status").await?;
+        step("tailscale status");
         let peer = lab.peer_ipv4().to_string();
         let ping = output_of(tailscale(&["ping", "-c", "1", &peer]), "tailscale ping").await?;
+        step("tailscale ping -c 1");
         // `-c 1` exits 1 when the one pong came through DERP; a pong is what the spike wanted.
         if !String::from_utf8_lossy(&ping.stdout).contains("pong") {
             bail!("tailscale ping got no pong: {}", text(&ping));
@@ -697,6 +802,7 @@ impl Setup<'_> {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         expect_ok(curl, "curl --socks5-hostname").await?;
+        step("curl --socks5-hostname");
         let mut git = Command::new("git");
         git.args(["ls-remote", &lab.git_url()])
             .env_clear()
@@ -706,6 +812,7 @@ impl Setup<'_> {
         tailbox_testkit::isolate_client(git.as_std_mut())
             .env("ALL_PROXY", format!("socks5h://{proxy}"));
         expect_ok(git, "git ls-remote").await?;
+        step("git ls-remote");
         let checks = checks_started.elapsed();
 
         expect_ok(tailscale(&["logout"]), "tailscale logout").await?;
@@ -715,6 +822,7 @@ impl Setup<'_> {
             to_socket,
             to_running,
             checks,
+            steps,
         })
     }
 

@@ -40,6 +40,9 @@ pub struct Upload {
     pub again_bytes: Vec<u64>,
     /// Router calls the fresh upload phase made, and the re-run's (the fake's record).
     pub router_calls: (usize, usize),
+    /// The upload phase of a fresh sandbox with no limit on the link: tailbox's and the fake's
+    /// own time, in ms.
+    pub unlimited: Stats,
 }
 
 impl Upload {
@@ -60,11 +63,11 @@ pub async fn measure(
     let fake = FakeModal::start_with(FakeConfig::default())
         .await
         .context("starting the fake Modal (B4 needs root, as its sandboxes do)")?;
-    fake.set_faults(Faults {
+    let limited = Faults {
         router_rtt: Some(link.rtt),
         router_bandwidth: Some(link.bandwidth),
         ..Faults::default()
-    });
+    };
     let run = |extra: &[&str]| {
         let mut command = Command::new(tailbox);
         command
@@ -90,9 +93,17 @@ pub async fn measure(
         again: Stats::of(Vec::new()),
         again_bytes: Vec::new(),
         router_calls: (0, 0),
+        unlimited: Stats::of(Vec::new()),
     };
-    let (mut first, mut again) = (Vec::new(), Vec::new());
+    let (mut first, mut again, mut unlimited) = (Vec::new(), Vec::new(), Vec::new());
+    let mut created = Vec::new();
     for _ in 0..rounds {
+        fake.set_faults(Faults::default());
+        let free = upload_phase(run(&[])).await?;
+        unlimited.push(ms(free.took));
+        created.push(free.sandbox_id);
+
+        fake.set_faults(limited.clone());
         let calls_before = router_calls();
         let fresh = upload_phase(run(&[])).await?;
         let calls_fresh = router_calls() - calls_before;
@@ -106,18 +117,21 @@ pub async fn measure(
         again.push(ms(reused.took));
         figures.again_bytes.push(reused.bytes);
         figures.router_calls = (calls_fresh, calls_again);
-
-        let mut terminate = Command::new(tailbox);
-        terminate
-            .args(["sandbox", "terminate", &fresh.sandbox_id])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", home)
-            .envs(fake.env());
-        super::expect_ok(terminate, "tailbox sandbox terminate").await?;
+        created.push(fresh.sandbox_id);
     }
+    let mut terminate = Command::new(tailbox);
+    terminate
+        .args(["sandbox", "terminate"])
+        .args(&created)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .envs(fake.env());
+    fake.set_faults(Faults::default());
+    super::expect_ok(terminate, "tailbox sandbox terminate").await?;
     figures.first = Stats::of(first);
     figures.again = Stats::of(again);
+    figures.unlimited = Stats::of(unlimited);
     Ok(figures)
 }
 
@@ -146,7 +160,7 @@ async fn upload_phase(mut command: Command) -> Result<Phase> {
             let Ok(event) = serde_json::from_str::<Value>(&line) else {
                 continue;
             };
-            let finished = &event["phaseFinished"];
+            let finished = &event["phase_finished"];
             if finished["phase"] == "PHASE_UPLOAD" {
                 took = finished["duration"].as_str().and_then(parse_proto_duration);
             }
@@ -164,15 +178,15 @@ async fn upload_phase(mut command: Command) -> Result<Phase> {
         bail!("tailbox check --sandbox modal failed ({status}):\n{stderr}");
     }
     let sandbox = &report["sandbox"];
-    let sandbox_id = sandbox["sandboxId"]
+    let sandbox_id = sandbox["sandbox_id"]
         .as_str()
         .context("the report names no sandbox")?
         .to_owned();
-    // proto3 JSON: a uint64 is a string, and 0 is left out.
-    let bytes = match &sandbox["uploadedBytes"] {
+    // proto3 JSON: a uint64 is a string.
+    let bytes = match &sandbox["uploaded_bytes"] {
         Value::Null => 0,
-        Value::String(text) => text.parse().context("uploadedBytes is not a number")?,
-        other => other.as_u64().context("uploadedBytes is not a number")?,
+        Value::String(text) => text.parse().context("uploaded_bytes is not a number")?,
+        other => other.as_u64().context("uploaded_bytes is not a number")?,
     };
     Ok(Phase {
         sandbox_id,
