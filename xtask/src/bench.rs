@@ -21,8 +21,7 @@
 //!   bytes / bandwidth + one round trip; and what a re-run uploads (`upload.rs`).
 //! - B6: gRPC over stdio: unary p50/p99 against a pipe echo of the same bytes, streamed events
 //!   per second, the static musl agent against a glibc build (`stdio.rs`).
-//! - B7: fan-out, N sandboxes on the fake Modal against one (`fanout.rs`); "not available" until
-//!   `tailbox check --count` exists.
+//! - B7 (fan-out) is listed as not available until `tailbox check --count` lands.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,7 +39,6 @@ use tokio::process::{Child, Command};
 
 use crate::static_agent;
 
-mod fanout;
 mod stdio;
 mod upload;
 
@@ -181,10 +179,6 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     let musl_stdio = stdio::agent(&agent, sizes).await?;
     let glibc_stdio = stdio::agent(&glibc_agent, sizes).await?;
     let echo = stdio::pipe_echo(musl_stdio.hello_bytes.0 as usize, sizes.calls).await?;
-
-    let fanout_n = if args.quick { 4 } else { 50 };
-    eprintln!("bench: B7: fan-out, {fanout_n} sandboxes on the fake Modal against one");
-    let fanout = fanout::measure(&tailbox, &agent, &home, fanout_n, rounds).await?;
 
     let b1 = Pair::new(
         tailbox_runs.iter().map(|r| r.checks).collect(),
@@ -420,22 +414,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.0} {glibc_kind}", glibc_stdio.events_per_s.median),
         musl_stdio.events_per_s.median / glibc_stdio.events_per_s.median,
     );
-    match &fanout {
-        fanout::FanOut::NotAvailable(why) => table.context("B7", "fan-out", why),
-        fanout::FanOut::Measured { n, one, many } => table.versus(
-            "B7",
-            &format!("fan-out: {n} sandboxes, wall"),
-            &format!("{:.1}ms ({:.1}–{:.1})", many.median, many.min, many.max),
-            &format!(
-                "{:.1}ms ({:.1}–{:.1}) one sandbox ({}ms create latency)",
-                one.median,
-                one.min,
-                one.max,
-                fanout::CREATE_LATENCY.as_millis()
-            ),
-            many.median / one.median,
-        ),
-    }
+    table.context("B7", "fan-out (lands with fan-out)", "not available");
     print!("{}", table.render(rounds));
 
     let figures = json!({
@@ -487,16 +466,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "glibc": stdio_json(&glibc_stdio),
             "glibc_build": glibc_kind,
         },
-        "B7_fanout": match &fanout {
-            fanout::FanOut::NotAvailable(why) => json!(why),
-            fanout::FanOut::Measured { n, one, many } => json!({
-                "n": n,
-                "create_latency_ms": ms(fanout::CREATE_LATENCY),
-                "one_ms": one.json(),
-                "n_ms": many.json(),
-                "ratio": many.median / one.median,
-            }),
-        },
+        "B7": "not available: fan-out has not landed",
     });
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
