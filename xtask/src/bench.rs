@@ -510,16 +510,16 @@ fn stdio_json(figures: &stdio::AgentStdio) -> Value {
     })
 }
 
-/// The agent for this machine with glibc, for B6: the `dist` profile as the static agent uses,
-/// or a debug build with `--quick`.
-fn build_glibc_agent(workspace: &Path, target_dir: &Path, dist: bool) -> Result<PathBuf> {
+/// The agent for this machine with glibc, for B6: what `cargo build --release` makes (it shares
+/// its dependencies with the release controller), or a debug build with `--quick`.
+fn build_glibc_agent(workspace: &Path, target_dir: &Path, release: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = std::process::Command::new(cargo);
     command
         .current_dir(workspace)
         .args(["build", "--locked", "--package", "tailbox-agent"]);
-    if dist {
-        command.args(["--profile", "dist"]);
+    if release {
+        command.arg("--release");
     }
     let status = command
         .status()
@@ -528,7 +528,7 @@ fn build_glibc_agent(workspace: &Path, target_dir: &Path, dist: bool) -> Result<
         bail!("building the glibc agent failed ({status})");
     }
     Ok(target_dir
-        .join(if dist { "dist" } else { "debug" })
+        .join(if release { "release" } else { "debug" })
         .join("tailbox-agent"))
 }
 
