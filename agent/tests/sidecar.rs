@@ -13,9 +13,9 @@ use std::time::Duration;
 use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
 use tailbox_proto::agent::v1::{
-    CheckRequest, CheckStatus, DaemonConfig, ExpectedRef, GitTarget, HelloRequest, HelloResponse,
-    HttpTarget, PingTarget, RunRequest, ServeMode, SidecarState, SidecarStatus, StatusRequest,
-    TailnetConfig, UpRequest, UpResponse, WatchEvent, WatchRequest, event, watch_event,
+    CheckRequest, CheckStatus, ExpectedRef, GitTarget, HelloRequest, HelloResponse, HttpTarget,
+    PingTarget, RunRequest, ServeMode, SidecarState, SidecarStatus, StatusRequest, UpRequest,
+    UpResponse, WatchEvent, WatchRequest, event, watch_event,
 };
 use tailbox_testkit::describe_output;
 use tailbox_testkit::lab::{Lab, LabConfig, processes_mentioning};
@@ -104,18 +104,7 @@ impl Sidecar {
 
     /// A gRPC channel over the socket.
     async fn channel(&self) -> Channel {
-        let socket = self.socket();
-        tonic::transport::Endpoint::from_static("http://sidecar")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .unwrap()
+        tailbox_testkit::unix_channel(&self.socket()).await.unwrap()
     }
 
     async fn sidecar(&self) -> SidecarClient<Channel> {
@@ -156,14 +145,7 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.state_dir.join("sidecar.pid"))
-            && let Ok(pid) = pid.trim().parse::<i32>()
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        tailbox_testkit::kill_by_pidfile(&self.state_dir.join("sidecar.pid"));
     }
 }
 
@@ -182,19 +164,7 @@ fn stderr_says(out: &Output, needle: &str) {
 
 fn up_request(lab: &Lab, hostname: &str) -> UpRequest {
     UpRequest {
-        tailnet: Some(TailnetConfig {
-            auth_key: lab.auth_key().into(),
-            hostname: hostname.into(),
-            control_url: lab.control_url().into(),
-            daemon: Some(DaemonConfig {
-                tailscaled_path: lab.bins().tailscaled().display().to_string(),
-                // Port 0: tests run side by side; tailscaled announces what it picked.
-                proxy_listen: "127.0.0.1:0".into(),
-                env: lab.tailscaled_env().into_iter().collect(),
-                ..Default::default()
-            }),
-            advertise_tags: Vec::new(),
-        }),
+        tailnet: Some(lab.tailnet_config(hostname)),
         sandbox_id: String::new(),
         deadlines: None,
     }

@@ -95,10 +95,7 @@ async fn only_grpc_reaches_stdout_while_children_and_logs_make_noise() {
     tokio::time::timeout(Duration::from_secs(90), async {
         let dir = tempfile::tempdir().unwrap();
         let tailscaled = dir.path().join("tailscaled");
-        std::fs::write(&tailscaled, NOISY_TAILSCALED).unwrap();
-        let mut perms = std::fs::metadata(&tailscaled).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&tailscaled, perms).unwrap();
+        tailbox_testkit::write_executable(&tailscaled, NOISY_TAILSCALED);
 
         let mut child = Command::new(env!("CARGO_BIN_EXE_tailbox-agent"))
             // Debug logging relays every line tailscaled writes: heavy logging on stderr.

@@ -45,6 +45,17 @@ pub enum OutputMode {
     },
 }
 
+impl OutputMode {
+    /// The mode `--json`, `-v` and `-q` ask for.
+    pub fn from_flags(json: bool, verbose: bool, quiet: bool) -> Self {
+        if json {
+            Self::Json { verbose }
+        } else {
+            Self::Human { verbose, quiet }
+        }
+    }
+}
+
 /// Which backend runs the agent, and why it was chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendChoice {
@@ -125,16 +136,7 @@ pub struct CheckPlan {
 impl CheckPlan {
     /// Validates flags and environment. `modal_configured` says whether Modal credentials exist.
     pub fn from_args(args: &CheckArgs, env: &dyn Env, modal_configured: bool) -> CliResult<Self> {
-        let output = if args.json {
-            OutputMode::Json {
-                verbose: args.verbose,
-            }
-        } else {
-            OutputMode::Human {
-                verbose: args.verbose,
-                quiet: args.quiet,
-            }
-        };
+        let output = OutputMode::from_flags(args.json, args.verbose, args.quiet);
         let mut plan = Self::base(
             &args.sandbox,
             Some(&args.tailnet),

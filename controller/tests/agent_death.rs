@@ -2,7 +2,6 @@
 //! the agent's stderr tail and the documented exit code, and must not hang or panic.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -24,14 +23,11 @@ async fn a_killed_agent_is_an_infrastructure_error_with_its_stderr_tail() {
         let agent = agent_binary();
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("tailscaled");
-        std::fs::write(&fake, HANGING_TAILSCALED).unwrap();
-        let mut perms = std::fs::metadata(&fake).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-        std::fs::set_permissions(&fake, perms).unwrap();
+        tailbox_testkit::write_executable(&fake, HANGING_TAILSCALED);
         let key = dir.path().join("key");
         std::fs::write(&key, "tskey-auth-unused").unwrap();
 
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+        let mut child = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), dir.path())
             .args([
                 "check",
                 "--sandbox",
@@ -46,12 +42,6 @@ async fn a_killed_agent_is_an_infrastructure_error_with_its_stderr_tail() {
             .arg(&fake)
             .arg("--auth-key-file")
             .arg(&key)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let stderr_task = tailbox_testkit::collect_stderr(&mut child);

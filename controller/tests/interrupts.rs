@@ -18,23 +18,11 @@ const RUNS: usize = 20;
 
 /// Pids of the processes running any of `binaries`.
 fn running(binaries: &[PathBuf]) -> BTreeSet<u32> {
-    let mut pids = BTreeSet::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let alive = tailbox_testkit::process_is_alive(i32::try_from(pid).unwrap());
-        if alive
-            && std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| binaries.contains(&exe))
-        {
-            pids.insert(pid);
-        }
-    }
-    pids
+    tailbox_testkit::scan::processes()
+        .into_iter()
+        .filter(|p| p.exe.as_ref().is_some_and(|exe| binaries.contains(exe)))
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// The whole run's events, as tailbox wrote them, and how it ended.
@@ -49,7 +37,8 @@ async fn check_interrupted(lab: &Lab, key_file: &Path, after: Duration) -> Inter
     let agent = agent_binary();
     let tailscaled = lab.bins().tailscaled();
     let peer = lab.peer_ipv4().to_string();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+    let home = tempfile::tempdir().unwrap();
+    let mut child = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), home.path())
         .args(["check", "--sandbox", "local", "--json", "--no-sidecar"])
         .arg("--agent")
         .arg(&agent)
@@ -71,17 +60,8 @@ async fn check_interrupted(lab: &Lab, key_file: &Path, after: Duration) -> Inter
             "--git",
             &lab.git_url(),
         ])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::temp_dir())
-        .env(
-            "TAILBOX_TAILSCALED_ENV",
-            serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .envs(lab.tailbox_env())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());

@@ -296,14 +296,10 @@ fn usage_errors_exit_2_with_a_hint() {
 fn an_agent_that_cannot_start_is_an_infrastructure_error() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("tailbox-agent");
-    std::fs::write(
+    tailbox_testkit::write_executable(
         &fake,
         "#!/bin/sh\necho 'cannot run here: missing loader' >&2\nexit 127\n",
-    )
-    .unwrap();
-    let mut perms = std::fs::metadata(&fake).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
-    std::fs::set_permissions(&fake, perms).unwrap();
+    );
 
     let output = tailbox(&[
         "check",

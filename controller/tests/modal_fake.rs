@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -54,16 +53,7 @@ impl Run {
     }
 
     fn report(&self) -> Value {
-        let events = self.events();
-        let last = events
-            .last()
-            .unwrap_or_else(|| panic!("no events; stderr:\n{}", self.stderr));
-        assert!(
-            last["report"].is_object(),
-            "the last event is not the report: {last}\nstderr:\n{}",
-            self.stderr
-        );
-        last["report"].clone()
+        tailbox_testkit::report_of(&self.events(), &self.stderr).clone()
     }
 
     fn assert_code(&self, code: i32) {
@@ -79,16 +69,8 @@ impl Run {
 
 /// `tailbox` with a clean environment: only PATH, `home` as HOME, and NO_COLOR.
 fn tailbox(home: &Path, args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home)
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut cmd = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), home);
+    cmd.args(args).env("NO_COLOR", "1");
     cmd
 }
 
@@ -650,6 +632,24 @@ fn asked_the_sandbox_its_architecture(record: &Record) -> bool {
     })
 }
 
+/// A usage error (exit 2) with `error` and `hint`, after the sandbox was asked its architecture
+/// and before anything was pushed (neither tailscale nor the agent), the sandbox terminated.
+fn assert_refused_after_asking_the_arch(run: &Run, fake: &FakeModal, error: &str, hint: &str) {
+    run.assert_code(2);
+    assert!(run.stderr.contains(error), "{}", run.stderr);
+    assert!(run.stderr.contains(hint), "{}", run.stderr);
+    let record = fake.record();
+    assert!(asked_the_sandbox_its_architecture(&record));
+    assert!(
+        record.files_written.is_empty(),
+        "{:?}",
+        record.files_written
+    );
+    assert_eq!(record.bytes_written, 0);
+    assert!(record.agent_execs().is_empty());
+    assert!(only_sandbox(&record).terminated_at.is_some());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tailscale_tarball_for_another_architecture_is_refused_before_it_is_pushed() {
     let fake = FakeModal::start().await.unwrap();
@@ -657,30 +657,18 @@ async fn a_tailscale_tarball_for_another_architecture_is_refused_before_it_is_pu
     let (tarball, _, _) = fake_tailscale_tarball(dir.path(), other_arch());
     bounded(async {
         let run = check(&fake, &["--tailscale-tarball", tarball.to_str().unwrap()]).await;
-        run.assert_code(2);
         let expected = format!(
             "error: The tailscale tarball {} holds {} binaries, but the sandbox is {}",
             tarball.display(),
             other_arch(),
             host_arch()
         );
-        assert!(run.stderr.contains(&expected), "{}", run.stderr);
         let hint = format!(
             "hint: The sandbox is {0}: pass the {0} tarball, `tailscale_<version>_{1}.tgz`",
             host_arch(),
             host_arch().go_arch()
         );
-        assert!(run.stderr.contains(&hint), "{}", run.stderr);
-        let record = fake.record();
-        assert!(asked_the_sandbox_its_architecture(&record));
-        // Nothing was pushed: neither tailscale nor the agent.
-        assert!(
-            record.files_written.is_empty(),
-            "{:?}",
-            record.files_written
-        );
-        assert!(record.agent_execs().is_empty());
-        assert!(only_sandbox(&record).terminated_at.is_some());
+        assert_refused_after_asking_the_arch(&run, &fake, &expected, &hint);
     })
     .await;
 }
@@ -697,29 +685,17 @@ async fn a_sandbox_without_an_agent_for_its_architecture_is_refused_before_any_u
     .unwrap();
     bounded(async {
         let run = check(&fake, &[]).await;
-        run.assert_code(2);
         let expected = format!(
             "error: The sandbox is {0}, but no {0} agent was given (have: {1})",
             other_arch(),
             host_arch()
         );
-        assert!(run.stderr.contains(&expected), "{}", run.stderr);
         let hint = format!(
             "hint: Build the {} agent with `cargo xtask static-agent --target {}`",
             other_arch(),
             other_arch().rust_target()
         );
-        assert!(run.stderr.contains(&hint), "{}", run.stderr);
-        let record = fake.record();
-        assert!(asked_the_sandbox_its_architecture(&record));
-        assert!(
-            record.files_written.is_empty(),
-            "{:?}",
-            record.files_written
-        );
-        assert_eq!(record.bytes_written, 0);
-        assert!(record.agent_execs().is_empty());
-        assert!(only_sandbox(&record).terminated_at.is_some());
+        assert_refused_after_asking_the_arch(&run, &fake, &expected, &hint);
     })
     .await;
 }

@@ -8,7 +8,6 @@
 //! optional); without it the run is preflight only. See controller/README.md.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -65,14 +64,9 @@ fn live_env() -> Option<Vec<(&'static str, String)>> {
 
 async fn tailbox(env: &[(&'static str, String)], args: &[&str]) -> (Option<i32>, String, String) {
     let home = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+    let output = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), home.path())
         .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output()
         .await
         .unwrap();

@@ -9,7 +9,6 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -74,23 +73,10 @@ async fn check_in_lab(lab: &Lab, fake: &FakeModal, agent: &Path, extra: &[String
     .map(str::to_owned)
     .to_vec();
     args.extend_from_slice(extra);
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+    let output = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), home.path())
         .args(&args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("TS_AUTHKEY", lab.auth_key())
-        .env("TS_CONTROL_URL", lab.control_url())
-        .env(
-            "TAILBOX_TAILSCALED_ENV",
-            serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-        )
-        .env("COOK_TAIL_IP", lab.peer_ipv4().to_string())
-        .env("COOK_HTTP_URL", lab.health_url())
-        .env("COOK_GIT_URL", lab.git_url())
+        .envs(lab.developer_env())
         .envs(fake.env())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output()
         .await
         .unwrap();
@@ -144,19 +130,7 @@ fn assert_every_check_passed_and_nothing_leaked(run: &Run, lab: &Lab, fake: &Fak
     assert_eq!(record.sandboxes.len(), 1);
     assert!(record.sandboxes[0].terminated_at.is_some());
     let key = lab.auth_key();
-    assert!(
-        record
-            .execs
-            .iter()
-            .all(|e| e.argv.iter().all(|a| !a.contains(key)))
-    );
-    assert!(
-        record
-            .calls
-            .iter()
-            .all(|c| c.headers.values().all(|v| !v.contains(key)))
-    );
-    assert!(record.sandboxes[0].env.values().all(|v| !v.contains(key)));
+    assert_eq!(record.places_holding(key), Vec::<String>::new());
     assert!(!run.stdout.contains(key) && !run.stderr.contains(key));
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tailbox_testkit::agent::agent_binary;
 use tailbox_testkit::lab::{Binaries, Lab};
-use tailbox_testkit::scan::ProcessScanner;
+use tailbox_testkit::scan::{ProcessScanner, processes};
 use tailbox_testkit::{describe_output, last_json_line};
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
@@ -62,21 +62,12 @@ impl Setup {
             agent.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
-            .args(&args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", std::env::temp_dir())
-            .env(
-                "TAILBOX_TAILSCALED_ENV",
-                serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let child =
+            tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), std::env::temp_dir())
+                .args(&args)
+                .envs(lab.tailbox_env())
+                .spawn()
+                .unwrap();
         tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
             .await
             .unwrap_or_else(|_| panic!("tailbox {command} did not finish"))
@@ -149,14 +140,7 @@ impl Drop for Setup {
     /// A test that failed half-way leaves no sidecar behind (its tailscaled follows it through
     /// `TS_PARENT_DEATH_FD`).
     fn drop(&mut self) {
-        if let Ok(pid) = std::fs::read_to_string(self.state_dir.join("sidecar.pid"))
-            && let Ok(pid) = pid.trim().parse::<i32>()
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        tailbox_testkit::kill_by_pidfile(&self.state_dir.join("sidecar.pid"));
     }
 }
 
@@ -164,68 +148,31 @@ impl Drop for Setup {
 /// `state_dir` or `serve` on its command line: the tailscaleds of this test's sidecar and of any
 /// one-shot agent, whatever else (other tests' sidecars, other labs) runs on the machine.
 fn children_running(binary: &Path, parent: &Path, state_dir: &str) -> Vec<u32> {
-    let exe_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let (binary, parent) = (
         std::fs::canonicalize(binary).unwrap(),
         std::fs::canonicalize(parent).unwrap(),
     );
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if exe_of(pid).is_none_or(|exe| exe != binary) || is_zombie(pid) {
-            continue;
-        }
-        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|stat| {
-                let (_, rest) = stat.rsplit_once(") ")?;
-                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-            });
-        let Some(ppid) = ppid else { continue };
-        let ours = std::fs::read(format!("/proc/{ppid}/cmdline")).is_ok_and(|cmdline| {
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains(state_dir) || cmdline.split('\0').any(|arg| arg == "serve")
-        });
-        if ours && exe_of(ppid).is_some_and(|exe| exe == parent) {
-            pids.push(pid);
-        }
-    }
-    pids
+    let all = processes();
+    let ours = |ppid: u32| {
+        all.iter().any(|p| {
+            p.pid == ppid
+                && p.exe.as_ref() == Some(&parent)
+                && (p.cmdline().contains(state_dir) || p.args.iter().any(|arg| arg == "serve"))
+        })
+    };
+    all.iter()
+        .filter(|p| p.exe.as_ref() == Some(&binary) && ours(p.ppid))
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Processes whose command line names `needle` (the state dir: the sidecar and what it runs).
 fn pids_naming(needle: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if String::from_utf8_lossy(&cmdline).contains(needle) && !is_zombie(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn is_zombie(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !tailbox_testkit::process_is_alive(i32::try_from(pid).unwrap())
+    processes()
+        .into_iter()
+        .filter(|p| p.cmdline().contains(needle))
+        .map(|p| p.pid)
+        .collect()
 }
 
 async fn lab() -> Lab {
@@ -266,7 +213,9 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         let sidecar_pid = u32::try_from(status_before["pid"].as_u64().unwrap()).unwrap();
         let tailscaled_pid =
             u32::try_from(status_before["tailscaled_pid"].as_u64().unwrap()).unwrap();
-        assert!(!is_zombie(sidecar_pid) && Path::new(&format!("/proc/{sidecar_pid}")).exists());
+        assert!(tailbox_testkit::process_is_alive(
+            i32::try_from(sidecar_pid).unwrap()
+        ));
 
         // A second up finds the node up.
         let again = setup.up(&lab).await;
@@ -344,15 +293,7 @@ async fn up_keeps_the_node_for_git_and_curl_check_reuses_it_and_down_leaves_noth
         assert_eq!(out.status.code(), Some(0), "{}", describe_output(&out));
         let report = &last_json_line(&out)["report"];
         assert_eq!(report["verdict"]["ok"], true, "{report:#}");
-        let names: Vec<&str> = report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
-        for name in ["ping", "http", "git"] {
-            assert!(names.contains(&name), "{name} missing from {names:?}");
-        }
+        let names = tailbox_testkit::assert_every_target_checked(report);
         assert!(
             !names.contains(&"daemon") && !names.contains(&"login"),
             "the check started its own daemon: {names:?}"

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use tailbox_testkit::agent::static_agent_binary;
@@ -31,25 +31,10 @@ async fn setup() -> (Lab, FakeModal, PathBuf) {
 /// developer would.
 async fn tailbox(lab: &Lab, fake: &FakeModal, args: &[&str]) -> Output {
     let home = tempfile::tempdir().unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
+    let child = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), home.path())
         .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", home.path())
-        .env("TS_AUTHKEY", lab.auth_key())
-        .env("TS_CONTROL_URL", lab.control_url())
-        .env(
-            "TAILBOX_TAILSCALED_ENV",
-            serde_json::to_string(&lab.tailscaled_env()).unwrap(),
-        )
-        .env("COOK_TAIL_IP", lab.peer_ipv4().to_string())
-        .env("COOK_HTTP_URL", lab.health_url())
-        .env("COOK_GIT_URL", lab.git_url())
+        .envs(lab.developer_env())
         .envs(fake.env())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
@@ -152,15 +137,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
         let report = &last_json_line(&out)["report"];
         assert_eq!(report["verdict"]["ok"], true, "{report:#}");
         assert_eq!(report["sandbox"]["sandbox_id"], id.as_str());
-        let names: Vec<&str> = report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
-        for name in ["ping", "http", "git"] {
-            assert!(names.contains(&name), "{name} missing from {names:?}");
-        }
+        let names = tailbox_testkit::assert_every_target_checked(report);
         assert!(!names.contains(&"daemon"), "{names:?}");
         assert_eq!(attaches(&fake), 3);
         assert_eq!(running(&fake, &id, &tailscaled), 1);
@@ -177,27 +154,7 @@ async fn up_then_status_check_and_down_reach_the_sidecar_through_new_execs() {
 
         // The auth key travelled only inside the gRPC stream.
         let record = fake.record();
-        let key = lab.auth_key();
-        assert!(
-            record
-                .execs
-                .iter()
-                .all(|e| e.argv.iter().all(|a| !a.contains(key)))
-        );
-        assert!(
-            record
-                .calls
-                .iter()
-                .all(|c| c.headers.values().all(|v| !v.contains(key)))
-        );
-        assert!(
-            record
-                .sandbox(&id)
-                .unwrap()
-                .env
-                .values()
-                .all(|v| !v.contains(key))
-        );
+        assert_eq!(record.places_holding(lab.auth_key()), Vec::<String>::new());
     })
     .await
     .expect("test timed out");

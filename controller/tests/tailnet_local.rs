@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -27,16 +26,7 @@ struct Run {
 
 impl Run {
     fn report(&self) -> &Value {
-        let last = self
-            .events
-            .last()
-            .unwrap_or_else(|| panic!("no events; stderr:\n{}", self.stderr));
-        assert!(
-            last["report"].is_object(),
-            "the last event is not the report: {last}\nstderr:\n{}",
-            self.stderr
-        );
-        &last["report"]
+        tailbox_testkit::report_of(&self.events, &self.stderr)
     }
 
     fn check(&self, name: &str) -> &Value {
@@ -90,10 +80,6 @@ fn lab_args(lab: &Lab) -> (tempfile::TempDir, Vec<String>) {
     (dir, args)
 }
 
-fn tailscaled_env(lab: &Lab) -> String {
-    serde_json::to_string(&lab.tailscaled_env()).unwrap()
-}
-
 fn key_file(dir: &tempfile::TempDir, key: &str) -> PathBuf {
     let path = dir.path().join("authkey");
     std::fs::write(&path, key).unwrap();
@@ -103,17 +89,12 @@ fn key_file(dir: &tempfile::TempDir, key: &str) -> PathBuf {
 /// Runs tailbox to completion; `on_event` sees each JSON event as it arrives, with tailbox's pid.
 async fn run_tailbox(lab: &Lab, args: Vec<String>, mut on_event: impl FnMut(&Value, u32)) -> Run {
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
-        .args(&args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", std::env::temp_dir())
-        .env("TAILBOX_TAILSCALED_ENV", tailscaled_env(lab))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child =
+        tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), std::env::temp_dir())
+            .args(&args)
+            .envs(lab.tailbox_env())
+            .spawn()
+            .unwrap();
     let stderr_task = tailbox_testkit::collect_stderr(&mut child);
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut events = Vec::new();
@@ -208,35 +189,16 @@ impl PeakRss {
         let thread = std::thread::spawn(move || {
             let mut peak = 0;
             while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-                    let Some(pid) = entry
-                        .file_name()
-                        .to_str()
-                        .and_then(|p| p.parse::<u32>().ok())
-                    else {
-                        continue;
-                    };
-                    if std::fs::read_link(format!("/proc/{pid}/exe")).ok().as_ref() != Some(&exe) {
-                        continue;
-                    }
-                    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                        continue;
-                    };
-                    let field = |name: &str| {
-                        status.lines().find_map(|l| {
-                            l.strip_prefix(name)?
-                                .trim()
-                                .trim_end_matches("kB")
-                                .trim()
-                                .parse::<u64>()
-                                .ok()
-                        })
-                    };
-                    let parent =
-                        field("PPid:").map(|ppid| std::fs::read_link(format!("/proc/{ppid}/exe")));
-                    if matches!(parent, Some(Ok(p)) if p == tailbox) {
-                        peak = peak.max(field("VmHWM:").unwrap_or(0));
-                    }
+                let all = tailbox_testkit::scan::processes();
+                let child_of_tailbox = |ppid: u32| {
+                    all.iter()
+                        .any(|p| p.pid == ppid && p.exe.as_ref() == Some(&tailbox))
+                };
+                for agent in all
+                    .iter()
+                    .filter(|p| p.exe.as_ref() == Some(&exe) && child_of_tailbox(p.ppid))
+                {
+                    peak = peak.max(agent.status_kib("VmHWM:").unwrap_or(0));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             }

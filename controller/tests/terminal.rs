@@ -211,24 +211,11 @@ fn table(text: &str) -> Vec<&str> {
 /// its state directory in argv.
 fn ours_running(agent: &Path, dir: &Path) -> Vec<String> {
     let statedir = dir.join("tailscaled").display().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let exe = std::fs::read_link(entry.path().join("exe")).ok();
-        let cmdline = std::fs::read(entry.path().join("cmdline"))
-            .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
-            .unwrap_or_default();
-        if exe.as_deref() == Some(agent) || cmdline.contains(&statedir) {
-            found.push(format!("{pid}: {cmdline}"));
-        }
-    }
-    found
+    tailbox_testkit::scan::processes()
+        .into_iter()
+        .filter(|p| p.exe.as_deref() == Some(agent) || p.cmdline().contains(&statedir))
+        .map(|p| format!("{}: {}", p.pid, p.cmdline()))
+        .collect()
 }
 
 /// A copy of the agent binary under `dir`, so this test's agents can be told from others'.
@@ -477,19 +464,16 @@ async fn color_follows_the_flag_then_no_color_then_clicolor_force() {
         (&["--color", "never"], &[("CLICOLOR_FORCE", "1")], false),
     ];
     for (flags, env, coloured) in cases {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tailbox"))
-            .args(flags)
-            .args(["check", "--sandbox", "local", "--agent"])
-            .arg(agent_binary())
-            .args(["--ping", "100.64.0.1"])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", std::env::temp_dir())
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .unwrap();
+        let out =
+            tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), std::env::temp_dir())
+                .args(flags)
+                .args(["check", "--sandbox", "local", "--agent"])
+                .arg(agent_binary())
+                .args(["--ping", "100.64.0.1"])
+                .envs(env.iter().copied())
+                .output()
+                .await
+                .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{flags:?} {env:?}: {stderr}");
         assert_eq!(

@@ -349,6 +349,49 @@ impl Lab {
         hermetic_env(&self.control_info)
     }
 
+    /// What `tailbox` needs to run a tailscaled on this lab: [`Lab::tailscaled_env`] as
+    /// `TAILBOX_TAILSCALED_ENV`. Key, control and targets are then given as flags.
+    pub fn tailbox_env(&self) -> Vec<(&'static str, String)> {
+        vec![(
+            "TAILBOX_TAILSCALED_ENV",
+            serde_json::to_string(&self.tailscaled_env()).expect("a map of strings is JSON"),
+        )]
+    }
+
+    /// [`Lab::tailbox_env`] and everything else in the environment, as a developer using the
+    /// spike's names would set it: the key, the control URL and every target (the dev host's
+    /// tailnet IP, its health URL, its git repository).
+    pub fn developer_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.tailbox_env();
+        env.extend([
+            ("TS_AUTHKEY", self.auth_key().to_owned()),
+            ("TS_CONTROL_URL", self.control_url().to_owned()),
+            ("COOK_TAIL_IP", self.peer_ipv4().to_string()),
+            ("COOK_HTTP_URL", self.health_url()),
+            ("COOK_GIT_URL", self.git_url()),
+        ]);
+        env
+    }
+
+    /// The tailnet config that joins this lab as `hostname`, as a sidecar's `Up` or a run
+    /// sends it: the lab's key and control, the lab's tailscaled with [`Lab::tailscaled_env`],
+    /// and a proxy on a port tailscaled picks (tests run side by side).
+    pub fn tailnet_config(&self, hostname: &str) -> tailbox_proto::agent::v1::TailnetConfig {
+        use tailbox_proto::agent::v1::{DaemonConfig, TailnetConfig};
+        TailnetConfig {
+            auth_key: self.auth_key().into(),
+            hostname: hostname.into(),
+            control_url: self.control_url().into(),
+            daemon: Some(DaemonConfig {
+                tailscaled_path: self.bins().tailscaled().display().to_string(),
+                proxy_listen: "127.0.0.1:0".into(),
+                env: self.tailscaled_env().into_iter().collect(),
+                ..Default::default()
+            }),
+            advertise_tags: Vec::new(),
+        }
+    }
+
     /// Starts another node with [`Lab::tailscaled_env`], not logged in.
     pub async fn start_node(&self, hostname: &str) -> Result<Node> {
         Node::start(&self.bins, hostname, &self.tailscaled_env()).await

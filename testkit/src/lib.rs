@@ -7,7 +7,8 @@
 //!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
 //! - [`qemu`]: running another architecture's binaries (through qemu-user and binfmt_misc).
-//! - [`scan`]: watching every process's argv and environment for a secret.
+//! - [`scan`]: the machine's processes (which of a test's are still running), and watching
+//!   every process's argv and environment for a secret.
 
 pub mod agent;
 pub mod fake_modal;
@@ -36,6 +37,64 @@ pub fn isolate_client(command: &mut std::process::Command) -> &mut std::process:
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_TERMINAL_PROMPT", "0")
+}
+
+/// `tailbox` (at `binary`) as a test runs it: as a developer would, with a clean environment
+/// (only `PATH`, and `HOME` at `home`, so no ~/.modal.toml of the machine's leaks in), no
+/// stdin, stdout and stderr piped, and killed if the test drops it. Add the lab's or the fake
+/// Modal's environment with `envs` ([`lab::Lab::tailbox_env`], [`lab::Lab::developer_env`]).
+pub fn tailbox_command(
+    binary: impl AsRef<std::ffi::OsStr>,
+    home: impl AsRef<std::path::Path>,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home.as_ref())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// Writes `script` to `path` as an executable file (a stand-in tailscaled or agent).
+pub fn write_executable(path: &std::path::Path, script: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, script).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("cannot make {} executable: {e}", path.display()));
+}
+
+/// SIGKILLs the process whose pid `pidfile` holds, if there is one: a test's sidecar, left
+/// running when the test fails before its `down`.
+pub fn kill_by_pidfile(pidfile: &std::path::Path) {
+    if let Ok(pid) = std::fs::read_to_string(pidfile)
+        && let Ok(pid) = pid.trim().parse::<i32>()
+    {
+        // SAFETY: kill(2) with a pid read from the file and a constant signal; no memory is shared.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// A gRPC channel to the server on the unix socket at `socket` (a sidecar's).
+pub async fn unix_channel(
+    socket: &std::path::Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.to_owned();
+    tonic::transport::Endpoint::from_static("http://sidecar")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
 }
 
 /// Reads a child's whole stderr in the background (so the child never blocks on a full pipe);
@@ -83,6 +142,32 @@ pub fn last_json_line(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no stdout: {}", describe_output(out)));
     serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe_output(out)))
+}
+
+/// The report of a `--json` run: its last event's `report`. Panics, showing `stderr`, when
+/// there is none.
+pub fn report_of<'a>(events: &'a [serde_json::Value], stderr: &str) -> &'a serde_json::Value {
+    let last = events
+        .last()
+        .unwrap_or_else(|| panic!("no events; stderr:\n{stderr}"));
+    assert!(
+        last["report"].is_object(),
+        "the last event is not the report: {last}\nstderr:\n{stderr}"
+    );
+    &last["report"]
+}
+
+/// Panics unless `report` (a `--json` report) holds a ping, an HTTP and a git check, naming
+/// the checks it does hold; returns their names.
+pub fn assert_every_target_checked(report: &serde_json::Value) -> Vec<&str> {
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .map(|checks| checks.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default();
+    for name in ["ping", "http", "git"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    names
 }
 
 /// The seed of a seeded fault test: `TAILBOX_FAULT_SEED` to repeat a run, else a fresh one.

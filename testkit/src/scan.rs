@@ -1,7 +1,9 @@
-//! Watching every process on the machine for a secret in its argv or environment, for as long
-//! as a test's scenario runs.
+//! The machine's processes: which of a test's are still running ([`processes`]), and watching
+//! every process for a secret in its argv or environment for as long as a test's scenario runs
+//! ([`ProcessScanner`]).
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -75,4 +77,74 @@ fn process_texts() -> Vec<(u32, Vec<u8>)> {
 /// Whether `needle` occurs in `haystack`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One live process, as /proc showed it when [`processes`] read it.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub pid: u32,
+    /// Its parent's pid.
+    pub ppid: u32,
+    /// The binary it runs (`/proc/<pid>/exe`), when readable.
+    pub exe: Option<PathBuf>,
+    /// Its arguments, `argv[0]` first.
+    pub args: Vec<String>,
+}
+
+impl Process {
+    /// The arguments joined by spaces, for searching and for messages.
+    pub fn cmdline(&self) -> String {
+        self.args.join(" ")
+    }
+
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`), while the process lives.
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        status.lines().find_map(|line| {
+            line.strip_prefix(field)?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+}
+
+/// Every live process on the machine except the caller: zombies (dead, not yet reaped) and
+/// processes that end while being read are left out.
+pub fn processes() -> Vec<Process> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // State and parent follow the command name, which is in parentheses and may hold
+            // spaces.
+            let mut fields = stat.rsplit_once(") ")?.1.split_whitespace();
+            let state = fields.next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            if pid == me || state == "Z" || state == "X" {
+                return None;
+            }
+            let args = std::fs::read(entry.path().join("cmdline"))
+                .map(|raw| {
+                    raw.split(|&b| b == 0)
+                        .filter(|arg| !arg.is_empty())
+                        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            Some(Process {
+                pid,
+                ppid,
+                exe: std::fs::read_link(entry.path().join("exe")).ok(),
+                args,
+            })
+        })
+        .collect()
 }

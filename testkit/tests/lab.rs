@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
+use tailbox_testkit::describe_output;
 use tailbox_testkit::lab::{Binaries, Lab, LabConfig, processes_mentioning, random_auth_key};
 use tokio::process::Command;
 use tokio::time::timeout;
@@ -20,15 +20,6 @@ async fn binaries_ready() {
     Binaries::locate()
         .await
         .expect("the tailnet lab binaries (see lab/README.md)");
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// A command with proxy-related and git-config variables from the host removed, so what we
@@ -61,7 +52,11 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
             .output()
             .await
             .unwrap();
-        assert!(up.status.success(), "tailscale up failed: {}", text(&up));
+        assert!(
+            up.status.success(),
+            "tailscale up failed: {}",
+            describe_output(&up)
+        );
         let status = client
             .wait_for_state("Running", Duration::from_secs(10))
             .await
@@ -85,7 +80,7 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
                 && (ping.status.success()
                     || ping_err.contains("direct connection not established")),
             "tailscale ping failed: {}\n{}",
-            text(&ping),
+            describe_output(&ping),
             lab.log_tails()
         );
 
@@ -97,7 +92,11 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
             .output()
             .await
             .unwrap();
-        assert!(curl.status.success(), "curl failed: {}", text(&curl));
+        assert!(
+            curl.status.success(),
+            "curl failed: {}",
+            describe_output(&curl)
+        );
         assert_eq!(String::from_utf8_lossy(&curl.stdout), "ok");
 
         // git smart HTTP (protocol v2) through the same proxy, checked against the bare repo.
@@ -111,7 +110,7 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
         assert!(
             ls_remote.status.success(),
             "git ls-remote failed: {}",
-            text(&ls_remote)
+            describe_output(&ls_remote)
         );
         let listed: BTreeMap<String, String> = String::from_utf8_lossy(&ls_remote.stdout)
             .lines()
@@ -163,7 +162,7 @@ async fn a_second_node_joins_and_reaches_the_dev_host() {
                 String::from_utf8_lossy(&refused.stdout),
                 codes,
                 "{var}: {}",
-                text(&refused)
+                describe_output(&refused)
             );
         }
         assert_eq!(lab.trap_hits().await.unwrap(), 2, "{}", lab.log_tails());
@@ -314,7 +313,11 @@ async fn a_lab_process_that_dies_is_reported_with_its_log() {
             .output()
             .await
             .unwrap();
-        assert!(kill.status.success(), "kill failed: {}", text(&kill));
+        assert!(
+            kill.status.success(),
+            "kill failed: {}",
+            describe_output(&kill)
+        );
 
         let until = tokio::time::Instant::now() + Duration::from_secs(10);
         let err = loop {

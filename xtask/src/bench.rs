@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
-use tailbox_proto::agent::v1::{DaemonConfig, SidecarState, TailnetConfig, UpRequest};
+use tailbox_proto::agent::v1::{SidecarState, UpRequest};
 use tailbox_proto::arch::Arch;
 use tailbox_testkit::lab::Lab;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
@@ -814,30 +814,11 @@ impl Setup<'_> {
         };
         expect_ok(sidecar(&["sidecar"]), "tailbox-agent sidecar").await?;
         let socket = state_dir.join("sidecar.sock");
-        let channel = tonic::transport::Endpoint::from_static("http://sidecar")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    tokio::net::UnixStream::connect(socket)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
+        let channel = tailbox_testkit::unix_channel(&socket)
             .await
             .context("connecting to the sidecar's socket")?;
         let up = UpRequest {
-            tailnet: Some(TailnetConfig {
-                auth_key: lab.auth_key().into(),
-                hostname: "bench-sidecar".into(),
-                control_url: lab.control_url().into(),
-                daemon: Some(DaemonConfig {
-                    tailscaled_path: lab.bins().tailscaled().display().to_string(),
-                    proxy_listen: "127.0.0.1:0".into(),
-                    env: lab.tailscaled_env().into_iter().collect(),
-                    ..Default::default()
-                }),
-                advertise_tags: Vec::new(),
-            }),
+            tailnet: Some(lab.tailnet_config("bench-sidecar")),
             sandbox_id: String::new(),
             deadlines: None,
         };

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use tailbox_testkit::describe_output;
 use tailbox_testkit::lab::{Binaries, processes_mentioning};
 
 /// Generous: once the binaries exist, a lab is up in well under ten seconds.
@@ -134,21 +135,16 @@ impl Drop for LabUp {
     }
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn signal(pid: u32, sig: &str) {
     let out = Command::new("sh")
         .args(["-c", "kill -s \"$1\" \"$2\"", "sh", sig, &pid.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "kill -s {sig} {pid}: {}", text(&out));
+    assert!(
+        out.status.success(),
+        "kill -s {sig} {pid}: {}",
+        describe_output(&out)
+    );
 }
 
 /// The environment a shell has after `. <file>`, as a person would use the file.
@@ -164,7 +160,7 @@ fn sourced(file: &Path) -> BTreeMap<String, String> {
         out.status.success(),
         "sourcing {}: {}",
         file.display(),
-        text(&out)
+        describe_output(&out)
     );
     String::from_utf8(out.stdout)
         .unwrap()
@@ -244,7 +240,7 @@ fn lab_up_prints_a_working_lab_and_tears_it_down_on_sigterm() {
         ])
         .output()
         .unwrap();
-    assert!(curl.status.success(), "curl: {}", text(&curl));
+    assert!(curl.status.success(), "curl: {}", describe_output(&curl));
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "ok");
     let ls_remote = clean_command("git")
         .env("ALL_PROXY", format!("socks5h://{socks}"))
@@ -254,7 +250,7 @@ fn lab_up_prints_a_working_lab_and_tears_it_down_on_sigterm() {
     assert!(
         ls_remote.status.success(),
         "git ls-remote: {}",
-        text(&ls_remote)
+        describe_output(&ls_remote)
     );
     let listed = String::from_utf8_lossy(&ls_remote.stdout).replace('\t', " ");
     let printed: Vec<&str> = up

@@ -98,16 +98,7 @@ fn require_sidecar(hello: &HelloResponse, state_dir: &str) -> CliResult<()> {
 
 /// `tailbox up`.
 pub async fn up(args: &UpArgs, env: &dyn Env) -> CliResult<ExitStatus> {
-    let output = if args.json {
-        OutputMode::Json {
-            verbose: args.verbose,
-        }
-    } else {
-        OutputMode::Human {
-            verbose: args.verbose,
-            quiet: false,
-        }
-    };
+    let output = OutputMode::from_flags(args.json, args.verbose, false);
     let (plan, modal) = plan_for(
         &args.sandbox,
         Some(&args.tailnet),

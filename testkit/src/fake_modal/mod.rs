@@ -229,6 +229,28 @@ impl Record {
         self.sandboxes.iter().find(|s| s.id == id)
     }
 
+    /// Where `secret` showed up in what a client can be seen sending: an exec's argv, a
+    /// call's headers, a sandbox's environment. Empty when it travelled only inside a body (an
+    /// auth key inside the agent's gRPC stream).
+    pub fn places_holding(&self, secret: &str) -> Vec<String> {
+        let execs = self
+            .execs
+            .iter()
+            .filter(|e| e.argv.iter().any(|a| a.contains(secret)))
+            .map(|e| format!("the argv of exec {}", e.exec_id));
+        let calls = self
+            .calls
+            .iter()
+            .filter(|c| c.headers.values().any(|v| v.contains(secret)))
+            .map(|c| format!("the headers of a {} call", c.rpc));
+        let sandboxes = self
+            .sandboxes
+            .iter()
+            .filter(|s| s.env.values().any(|v| v.contains(secret)))
+            .map(|s| format!("the environment of sandbox {}", s.id));
+        execs.chain(calls).chain(sandboxes).collect()
+    }
+
     /// Execs whose argv[0] is not fs-tools or chmod.
     pub fn agent_execs(&self) -> Vec<&ExecRecord> {
         self.execs
