@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [
             "tailbox/agent/v1/agent.proto",
             "tailbox/agent/v1/sidecar.proto",
+            "tailbox/agent/v1/fleet.proto",
         ],
         ["proto"],
     )?;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checks::Outcome;
 use crate::checks::tailnet;
 use crate::daemon::provision::{self, ProvisionError};
-use crate::daemon::supervisor::{LOG_TAIL_LINES, Supervisor, SupervisorConfig};
+use crate::daemon::supervisor::{LOG_TAIL_LINES, StartError, Supervisor, SupervisorConfig};
 use crate::daemon::{DEFAULT_HEALTHY_PERIOD, DaemonSettings};
 use crate::events::{EventSink, run_phase, to_std_duration};
 use crate::login::{self, LoginParams};
@@ -91,7 +91,15 @@ impl Bringup<'_> {
             sink.check_started("daemon", "", self.remaining(self.daemon_start))
                 .await;
             let config = self.tailnet.daemon.clone().unwrap_or_default();
-            match self.spawn_daemon(&config, &outcome).await {
+            // Ctrl-C while tailscaled starts (a slow one may take its whole budget) ends the
+            // phase at once; dropping the start kills the half-started tailscaled.
+            let spawned = tokio::select! {
+                spawned = self.spawn_daemon(&config, &outcome) => spawned,
+                () = self.cancel.cancelled() => Err(Box::new(
+                    outcome.skip(crate::targets::skip_reason::INTERRUPTED_MID_CHECK, ""),
+                )),
+            };
+            match spawned {
                 Ok((supervisor, evidence)) => {
                     let mut detail = format!(
                         "tailscaled {} ({}) pid {}, ready in {}, proxy {}",
@@ -180,11 +188,12 @@ impl Bringup<'_> {
         Supervisor::start(supervisor_config, self.daemon_events.clone())
             .await
             .map_err(|(err, log_tail)| {
+                let hint = daemon_failure_hint(&err, &log_tail);
                 let mut result = outcome.fail(
                     FailureClass::DaemonFailed,
                     Layer::Daemon,
                     err.to_string(),
-                    "See tailscaled's log tail below; in a restricted sandbox, netlink or the state directory may be unavailable.",
+                    hint,
                     None,
                 );
                 result.log_tail = log_tail;
@@ -304,5 +313,25 @@ fn source_name(source: i32) -> &'static str {
         DaemonSource::Path => "found on PATH",
         DaemonSource::Pushed => "pushed by the controller",
         DaemonSource::Unspecified => "unknown source",
+    }
+}
+
+/// What to do about a tailscaled that did not start, from what went wrong and its last words.
+fn daemon_failure_hint(err: &StartError, log_tail: &[String]) -> &'static str {
+    let said = |text: &str| log_tail.iter().any(|line| line.contains(text));
+    if matches!(err, StartError::Prepare { .. }) {
+        "The directory of tailscaled's socket or state cannot be created here; pass writable \
+         paths with `--tailscaled-socket` and `--tailscaled-state`."
+    } else if said("flag provided but not defined")
+        || said("Connect to Tailscale, logging in if needed")
+    {
+        "This program rejected tailscaled's flags, so it is not tailscaled (the `tailscale` \
+         CLI?); pass the path of `tailscaled` with `--tailscaled`."
+    } else if said("address already in use") {
+        "Something else already listens on the proxy address; pass a free one with \
+         `--proxy-listen`, or `127.0.0.1:0` to let tailscaled pick one."
+    } else {
+        "See tailscaled's log tail below; in a restricted sandbox, netlink or the state \
+         directory may be unavailable."
     }
 }

@@ -15,6 +15,7 @@
 //! - [`localapi`]: tailscaled's LocalAPI over its unix socket; [`login`]: the `up` sequence.
 //! - [`checks`]: status, netmap and ping (LocalAPI, targets by IP or name); HTTP and git
 //!   (through the SOCKS5 proxy).
+//! - `fuzzing` (feature `fuzzing`): the entry points of the fuzz targets in `fuzz/`.
 //! - [`redact`]: keeping a target URL's credentials out of output; [`logging`]: tracing to
 //!   stderr and the panic hook.
 #![deny(clippy::print_stdout, clippy::disallowed_methods)]
@@ -24,6 +25,8 @@ pub mod checks;
 pub mod commands;
 pub mod daemon;
 pub mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod localapi;
 pub mod logging;
 pub mod login;

@@ -335,7 +335,16 @@ impl LocalApi {
             "status?peers=false"
         };
         let bytes = self.call(Method::GET, path, None, StatusCode::OK).await?;
-        Self::decode("GET status", &bytes)
+        decode_status(&bytes)
+    }
+
+    /// The DERP map tailscaled uses, as raw JSON (`Regions` → `Nodes` with `HostName`, `IPv4`,
+    /// `DERPPort`).
+    pub async fn derp_map(&self) -> Result<serde_json::Value, LocalApiError> {
+        let bytes = self
+            .call(Method::GET, "derpmap", None, StatusCode::OK)
+            .await?;
+        Self::decode("GET derpmap", &bytes)
     }
 
     /// Current prefs as raw JSON (so fields this agent does not know survive a round trip).
@@ -416,7 +425,7 @@ impl LocalApi {
                     what: "POST ping".into(),
                     after: limit,
                 })??;
-        Self::decode("POST ping", &bytes)
+        decode_ping(&bytes)
     }
 
     /// Asks tailscaled to dial `host:port` the way its SOCKS5 proxy would, to learn whether the
@@ -472,7 +481,7 @@ impl LocalApi {
         }
         Ok(BusWatcher {
             body: response.into_body(),
-            buffer: Vec::new(),
+            lines: BusLines::default(),
         })
     }
 }
@@ -489,32 +498,20 @@ async fn body_text(response: hyper::Response<Incoming>) -> String {
 /// An open IPN bus: newline-delimited JSON `ipn.Notify` messages.
 pub struct BusWatcher {
     body: Incoming,
-    buffer: Vec<u8>,
+    lines: BusLines,
 }
 
 impl BusWatcher {
     /// The next message, or `None` when tailscaled closed the stream.
     pub async fn next(&mut self) -> Result<Option<Notify>, LocalApiError> {
         loop {
-            if let Some(newline) = self.buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=newline).collect();
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                return LocalApi::decode("watch-ipn-bus message", &line).map(Some);
+            if let Some(line) = self.lines.next_line() {
+                return decode_notify(&line).map(Some);
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
-                        if self.buffer.len() + data.len() > MAX_MESSAGE_BYTES {
-                            // One message this large would be held whole; stop reading instead.
-                            self.buffer = Vec::new();
-                            return Err(LocalApiError::TooLarge {
-                                what: "watch-ipn-bus message".into(),
-                                limit: MAX_MESSAGE_BYTES,
-                            });
-                        }
-                        self.buffer.extend_from_slice(&data);
+                        self.lines.push(&data)?;
                     }
                 }
                 Some(Err(source)) => {
@@ -526,5 +523,101 @@ impl BusWatcher {
                 None => return Ok(None),
             }
         }
+    }
+}
+
+/// The IPN bus's bytes cut into lines as they arrive in chunks of any size, holding at most
+/// [`MAX_MESSAGE_BYTES`] of an unfinished line.
+#[derive(Debug, Default)]
+pub(crate) struct BusLines {
+    buffer: Vec<u8>,
+    /// How much of `buffer` is known to hold no newline: a long message arriving in many
+    /// chunks is scanned once, not once per chunk (which was quadratic in its length).
+    scanned: usize,
+}
+
+impl BusLines {
+    /// The next whole line that is not blank (its newline included), if one has arrived.
+    pub(crate) fn next_line(&mut self) -> Option<Vec<u8>> {
+        while let Some(at) = self.buffer[self.scanned..].iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=self.scanned + at).collect();
+            self.scanned = 0;
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                return Some(line);
+            }
+        }
+        self.scanned = self.buffer.len();
+        None
+    }
+
+    /// Appends a chunk; refuses one that would make the held bytes exceed the limit.
+    pub(crate) fn push(&mut self, data: &[u8]) -> Result<(), LocalApiError> {
+        if self.buffer.len() + data.len() > MAX_MESSAGE_BYTES {
+            // One message this large would be held whole; stop reading instead.
+            self.buffer = Vec::new();
+            self.scanned = 0;
+            return Err(LocalApiError::TooLarge {
+                what: "watch-ipn-bus message".into(),
+                limit: MAX_MESSAGE_BYTES,
+            });
+        }
+        self.buffer.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// A `status` answer.
+pub(crate) fn decode_status(bytes: &[u8]) -> Result<Status, LocalApiError> {
+    LocalApi::decode("GET status", bytes)
+}
+
+/// A `ping` answer.
+pub(crate) fn decode_ping(bytes: &[u8]) -> Result<PingResult, LocalApiError> {
+    LocalApi::decode("POST ping", bytes)
+}
+
+/// One IPN-bus line as a message.
+pub(crate) fn decode_notify(line: &[u8]) -> Result<Notify, LocalApiError> {
+    LocalApi::decode("watch-ipn-bus message", line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_lines_come_whole_whatever_the_chunks_and_blank_ones_are_skipped() {
+        let stream = b"{\"State\":2}\n\n  \n{\"ErrMessage\":\"invalid authkey\"}\n{\"St";
+        for step in 1..stream.len() {
+            let mut lines = BusLines::default();
+            let mut got = Vec::new();
+            for chunk in stream.chunks(step) {
+                lines.push(chunk).unwrap();
+                while let Some(line) = lines.next_line() {
+                    got.push(decode_notify(&line).unwrap());
+                }
+            }
+            assert_eq!(got.len(), 2, "chunks of {step}");
+            assert_eq!(got[0].state, Some(state::NEEDS_LOGIN));
+            assert_eq!(got[1].err_message.as_deref(), Some("invalid authkey"));
+        }
+    }
+
+    #[test]
+    fn a_long_line_in_tiny_chunks_is_scanned_once() {
+        // Found by the localapi_ipn_bus fuzz target running slowly: every chunk rescanned the
+        // whole unfinished line, quadratic in its length. 4 MiB in 64-byte chunks would be some
+        // 2^37 byte comparisons that way; once each now.
+        let mut lines = BusLines::default();
+        let mut line = vec![b' '; 4 << 20];
+        line.extend_from_slice(b"{}\n");
+        for chunk in line.chunks(64) {
+            lines.push(chunk).unwrap();
+            if let Some(whole) = lines.next_line() {
+                assert_eq!(whole.len(), line.len());
+                return;
+            }
+        }
+        panic!("the line never came");
     }
 }

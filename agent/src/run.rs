@@ -58,12 +58,19 @@ pub struct Budget {
     pub teardown: Duration,
 }
 
+/// The longest any budget may be: a request asking for more gets this. No run needs a week,
+/// and a deadline past the clock's range would panic the agent.
+pub const MAX_BUDGET: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl Budget {
-    /// The budgets `deadlines` asks for, with defaults filled in.
+    /// The budgets `deadlines` asks for, with defaults filled in, none longer than
+    /// [`MAX_BUDGET`].
     pub fn from(deadlines: Option<&Deadlines>) -> Self {
         let d = deadlines.cloned().unwrap_or_default();
         let pick = |value: &Option<pbjson_types::Duration>, default: u64| {
-            to_std_duration(value.as_ref()).unwrap_or(Duration::from_secs(default))
+            to_std_duration(value.as_ref())
+                .unwrap_or(Duration::from_secs(default))
+                .min(MAX_BUDGET)
         };
         Self {
             total: pick(&d.total, 15 * 60),
@@ -75,6 +82,11 @@ impl Budget {
             git: pick(&d.git, 60),
             teardown: pick(&d.teardown, 15),
         }
+    }
+
+    /// When the whole run must end, if it starts now.
+    pub fn deadline_from_now(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.total
     }
 
     /// The checks' budgets, none running past `deadline`.
@@ -93,7 +105,7 @@ impl Budget {
 pub async fn execute(request: RunRequest, sink: EventSink, ctx: RunContext) {
     let started_at = SystemTime::now();
     let budget = Budget::from(request.deadlines.as_ref());
-    let total_deadline = tokio::time::Instant::now() + budget.total;
+    let total_deadline = budget.deadline_from_now();
 
     preflight_phase(&sink, &ctx).await;
 
@@ -195,9 +207,12 @@ async fn tailnet_run(
 ) -> (Option<TailnetInfo>, Option<Teardown>) {
     let sink = bringup.sink;
     let Some(mut started) = bringup.start_daemon().await else {
-        targets
-            .skip_all(sink, skip_reason::DAEMON_FAILED, skip_reason::FIX_DAEMON)
-            .await;
+        let (reason, hint) = if ctx.cancel.is_cancelled() {
+            (skip_reason::INTERRUPTED, "")
+        } else {
+            (skip_reason::DAEMON_FAILED, skip_reason::FIX_DAEMON)
+        };
+        targets.skip_all(sink, reason, hint).await;
         return (None, None);
     };
     let logged_in =
@@ -282,6 +297,22 @@ mod tests {
         assert!(!dead.exists());
         assert!(ours.exists());
         assert!(other.exists());
+    }
+
+    #[test]
+    fn a_budget_past_the_clock_is_cut_to_a_week() {
+        // Found by the agent_request fuzz target's corpus: a total of i64::MAX seconds made the
+        // run's deadline overflow the clock, and the agent panicked.
+        let d = Deadlines {
+            total: Some(pbjson_types::Duration {
+                seconds: i64::MAX,
+                nanos: 999_999_999,
+            }),
+            ..Default::default()
+        };
+        let b = Budget::from(Some(&d));
+        assert_eq!(b.total, MAX_BUDGET);
+        assert!(b.deadline_from_now() > tokio::time::Instant::now());
     }
 
     #[test]

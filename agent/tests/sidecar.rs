@@ -13,9 +13,8 @@ use std::time::Duration;
 use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::sidecar_client::SidecarClient;
 use tailbox_proto::agent::v1::{
-    CheckRequest, CheckStatus, ExpectedRef, GitTarget, HelloRequest, HelloResponse, HttpTarget,
-    PingTarget, RunRequest, ServeMode, SidecarState, SidecarStatus, StatusRequest, UpRequest,
-    UpResponse, WatchEvent, WatchRequest, event, watch_event,
+    CheckStatus, HelloRequest, HelloResponse, RunRequest, ServeMode, SidecarState, StatusRequest,
+    WatchEvent, WatchRequest, event, watch_event,
 };
 use tailbox_testkit::describe_output;
 use tailbox_testkit::lab::{Lab, LabConfig, processes_mentioning};
@@ -23,136 +22,10 @@ use tailbox_testkit::scan::{ProcessScanner, contains};
 use tokio::process::Command;
 use tonic::transport::Channel;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_tailbox-agent");
+mod sidecar_support;
+use sidecar_support::{AGENT, Sidecar, check_request, isolate, rss_kib, state, up_request};
+
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// One sidecar's state directory, in a temp dir of its own. Dropping it kills a sidecar the
-/// test left running (its tailscaled follows through `TS_PARENT_DEATH_FD`).
-struct Sidecar {
-    _dir: tempfile::TempDir,
-    state_dir: PathBuf,
-}
-
-impl Sidecar {
-    fn new() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("tailbox-sidecar-")
-            .tempdir()
-            .unwrap();
-        let state_dir = dir.path().join("state");
-        Self {
-            _dir: dir,
-            state_dir,
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.state_dir.join("sidecar.sock")
-    }
-
-    /// `<agent> <args…> --state-dir <dir>`, with no proxy variables inherited.
-    fn command(&self, agent: &str, args: &[&str]) -> Command {
-        let mut command = Command::new(agent);
-        command
-            .args(args)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        isolate(&mut command);
-        command
-    }
-
-    /// Runs a sidecar command of the agent under test to completion.
-    async fn run(&self, args: &[&str]) -> Output {
-        self.run_with(AGENT, args).await
-    }
-
-    /// Runs a command to completion and checks its exit code.
-    async fn expect(&self, args: &[&str], code: i32) -> Output {
-        self.expect_with(AGENT, args, code).await
-    }
-
-    async fn expect_with(&self, agent: &str, args: &[&str], code: i32) -> Output {
-        let out = self.run_with(agent, args).await;
-        assert_eq!(out.status.code(), Some(code), "{}", describe_output(&out));
-        out
-    }
-
-    async fn run_with(&self, agent: &str, args: &[&str]) -> Output {
-        tokio::time::timeout(Duration::from_secs(60), self.command(agent, args).output())
-            .await
-            .unwrap_or_else(|_| panic!("`tailbox-agent {}` did not finish", args.join(" ")))
-            .unwrap()
-    }
-
-    /// Starts the sidecar as a script would, and checks that the start returned at once with
-    /// its stdout closed (the detached sidecar holds none of the exec's pipes).
-    async fn start(&self) -> u32 {
-        let out = self.expect(&["sidecar"], 0).await;
-        assert!(out.stdout.is_empty(), "{}", describe_output(&out));
-        self.pid()
-    }
-
-    fn pid(&self) -> u32 {
-        std::fs::read_to_string(self.state_dir.join("sidecar.pid"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    /// A gRPC channel over the socket.
-    async fn channel(&self) -> Channel {
-        tailbox_testkit::unix_channel(&self.socket()).await.unwrap()
-    }
-
-    async fn sidecar(&self) -> SidecarClient<Channel> {
-        SidecarClient::new(self.channel().await)
-    }
-
-    async fn status(&self) -> SidecarStatus {
-        self.sidecar()
-            .await
-            .status(StatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    /// Up, which must leave the node Running; returns the status.
-    async fn up_running(&self, lab: &Lab, hostname: &str) -> SidecarStatus {
-        let up = self.up(lab, hostname).await;
-        let status = up.status.unwrap();
-        assert_eq!(
-            state(&status),
-            SidecarState::Running,
-            "{status:#?}\n{:#?}",
-            up.checks
-        );
-        status
-    }
-
-    async fn up(&self, lab: &Lab, hostname: &str) -> UpResponse {
-        self.sidecar()
-            .await
-            .up(up_request(lab, hostname))
-            .await
-            .unwrap()
-            .into_inner()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        tailbox_testkit::kill_by_pidfile(&self.state_dir.join("sidecar.pid"));
-    }
-}
-
-/// No proxy or git settings from the host, and no `TAILBOX_SIDECAR_DIR` (tests pass the dir).
-fn isolate(command: &mut Command) {
-    tailbox_testkit::isolate_client(command.as_std_mut()).env_remove("TAILBOX_SIDECAR_DIR");
-}
 
 fn stderr_says(out: &Output, needle: &str) {
     assert!(
@@ -160,14 +33,6 @@ fn stderr_says(out: &Output, needle: &str) {
         "{needle:?} missing from\n{}",
         describe_output(out)
     );
-}
-
-fn up_request(lab: &Lab, hostname: &str) -> UpRequest {
-    UpRequest {
-        tailnet: Some(lab.tailnet_config(hostname)),
-        sandbox_id: String::new(),
-        deadlines: None,
-    }
 }
 
 fn is_alive(pid: u32) -> bool {
@@ -193,10 +58,6 @@ async fn wait_gone(pid: u32, what: &str) {
 
 fn kill(pid: u32, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).unwrap();
-}
-
-fn state(status: &SidecarStatus) -> SidecarState {
-    SidecarState::try_from(status.state).unwrap()
 }
 
 /// Runs `script` in `sh` with exactly the variables `tailbox-agent env` prints, evaluated the way
@@ -282,16 +143,6 @@ fn attach(sidecar: &Sidecar) -> tokio::process::Child {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap()
-}
-
-/// The resident set of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
 
@@ -383,25 +234,7 @@ async fn the_sidecar_keeps_the_node_up_for_scripts_and_recovers_from_a_tailscale
         let mut checks = sidecar
             .sidecar()
             .await
-            .check(CheckRequest {
-                run_id: "sidecar-check".into(),
-                ping_targets: vec![PingTarget {
-                    address: lab.peer_ipv4().to_string(),
-                }],
-                http_targets: vec![HttpTarget {
-                    url: lab.health_url(),
-                    expected_status: 0,
-                    expected_status_max: 0,
-                }],
-                git_targets: vec![GitTarget {
-                    url: lab.git_url(),
-                    expected_refs: vec![ExpectedRef {
-                        name: "refs/heads/main".into(),
-                        sha: lab.git_ref("refs/heads/main").unwrap().into(),
-                    }],
-                }],
-                deadlines: None,
-            })
+            .check(check_request(&lab, "sidecar-check", true))
             .await
             .unwrap()
             .into_inner();

@@ -1,39 +1,17 @@
 //! The agent binary's stdout is the gRPC wire and nothing else.
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::{
     DaemonConfig, Deadlines, HelloRequest, RunRequest, TailnetConfig, event,
 };
-use tailbox_testkit::agent::channel_over;
-use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
+use tailbox_testkit::agent::{Recorder, channel_over};
+use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
-
-/// Wraps a reader and keeps a copy of every byte read through it.
-struct Recorder<R> {
-    inner: R,
-    copy: Arc<Mutex<Vec<u8>>>,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Recorder<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let new = buf.filled()[before..].to_vec();
-        self.copy.lock().unwrap().extend_from_slice(&new);
-        poll
-    }
-}
 
 /// Splits `bytes` into HTTP/2 frames; fails if anything is not a well-formed frame of a known type.
 fn parse_http2_frames(bytes: &[u8]) -> Result<Vec<(u8, u32)>, String> {
@@ -64,16 +42,16 @@ fn parse_http2_frames(bytes: &[u8]) -> Result<Vec<(u8, u32)>, String> {
     Ok(frames)
 }
 
+/// A client over the child's stdio, and the copy of every byte its stdout sent.
 async fn connect(
     child: &mut tokio::process::Child,
-    copy: Arc<Mutex<Vec<u8>>>,
-) -> AgentClient<tonic::transport::Channel> {
-    let stdout = Recorder {
-        inner: child.stdout.take().unwrap(),
-        copy,
-    };
+) -> (AgentClient<tonic::transport::Channel>, Arc<Mutex<Vec<u8>>>) {
+    let (stdout, copy) = Recorder::new(child.stdout.take().unwrap());
     let stdin = child.stdin.take().unwrap();
-    AgentClient::new(channel_over(tokio::io::join(stdout, stdin)).await)
+    (
+        AgentClient::new(channel_over(tokio::io::join(stdout, stdin)).await),
+        copy,
+    )
 }
 
 /// A stand-in tailscaled that makes noise everywhere it can: on its own stdout and stderr, and
@@ -108,8 +86,7 @@ async fn only_grpc_reaches_stdout_while_children_and_logs_make_noise() {
             .spawn()
             .unwrap();
         let stderr_task = tailbox_testkit::collect_stderr(&mut child);
-        let copy = Arc::new(Mutex::new(Vec::new()));
-        let mut client = connect(&mut child, copy.clone()).await;
+        let (mut client, copy) = connect(&mut child).await;
 
         // Keep the connection busy while the noise runs: handshakes and whole runs.
         let request = RunRequest {

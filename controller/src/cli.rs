@@ -45,7 +45,9 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   2    usage or configuration error
   3    sandbox or infrastructure error (the sandbox, the agent or the link to it failed)
   130  interrupted; cleanup still ran
-  141  stdout was closed by its reader (e.g. `| head -1`); the run stopped, cleanup still ran";
+  141  stdout was closed by its reader (e.g. `| head -1`); the run stopped, cleanup still ran
+With several sandboxes (`--count`, repeated `--sandbox-id`): 0 only if every sandbox passed;
+  130 if interrupted, else 1 if any sandbox's checks failed, else 3 if any had an error";
 
 /// Examples ending `tailbox check --help`.
 const CHECK_EXAMPLES: &str = "Examples:
@@ -59,7 +61,10 @@ const CHECK_EXAMPLES: &str = "Examples:
     --report report.json
 
   # For scripts: JSON lines on stdout, the report last
-  tailbox check --json --http 302=http://devhost:7420/login | tail -1 | jq .report.verdict";
+  tailbox check --json --http 302=http://devhost:7420/login | tail -1 | jq .report.verdict
+
+  # Fan-out: 20 Modal sandboxes, 8 at a time, and the aggregate's percentiles
+  tailbox check --count 20 --ping devhost --json | tail -1 | jq .fleet_report.time_to_running";
 
 /// Examples ending `tailbox sandbox --help`.
 const SANDBOX_EXAMPLES: &str = "Examples:
@@ -215,9 +220,10 @@ pub struct SandboxArgs {
     #[arg(long, value_enum, default_value_t = SandboxKind::Auto)]
     pub sandbox: SandboxKind,
 
-    /// An existing Modal sandbox to use instead of creating one.
+    /// An existing Modal sandbox to use instead of creating one (`check`: repeat it to check
+    /// several at once).
     #[arg(long, value_name = "ID")]
-    pub sandbox_id: Option<String>,
+    pub sandbox_id: Vec<String>,
 
     /// tailbox-agent to run or upload: a binary, or a directory holding one per architecture
     /// (e.g. cargo's `target`); repeat for several. The sandbox's architecture picks one
@@ -291,13 +297,32 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub sandbox: SandboxArgs,
 
-    /// Write one JSON object per event to stdout, the final report last.
+    /// Check this many sandboxes at once (fan-out), each with its own hostname; the summary
+    /// and `--report` then hold the aggregated report.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000), conflicts_with = "sandbox_id")]
+    pub count: Option<u32>,
+
+    /// How many sandboxes of a fan-out run at once [default: N, at most 8].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub parallel: Option<u32>,
+
+    /// Write one JSON object per event to stdout, the final report last (with several
+    /// sandboxes: each line a FleetEvent with its sandbox id, the aggregated report last).
     #[arg(long)]
     pub json: bool,
 
     /// Also write the final report, as JSON, to this file.
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
+
+    /// After the run, print a waterfall of each sandbox's phases on stderr.
+    #[arg(long)]
+    pub timeline: bool,
+
+    /// Also write the report as one self-contained HTML page to this file: the waterfall, the
+    /// latency histograms of a fan-out, the checks with failures first, and every hint.
+    #[arg(long, value_name = "PATH")]
+    pub report_html: Option<PathBuf>,
 
     /// The dev host to ping: its tailnet IP, or its name (host name, MagicDNS name or FQDN),
     /// looked up in the netmap [env: COOK_TAIL_IP]. Repeatable.

@@ -13,6 +13,8 @@
 //! - [`cli`]: flags; [`plan`]: flags and environment validated into a plan; [`progress`]: the
 //!   live lines on a terminal; [`render`]: progress, tables and JSON; [`error`]: every layer's error worded for people, with hints
 //!   and exit codes.
+//! - [`fleet`]: a fan-out's sandboxes folded into one report, its exit-code policy and summary.
+//! - [`pictures`]: `--timeline` and `--report-html`, drawn from the reports.
 //! - [`app`]: the subcommands.
 //!
 //! The binary is the product; this library exists for the binary and for the integration
@@ -23,8 +25,10 @@ mod backend;
 mod cli;
 mod env;
 mod error;
+mod fleet;
 mod modal;
 mod output;
+mod pictures;
 mod plan;
 mod process;
 mod progress;
@@ -119,4 +123,70 @@ pub mod testing {
     pub use crate::plan::OutputMode;
     pub use crate::render::Renderer;
     pub use crate::session::{SessionOutcome, run as run_session};
+}
+
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing` only): each feeds outside
+/// bytes to the code that reads them, as tailbox does, and lets the result be dropped. Not for
+/// other uses.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use tailbox_proto::agent::v1::agent_client::AgentClient;
+    use tailbox_proto::agent::v1::{HelloRequest, RunRequest};
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use crate::env::MapEnv;
+    use crate::error::CliError;
+    use crate::modal::config;
+    use crate::modal::fs::{self, ExecOutput};
+    use crate::process::ProcessExit;
+
+    /// fs-tools' `Stat` output (exit code, stdout, stderr): read as tailbox reads it, the
+    /// execute bit included, and any error worded for people.
+    pub fn fs_tools_stat(code: i32, stdout: &[u8], stderr: &[u8]) {
+        let output = ExecOutput {
+            exit: ProcessExit::Code(code),
+            stdout: stdout.to_vec(),
+            stderr: stderr.to_vec(),
+        };
+        match fs::stat_answer("inspect /fuzz in the sandbox".into(), &output) {
+            Ok(info) => {
+                let _ = info.and_then(|i| i.executable());
+            }
+            Err(err) => {
+                let _ = CliError::from(err).render();
+            }
+        }
+    }
+
+    /// A Modal config file's text, with `MODAL_PROFILE` set or not: resolved as tailbox does,
+    /// and any error worded for people.
+    pub fn modal_config(text: &str, profile: Option<&str>) {
+        let env = MapEnv::from_pairs(profile.map(|p| ("MODAL_PROFILE", p)));
+        if let Err(err) = config::resolve_text(&env, "/fuzz/.modal.toml".into(), text) {
+            let _ = CliError::from(err).render();
+        }
+    }
+
+    /// The agent's side of the wire (its stdout, as the exec's stdio carries it) in `io`:
+    /// tailbox's gRPC channel over it, a `Hello`, then a `Run` whose events are read to the end.
+    pub async fn agent_wire<IO>(io: IO) -> Result<(), String>
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let channel = crate::transport::connect(io)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut client = AgentClient::new(channel);
+        client
+            .hello(HelloRequest::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut events = client
+            .run(RunRequest::default())
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        while let Some(_event) = events.message().await.map_err(|e| e.to_string())? {}
+        Ok(())
+    }
 }

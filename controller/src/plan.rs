@@ -25,6 +25,8 @@ pub const DEFAULT_MODAL_APP: &str = "cook-sandbox";
 /// The sidecar's state directory in the sandbox, when neither `--state-dir` nor
 /// TAILBOX_SIDECAR_DIR says (the agent's own default).
 pub const DEFAULT_SIDECAR_DIR: &str = "/tmp/tailbox/sidecar";
+/// How many sandboxes of a fan-out run at once, at most, when `--parallel` is not given.
+pub const DEFAULT_PARALLEL: u32 = 8;
 /// Sandbox image, when MODAL_IMAGE is unset (cook's).
 pub const DEFAULT_MODAL_IMAGE: &str = "ghcr.io/justinmoon/cook-sandbox:latest";
 
@@ -83,6 +85,10 @@ pub struct CheckPlan {
     pub output: OutputMode,
     /// Also write the report here.
     pub report_path: Option<PathBuf>,
+    /// Print the waterfall of the phases on stderr after the run.
+    pub timeline: bool,
+    /// Also write the report as an HTML page here.
+    pub report_html: Option<PathBuf>,
     /// Tailscale auth key, if any.
     pub auth_key: Option<Secret>,
     /// Tailnet hostname override.
@@ -121,6 +127,12 @@ pub struct CheckPlan {
     pub modal_image: String,
     /// Existing sandbox to attach to.
     pub sandbox_id: Option<String>,
+    /// Every existing sandbox named (`check` may name several).
+    pub sandbox_ids: Vec<String>,
+    /// How many sandboxes `check` runs: `--count`, or the number of `--sandbox-id`.
+    pub count: u32,
+    /// How many of them run at once.
+    pub parallel: u32,
     /// The sidecar's state directory in the sandbox.
     pub state_dir: String,
     /// Whether `check` uses a running sidecar (`--no-sidecar` turns it off).
@@ -171,12 +183,23 @@ impl CheckPlan {
             );
         }
         plan.report_path = args.report.clone();
+        plan.timeline = args.timeline;
+        plan.report_html = args.report_html.clone();
         plan.keep = args.keep || env.flag(env::KEEP_SANDBOX);
         plan.use_sidecar = !args.no_sidecar;
         plan.deadlines.netmap = args.netmap_timeout.map(tailbox_proto::convert::duration);
         plan.deadlines.ping = args.ping_timeout.map(tailbox_proto::convert::duration);
         plan.deadlines.http = args.http_timeout.map(tailbox_proto::convert::duration);
         plan.deadlines.git = args.git_timeout.map(tailbox_proto::convert::duration);
+        plan.count = match (args.count, plan.sandbox_ids.len()) {
+            (Some(count), _) => count,
+            (None, 0) => 1,
+            (None, ids) => u32::try_from(ids).unwrap_or(u32::MAX),
+        };
+        plan.parallel = args.parallel.unwrap_or(DEFAULT_PARALLEL).min(plan.count);
+        if plan.is_fleet() {
+            plan.check_fleet_inputs()?;
+        }
         Ok(plan)
     }
 
@@ -238,7 +261,7 @@ impl CheckPlan {
             )
             .with_hint("Use `--tailscaled PATH` for a local run, or `--sandbox modal`."));
         }
-        if sandbox.sandbox_id.is_some() && backend.kind == SandboxKind::Local {
+        if !sandbox.sandbox_id.is_empty() && backend.kind == SandboxKind::Local {
             return Err(CliError::usage(
                 "`--sandbox-id` names a Modal sandbox, but this run is local",
             )
@@ -274,6 +297,8 @@ impl CheckPlan {
             backend,
             output,
             report_path: None,
+            timeline: false,
+            report_html: None,
             auth_key,
             hostname,
             control_url,
@@ -298,13 +323,70 @@ impl CheckPlan {
             tailscale_tarball,
             modal_app,
             modal_image,
-            sandbox_id: sandbox.sandbox_id.clone(),
+            sandbox_id: sandbox.sandbox_id.first().cloned(),
+            sandbox_ids: sandbox.sandbox_id.clone(),
+            count: 1,
+            parallel: 1,
             state_dir,
             use_sidecar: true,
             keep: false,
             timeout,
             deadlines,
         })
+    }
+
+    /// Whether this is a fan-out: more than one sandbox.
+    pub fn is_fleet(&self) -> bool {
+        self.count > 1
+    }
+
+    /// Refuses what N sandboxes cannot share: on this machine, one proxy port or one
+    /// tailscaled socket, state file or state directory.
+    fn check_fleet_inputs(&self) -> CliResult<()> {
+        if self.backend.kind != SandboxKind::Local {
+            return Ok(());
+        }
+        let shared = [
+            (
+                "--proxy-listen",
+                self.proxy_listen.filter(|a| a.port() != 0).is_some(),
+            ),
+            ("--tailscaled-socket", self.tailscaled_socket.is_some()),
+            (
+                "--tailscaled-state",
+                self.tailscaled_state
+                    .as_deref()
+                    .is_some_and(|s| !s.starts_with("mem:")),
+            ),
+            ("--tailscaled-statedir", self.tailscaled_statedir.is_some()),
+        ];
+        if let Some((flag, _)) = shared.iter().find(|(_, given)| *given) {
+            return Err(CliError::usage(format!(
+                "`{flag}` names one place, but {} local agents would share it",
+                self.count
+            ))
+            .with_hint(
+                "Drop it: with `--count`, each local agent gets its own state directory, socket and proxy port.",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The plan for sandbox `slot` (1 to N) of a fan-out: its own sandbox id, hostname, and on
+    /// this machine its own proxy port, and a one-shot agent (a sidecar is one node).
+    pub fn for_slot(&self, slot: u32) -> Self {
+        let mut plan = self.clone();
+        let index = usize::try_from(slot.saturating_sub(1)).unwrap_or(usize::MAX);
+        plan.sandbox_id = self.sandbox_ids.get(index).cloned();
+        plan.hostname = self.hostname.as_ref().map(|h| format!("{h}-{slot}"));
+        if self.backend.kind == SandboxKind::Local {
+            plan.use_sidecar = false;
+            plan.proxy_listen = Some(
+                self.proxy_listen
+                    .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            );
+        }
+        plan
     }
 
     /// Whether anything on the dev host is to be checked (ping, HTTP or git).
@@ -439,7 +521,7 @@ fn choose_backend(args: &SandboxArgs, modal_configured: bool) -> CliResult<Backe
             kind: SandboxKind::Modal,
             reason: "--sandbox modal".into(),
         },
-        SandboxKind::Auto if args.sandbox_id.is_some() => BackendChoice {
+        SandboxKind::Auto if !args.sandbox_id.is_empty() => BackendChoice {
             kind: SandboxKind::Modal,
             reason: "--sandbox-id names a Modal sandbox".into(),
         },

@@ -129,6 +129,76 @@ impl Drop for Progress {
     }
 }
 
+/// A fan-out's live lines: one per sandbox, naming it and its current phase, and left in place
+/// with its outcome when it is done:
+///
+/// ```text
+/// ✓ #1 sb-4b1f… (modal-sb-4b1f)  passed in 4.2s
+/// ⠒ #2 sb-9c3a… (modal-sb-9c3a)  checks  3.1s
+/// ⠒ #3  sandbox  0.4s
+/// ```
+pub struct FleetProgress {
+    multi: MultiProgress,
+    bars: Vec<(u32, ProgressBar)>,
+}
+
+impl FleetProgress {
+    /// Lines drawn on stderr (which must be a terminal).
+    pub fn stderr() -> Self {
+        Self {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            bars: Vec::new(),
+        }
+    }
+
+    fn bar(&mut self, slot: u32) -> &ProgressBar {
+        if let Some(at) = self.bars.iter().position(|(s, _)| *s == slot) {
+            return &self.bars[at].1;
+        }
+        let bar = self.multi.add(ProgressBar::new_spinner());
+        bar.set_style(style("{spinner} {prefix}  {msg}  {elapsed_s:.dim}"));
+        bar.enable_steady_tick(TICK);
+        self.bars.push((slot, bar));
+        &self.bars[self.bars.len() - 1].1
+    }
+
+    /// Sandbox `slot` is now known as `label` (its number, id and hostname).
+    pub fn label(&mut self, slot: u32, label: &str) {
+        let width = Progress::width();
+        self.bar(slot)
+            .set_prefix(cut(label, width.saturating_sub(24).max(8)));
+    }
+
+    /// Sandbox `slot` entered `phase`.
+    pub fn phase(&mut self, slot: u32, phase: &str) {
+        let bar = self.bar(slot);
+        bar.reset_elapsed();
+        bar.set_message(phase.to_owned());
+    }
+
+    /// Sandbox `slot` is done: its line becomes `line` and stays.
+    pub fn finish(&mut self, slot: u32, line: &str) {
+        let width = Progress::width();
+        let bar = self.bar(slot);
+        bar.set_style(style("{msg}"));
+        bar.finish_with_message(cut(line, width));
+    }
+
+    /// Prints a line above the live ones.
+    pub fn println(&self, line: &str) {
+        let _ = self.multi.println(cut(line, Progress::width()));
+    }
+
+    /// Removes every live line that is not done (after Ctrl-C, or before an error is printed).
+    pub fn clear(&mut self) {
+        for (_, bar) in &self.bars {
+            if !bar.is_finished() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
 /// A spinner style with `{elapsed_s}`: seconds with a tenth, e.g. `3.1s`.
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template)

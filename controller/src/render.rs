@@ -36,34 +36,27 @@ impl Renderer {
         }
     }
 
+    /// Plain lines for people, each starting with `prefix` (a fan-out's sandbox without a
+    /// terminal, or a fan-out's notes): never live lines.
+    pub fn plain(verbose: bool, quiet: bool, prefix: &str) -> Self {
+        let mut human = Human::new(verbose, quiet);
+        human.progress = None;
+        human.prefix = prefix.to_owned();
+        Renderer::Human(human)
+    }
+
+    /// Changes the prefix of plain lines (a fan-out's sandbox got its id).
+    pub fn set_prefix(&mut self, prefix: &str) {
+        if let Renderer::Human(human) = self {
+            human.prefix = prefix.to_owned();
+        }
+    }
+
     /// A note for people (ignored in JSON mode, where stdout is data only).
     pub fn note(&mut self, text: &str) {
         if let Renderer::Human(human) = self {
             human.line(&human.dim.apply_to(text).to_string());
         }
-    }
-
-    /// A controller-side phase began (sandbox, upload, cleanup).
-    pub fn controller_phase_started(&mut self, phase: Phase) -> Result<(), OutputError> {
-        self.event(&controller_event(event::Kind::PhaseStarted(PhaseStarted {
-            phase: phase as i32,
-        })))
-    }
-
-    /// A controller-side phase ended.
-    pub fn controller_phase_finished(
-        &mut self,
-        phase: Phase,
-        status: CheckStatus,
-        duration: Duration,
-    ) -> Result<(), OutputError> {
-        self.event(&controller_event(event::Kind::PhaseFinished(
-            PhaseFinished {
-                phase: phase as i32,
-                status: status as i32,
-                duration: Some(tailbox_proto::convert::duration(duration)),
-            },
-        )))
     }
 
     /// One event from the agent (or a controller-side one).
@@ -105,6 +98,45 @@ impl Renderer {
     }
 }
 
+/// What one sandbox's work is shown through: the [`Renderer`] of a single-sandbox run, or a
+/// fan-out's view of one of its sandboxes.
+pub trait Shows: Observer {
+    /// A note for people.
+    fn note(&mut self, text: &str);
+
+    /// The sandbox is open and has this id (a fan-out labels its lines with it).
+    fn sandbox_opened(&mut self, _id: &str) {}
+
+    /// A controller-side phase began (sandbox, upload, cleanup).
+    fn controller_phase_started(&mut self, phase: Phase) -> Result<(), OutputError> {
+        self.event(&controller_event(event::Kind::PhaseStarted(PhaseStarted {
+            phase: phase as i32,
+        })))
+    }
+
+    /// A controller-side phase ended.
+    fn controller_phase_finished(
+        &mut self,
+        phase: Phase,
+        status: CheckStatus,
+        duration: Duration,
+    ) -> Result<(), OutputError> {
+        self.event(&controller_event(event::Kind::PhaseFinished(
+            PhaseFinished {
+                phase: phase as i32,
+                status: status as i32,
+                duration: Some(tailbox_proto::convert::duration(duration)),
+            },
+        )))
+    }
+}
+
+impl Shows for Renderer {
+    fn note(&mut self, text: &str) {
+        Renderer::note(self, text);
+    }
+}
+
 impl Observer for Renderer {
     fn event(&mut self, event: &Event) -> Result<(), OutputError> {
         Renderer::event(self, event)
@@ -121,6 +153,8 @@ pub struct Human {
     quiet: bool,
     /// Live lines, on a terminal (and not under --quiet).
     progress: Option<Progress>,
+    /// Put before every plain line (a fan-out's `[#3 sb-…] `).
+    prefix: String,
     pass: Style,
     fail: Style,
     warn: Style,
@@ -135,6 +169,7 @@ impl Human {
             verbose,
             quiet,
             progress: (Term::stderr().is_term() && !quiet).then(Progress::stderr),
+            prefix: String::new(),
             pass: style(Style::new().green()),
             fail: style(Style::new().red().bold()),
             warn: style(Style::new().yellow()),
@@ -151,7 +186,7 @@ impl Human {
         match &self.progress {
             Some(progress) if !self.verbose => progress.println(&cut(text, Progress::width())),
             Some(progress) => progress.println(text),
-            None => eprintln!("{text}"),
+            None => eprintln!("{}{text}", self.prefix),
         }
     }
 
@@ -525,7 +560,8 @@ pub fn phase_name(phase: Phase) -> &'static str {
     }
 }
 
-fn status_name(status: i32) -> &'static str {
+/// Status as the results table writes it: `pass`, `FAIL`, `skip`, `warn`.
+pub fn status_name(status: i32) -> &'static str {
     match CheckStatus::try_from(status).unwrap_or(CheckStatus::Unspecified) {
         CheckStatus::Pass => "pass",
         CheckStatus::Fail => "FAIL",

@@ -19,6 +19,8 @@ const LAYERS: &[&str] = &[
     "plan",
     "progress",
     "render",
+    "fleet",
+    "pictures",
     "app",
 ];
 

@@ -7,7 +7,9 @@
 /// - 3: targets by name, `HttpTarget.expected_status_max`, `HttpEvidence.redirects` and
 ///   `final_url`, `NetmapEvidence.peer_ips` and `closest_peers`, `FAILURE_CLASS_DAEMON_UNRESPONSIVE`.
 /// - 4: `Event.check_started` (`CheckStarted`), `Verdict.interrupted`.
-pub const PROTO_VERSION: u32 = 4;
+/// - 5: fan-out (fleet.proto): `FleetEvent`, the `--json` line of a run of many sandboxes, and
+///   `FleetReport`, its aggregated report. Written by the controller; agents send none.
+pub const PROTO_VERSION: u32 = 5;
 
 /// Layout version of the JSON report (`Report.schema_version`).
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -16,9 +18,10 @@ pub mod arch;
 pub mod convert;
 pub mod describe;
 pub mod redact;
+pub mod schema;
 
-/// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`) and the sidecar's service
-/// (`sidecar.proto`).
+/// `tailbox.agent.v1`: the controller ↔ agent contract (`agent.proto`), the sidecar's service
+/// (`sidecar.proto`) and the fan-out's JSON lines and report (`fleet.proto`).
 pub mod agent {
     /// Generated types, client and server for `tailbox.agent.v1`, with serde (proto3 JSON) impls.
     pub mod v1 {

@@ -36,8 +36,10 @@ pub fn redact_urls(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         // The scheme runs back to the first character a scheme cannot hold.
         let start = rest[..i]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || "+.-".contains(c)))
-            .map_or(0, |p| p + 1);
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || "+.-".contains(c)))
+            .map_or(0, |(p, c)| p + c.len_utf8());
         let end = rest[i + 3..]
             .find(|c: char| c.is_whitespace() || URL_END.contains(c))
             .map_or(rest.len(), |p| i + 3 + p);
@@ -52,6 +54,16 @@ pub fn redact_urls(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_after_a_multibyte_character_is_redacted_without_a_panic() {
+        // Found by the fs_tools_json fuzz target: the scheme's start was taken as one byte past
+        // the character before it, inside a multibyte one.
+        assert_eq!(
+            redact_urls("\u{fffd}https://u:p@h/x and ü://y"),
+            "\u{fffd}https://****@h/x and ü://y"
+        );
+    }
 
     #[test]
     fn one_url_loses_its_userinfo_and_nothing_else() {

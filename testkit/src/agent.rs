@@ -10,6 +10,43 @@ use std::sync::{Mutex, OnceLock};
 
 use tailbox_proto::arch::Arch;
 
+/// Wraps a reader (an agent's stdout) and keeps a copy of every byte read through it.
+pub struct Recorder<R> {
+    inner: R,
+    copy: std::sync::Arc<Mutex<Vec<u8>>>,
+}
+
+impl<R> Recorder<R> {
+    /// The recorder, and where its copy accumulates.
+    pub fn new(inner: R) -> (Self, std::sync::Arc<Mutex<Vec<u8>>>) {
+        let copy = std::sync::Arc::default();
+        (
+            Self {
+                inner,
+                copy: std::sync::Arc::clone(&copy),
+            },
+            copy,
+        )
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recorder<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let new = buf.filled()[before..].to_vec();
+        self.copy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend_from_slice(&new);
+        poll
+    }
+}
+
 /// A gRPC channel over one byte stream that is already connected to an agent: a child's
 /// stdin/stdout (`serve --stdio`, `attach`), joined with `tokio::io::join`. Single-use, as the
 /// stream is. Panics if the connection fails (see [`try_channel_over`]).

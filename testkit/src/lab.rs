@@ -231,6 +231,34 @@ impl Lab {
         self.uplinks.clone()
     }
 
+    /// The DERP server among [`Lab::sandbox_uplinks`] (leave it out to take DERP away from a
+    /// sandbox).
+    pub fn derp_uplink(&self) -> Result<Uplink> {
+        let port = self
+            .control_info
+            .derp_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+            .with_context(|| format!("no port in the DERP URL {}", self.control_info.derp_url))?;
+        self.uplinks
+            .iter()
+            .copied()
+            .find(|u| matches!(u, Uplink::Tcp(a) if a.port() == port))
+            .with_context(|| {
+                format!(
+                    "the DERP server {} is not an uplink",
+                    self.control_info.derp_url
+                )
+            })
+    }
+
+    /// The control server's pid (with DERP and STUN in it), while it runs: to stop it
+    /// (SIGSTOP) and hold a login where it is.
+    pub fn control_pid(&self) -> Option<u32> {
+        self.control.as_ref().map(LabProcess::pid)
+    }
+
     /// The auth key this lab's control accepts. Throwaway: it only works against this lab.
     pub fn auth_key(&self) -> &str {
         &self.auth_key

@@ -3,15 +3,22 @@
 //! - [`agent`]: the real `tailbox-agent` binary, built on demand.
 //! - [`lab`]: a real tailnet on loopback (Tailscale's own testcontrol + DERP + STUN, a real
 //!   tailscaled peer, a real HTTP server and a real `git http-backend`).
+//! - [`chromium`]: rendering a page in headless Chromium, and counting what its screenshot shows.
+//! - [`contract`]: validating JSON output against the committed JSON Schemas.
 //! - [`fake_modal`]: Modal's control plane and Task Command Router on loopback, over real tonic,
 //!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
 //! - [`qemu`]: running another architecture's binaries (through qemu-user and binfmt_misc).
 //! - [`scan`]: the machine's processes (which of a test's are still running), and watching
 //!   every process's argv and environment for a secret.
+//! - [`fault_server`]: servers that misbehave on purpose (garbage, a reset mid-body, a git
+//!   advertisement that is not pkt-lines), reached through the lab's tailnet.
 
 pub mod agent;
+pub mod chromium;
+pub mod contract;
 pub mod fake_modal;
+pub mod fault_server;
 pub mod lab;
 pub mod modal_descriptors;
 pub mod qemu;

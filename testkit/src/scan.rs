@@ -148,3 +148,18 @@ pub fn processes() -> Vec<Process> {
         })
         .collect()
 }
+
+/// Every live process that runs a binary under `dir` or names `dir` in its argv. A test that
+/// puts the binaries it runs (the agent, tailscaled) and their files in a directory of its own
+/// finds with this whatever of them is left, and only that: other tests' processes and the
+/// lab's run from elsewhere.
+pub fn processes_under(dir: &std::path::Path) -> Vec<Process> {
+    let needle = dir.display().to_string();
+    processes()
+        .into_iter()
+        .filter(|p| {
+            p.exe.as_ref().is_some_and(|exe| exe.starts_with(dir))
+                || p.args.iter().any(|a| a.contains(&needle))
+        })
+        .collect()
+}

@@ -21,7 +21,8 @@
 //!   bytes / bandwidth + one round trip; and what a re-run uploads (`upload.rs`).
 //! - B6: gRPC over stdio: unary p50/p99 against a pipe echo of the same bytes, streamed events
 //!   per second, the static musl agent against a glibc build (`stdio.rs`).
-//! - B7 (fan-out) is listed as not available until `tailbox check --count` lands.
+//! - B7: fan-out, N = 50 sandboxes through the fake Modal with a 100 ms create, against one
+//!   (`bench_fanout.rs`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,8 @@ use tokio::process::{Child, Command};
 
 use crate::static_agent;
 
+#[path = "bench_fanout.rs"]
+mod fanout;
 mod stdio;
 mod upload;
 
@@ -134,6 +137,8 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     );
     let (sidecar, containerboot) =
         tokio::try_join!(setup.idle_sidecar(idle), setup.containerboot(idle))?;
+    eprintln!("bench: B7, fan-out through the fake Modal");
+    let b7 = fanout::measure(&setup.tailbox, &agent, &lab, args.quick, rounds.min(3)).await?;
     let lab_tailscaled = lab.bins().tailscaled();
     drop(setup);
     drop(lab);
@@ -414,7 +419,12 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.0} {glibc_kind}", glibc_stdio.events_per_s.median),
         musl_stdio.events_per_s.median / glibc_stdio.events_per_s.median,
     );
-    table.context("B7", "fan-out (lands with fan-out)", "not available");
+    table.time(
+        "B7",
+        &format!("fan-out: {} sandboxes, wall time", b7.n),
+        "one sandbox",
+        &b7.pair,
+    );
     print!("{}", table.render(rounds));
 
     let figures = json!({
@@ -466,7 +476,12 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "glibc": stdio_json(&glibc_stdio),
             "glibc_build": glibc_kind,
         },
-        "B7": "not available: fan-out has not landed",
+        "B7_fanout_wall_ms": {
+            "n": b7.n,
+            "create_latency_ms": 100,
+            "n_against_one": b7.pair.json(),
+            "last_fleet_report": b7.last_report,
+        },
     });
     if let Some(dir) = json_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

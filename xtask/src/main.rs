@@ -10,11 +10,17 @@
 //!   architecture; prints one path per target.
 //! - `cargo xtask man`: regenerate the man pages in `controller/man/` from tailbox's clap
 //!   definitions (`controller/tests/man.rs` fails when they are stale).
+//! - `cargo xtask schema`: regenerate the JSON Schemas in `docs/schema/` from the proto
+//!   (`proto/tests/schema.rs` fails when they are stale).
 //! - `cargo xtask bench [--quick]`: tailbox side by side with the spike's way and containerboot
 //!   on the real lab; a table of ratios on stdout, the figures as JSON (see `bench.rs`).
+//! - `cargo xtask fuzz [--time SECONDS] [--list] [--capture] [TARGET]...`: the cargo-fuzz
+//!   targets in `fuzz/`, each for SECONDS from the committed corpus; `--capture` records seeds
+//!   from the lab (see `fuzz.rs`).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod static_agent;
 
 use std::collections::BTreeMap;
@@ -54,8 +60,14 @@ enum Command {
     },
     /// Regenerate tailbox's man pages in controller/man/ from its clap definitions
     Man,
+    /// Regenerate the JSON Schemas of the report and the `--json` events in docs/schema/ from the
+    /// proto
+    Schema,
     /// Benchmarks on the real lab: tailbox against the spike's way and containerboot
     Bench(bench::BenchArgs),
+    /// Run every fuzz target (cargo-fuzz, nightly) for a while from the committed corpus; list
+    /// them; or record fresh seeds from the lab
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Subcommand)]
@@ -102,6 +114,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Demo => demo::run(&workspace()?).await,
+        Command::Fuzz(args) => fuzz::run(&workspace()?, args).await,
         Command::Lab {
             command: LabCommand::Build,
         } => {
@@ -118,6 +131,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("writing the man pages to {}", dir.display()))?;
             for page in written {
                 println!("{}", page.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema => {
+            let dir = workspace()?.join("docs/schema");
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (file, text) in tailbox_proto::schema::generate_files()? {
+                let path = dir.join(file);
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{}", path.display());
             }
             Ok(ExitCode::SUCCESS)
         }

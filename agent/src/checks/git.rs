@@ -15,6 +15,8 @@ use tailbox_proto::agent::v1::{
     CheckResult, FailureClass, GitEvidence, GitRef, GitTarget, Layer, RefComparison, check_result,
 };
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::transport::not_smart;
 use self::transport::{CallSettings, CallState};
 use super::proxy::{self, BasicAuth, Failure};
 use super::{Outcome, ProxyContext};
@@ -155,7 +157,7 @@ async fn list(url: &str, settings: CallSettings) -> Result<Vec<Head>, Failure> {
 
 /// Classifies what libgit2 could not make of the server's answer (the transport had no
 /// complaint).
-fn from_libgit2(e: &git2::Error) -> Failure {
+pub(crate) fn from_libgit2(e: &git2::Error) -> Failure {
     let message = e.message();
     if let Some(said) = message.strip_prefix("remote error: ") {
         if NOT_FOUND_SAYINGS.iter().any(|s| said.contains(s)) {

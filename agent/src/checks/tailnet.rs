@@ -54,6 +54,11 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
             );
         }
     };
+    (status_result(&outcome, &status), Some(status))
+}
+
+/// The status check's result for what tailscaled said.
+pub(crate) fn status_result(outcome: &Outcome, status: &Status) -> CheckResult {
     let self_node = status.self_node.clone().unwrap_or_default();
     let evidence = TailnetStatusEvidence {
         backend_state: status.backend_state.clone(),
@@ -80,7 +85,7 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
         },
         evidence.peer_count,
     );
-    let result = if evidence.backend_state != "Running" {
+    if evidence.backend_state != "Running" {
         outcome.fail(
             FailureClass::Deadline,
             Layer::Login,
@@ -97,8 +102,7 @@ pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
         )
     } else {
         outcome.pass(detail, check_result::Evidence::TailnetStatus(evidence))
-    };
-    (result, Some(status))
+    }
 }
 
 /// The Tailscale address ranges: 100.64.0.0/10 and fd7a:115c:a1e0::/48.
@@ -160,7 +164,7 @@ fn prefix_contains(prefix: &str, ip: IpAddr) -> bool {
 }
 
 /// What one look at the netmap found for a target.
-enum Sighting<'a> {
+pub(crate) enum Sighting<'a> {
     /// The peer the target names.
     Peer(&'a PeerStatus),
     /// A name more than one peer has.
@@ -171,7 +175,7 @@ enum Sighting<'a> {
     Absent,
 }
 
-fn sight<'a>(status: &'a Status, target: &Target) -> Sighting<'a> {
+pub(crate) fn sight<'a>(status: &'a Status, target: &Target) -> Sighting<'a> {
     match target {
         Target::Ip(ip) => match find_peer(status, *ip) {
             Some(peer) => Sighting::Peer(peer),
@@ -533,6 +537,33 @@ pub async fn check_ping(
                     outcome.fail(fault.class, Layer::Daemon, fault.detail, fault.hint, None);
                 return (result, None);
             }
+            // tailscaled's own word on its relays: a peer that answers nothing while no DERP
+            // relay can be reached is cut off at the DERP layer, not at the peer.
+            let derp_trouble = match visibility {
+                Visibility::Absent | Visibility::Offline => None,
+                _ => derp_unreachable(api).await,
+            };
+            if let Some(health) = derp_trouble {
+                return (
+                    outcome.fail(
+                        FailureClass::DerpUnreachable,
+                        Layer::Derp,
+                        format!(
+                            "no pong from {ip} in {attempts} attempt(s) over {}, and no DERP \
+                             relay is reachable: {health}",
+                            humanize(limit)
+                        ),
+                        "No direct path came up and the DERP relay cannot be reached: allow \
+                         HTTPS (TCP 443) to the DERP servers from the sandbox, or UDP both ways \
+                         between the sandbox and the dev host.",
+                        Some(check_result::Evidence::Ping(PingEvidence {
+                            attempts,
+                            ..Default::default()
+                        })),
+                    ),
+                    None,
+                );
+            }
             let (class, layer, hint) = match visibility {
                 Visibility::Absent => (
                     FailureClass::PeerNotInNetmap,
@@ -571,6 +602,40 @@ pub async fn check_ping(
             )
         }
     }
+}
+
+/// Why no DERP relay of tailscaled's DERP map can be reached, or `None` when one can (or the
+/// map is unknown): a TCP connection to each relay node, 2 s each, as the login's probe of the
+/// control server does.
+async fn derp_unreachable(api: &crate::localapi::LocalApi) -> Option<String> {
+    let map = tokio::time::timeout(Duration::from_secs(2), api.derp_map())
+        .await
+        .ok()?
+        .ok()?;
+    let mut nodes = Vec::new();
+    for region in map["Regions"].as_object()?.values() {
+        for node in region["Nodes"].as_array().into_iter().flatten() {
+            let host = node["IPv4"]
+                .as_str()
+                .filter(|h| !h.is_empty())
+                .or(node["HostName"].as_str())?;
+            let port = match node["DERPPort"].as_u64() {
+                None | Some(0) => 443,
+                Some(p) => u16::try_from(p).ok()?,
+            };
+            nodes.push((host.to_owned(), port));
+        }
+    }
+    let mut failures = Vec::new();
+    for (host, port) in nodes {
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        match tokio::time::timeout(Duration::from_secs(2), connect).await {
+            Ok(Ok(_)) => return None,
+            Ok(Err(err)) => failures.push(format!("{host}:{port}: {err}")),
+            Err(_) => failures.push(format!("{host}:{port}: no answer within 2s")),
+        }
+    }
+    (!failures.is_empty()).then(|| failures.join("; "))
 }
 
 /// The address a passed netmap check resolved its peer to (IPv4 first).
@@ -659,13 +724,14 @@ fn rank(pong: &crate::localapi::PingResult) -> u8 {
     }
 }
 
-fn pong_result(
+pub(crate) fn pong_result(
     outcome: &Outcome,
     ip: IpAddr,
     pong: &crate::localapi::PingResult,
     attempts: u32,
 ) -> (CheckResult, Option<Warning>) {
-    let latency = Duration::from_secs_f64(pong.latency_seconds.max(0.0));
+    // tailscaled's number, trusted only as far as a Duration can hold it (1e300 would panic).
+    let latency = Duration::try_from_secs_f64(pong.latency_seconds.max(0.0)).unwrap_or_default();
     let path = if !pong.endpoint.is_empty() {
         PingPath::Direct
     } else if !pong.peer_relay.is_empty() {
@@ -790,5 +856,16 @@ mod tests {
             tailbox_proto::agent::v1::CheckStatus::Pass as i32
         );
         assert!(warning.is_none());
+    }
+
+    #[test]
+    fn a_latency_no_duration_holds_is_no_panic() {
+        let outcome = Outcome::start("ping", "100.64.0.2", Layer::Ping);
+        let pong: crate::localapi::PingResult = serde_json::from_str(
+            r#"{"NodeName":"devhost","LatencySeconds":1e300,"Endpoint":"127.0.0.1:41641"}"#,
+        )
+        .unwrap();
+        let (result, _) = pong_result(&outcome, "100.64.0.2".parse().unwrap(), &pong, 1);
+        assert!(result.detail.contains("in 0µs"), "{}", result.detail);
     }
 }

@@ -328,7 +328,7 @@ impl Node {
         let ctx = &self.inner.ctx;
         let started_at = SystemTime::now();
         let budget = Budget::from(request.deadlines.as_ref());
-        let deadline = tokio::time::Instant::now() + budget.total;
+        let deadline = budget.deadline_from_now();
         run::preflight_phase(&sink, ctx).await;
         let targets = Targets {
             ping: &request.ping_targets,

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use tailbox_proto::agent::v1::{CheckStatus, Phase, Report, SidecarState, StatusRequest, event};
+use tailbox_proto::agent::v1::{
+    CheckStatus, Phase, PhaseTiming, Report, SidecarState, StatusRequest, event,
+};
 use tailbox_proto::describe;
 
 use crate::backend::modal::CREATED_BY_TAG;
@@ -16,10 +18,12 @@ use crate::error::{CliError, CliResult, ExitStatus};
 use crate::modal::client::ModalClient;
 use crate::modal::config;
 use crate::output::{self, write_stdout};
+use crate::pictures;
 use crate::plan::{CheckPlan, DEFAULT_MODAL_APP, OutputMode};
-use crate::render::{self, Renderer};
+use crate::render::{self, Renderer, Shows};
 use crate::session::{self, controller_event};
 
+mod fleet;
 mod sidecar;
 
 /// Time beyond `--timeout` for the agent to log out and stop tailscaled.
@@ -109,6 +113,14 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
         backend.kind(),
         plan.backend.reason
     ));
+    if plan.is_fleet() {
+        renderer.note(&format!(
+            "checking {} sandboxes, up to {} at once",
+            plan.count, plan.parallel
+        ));
+        drop(renderer);
+        return fleet::check_fleet(backend.as_ref(), &plan, &run_id).await;
+    }
 
     let ended = {
         let mut work = Box::pin(check_in(backend.as_ref(), &plan, &mut renderer, &run_id));
@@ -183,10 +195,10 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
 async fn check_in(
     backend: &dyn Backend,
     plan: &CheckPlan,
-    renderer: &mut Renderer,
+    renderer: &mut dyn Shows,
     run_id: &str,
 ) -> CliResult<Report> {
-    let (sandbox, installed) = open_and_install(backend, plan, renderer).await?;
+    let (sandbox, installed, lead) = open_and_install(backend, plan, renderer).await?;
     let deadline = tokio::time::Instant::now() + plan.timeout + TEARDOWN_ALLOWANCE;
 
     // A sidecar already keeps this sandbox on the tailnet: check over its node rather than
@@ -234,6 +246,7 @@ async fn check_in(
             .await?;
         let mut report = outcome.report;
         report.sandbox = Some(sandbox.info());
+        report.phases.splice(0..0, lead);
         return Ok(report);
     }
 
@@ -251,23 +264,35 @@ async fn check_in(
     let outcome = session::run(agent, request, renderer, deadline).await?;
     let mut report = outcome.report;
     report.sandbox = Some(sandbox.info());
+    report.phases.splice(0..0, lead);
     Ok(report)
 }
 
 /// Opens the plan's sandbox (creating one, or attaching to `--sandbox-id`) within `--timeout`
-/// and puts the agent in it, showing both phases.
+/// and puts the agent in it, showing both phases; their timings lead the report's phases.
 async fn open_and_install(
     backend: &dyn Backend,
     plan: &CheckPlan,
-    renderer: &mut Renderer,
-) -> CliResult<(Box<dyn Sandbox>, Installed)> {
+    renderer: &mut dyn Shows,
+) -> CliResult<(Box<dyn Sandbox>, Installed, Vec<PhaseTiming>)> {
+    let mut timings = Vec::new();
+    let mut timed = |phase: Phase, took: Duration| {
+        timings.push(PhaseTiming {
+            phase: phase as i32,
+            status: CheckStatus::Pass as i32,
+            duration: Some(tailbox_proto::convert::duration(took)),
+        });
+        took
+    };
     let started = Instant::now();
     renderer.controller_phase_started(Phase::Sandbox)?;
     let mut sandbox = open_sandbox(backend, plan).await?;
+    renderer.sandbox_opened(sandbox.id());
     if sandbox.remote() {
         renderer.note(&format!("sandbox {} is running", sandbox.id()));
     }
-    renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, started.elapsed())?;
+    let took = timed(Phase::Sandbox, started.elapsed());
+    renderer.controller_phase_finished(Phase::Sandbox, CheckStatus::Pass, took)?;
 
     let installed = if sandbox.remote() {
         let started = Instant::now();
@@ -286,12 +311,13 @@ async fn open_and_install(
                 ""
             }
         ));
-        renderer.controller_phase_finished(Phase::Upload, CheckStatus::Pass, started.elapsed())?;
+        let took = timed(Phase::Upload, started.elapsed());
+        renderer.controller_phase_finished(Phase::Upload, CheckStatus::Pass, took)?;
         installed
     } else {
         sandbox.install().await?
     };
-    Ok((sandbox, installed))
+    Ok((sandbox, installed, timings))
 }
 
 /// The same, showing nothing (for `status` and `down`).
@@ -446,18 +472,58 @@ fn finish(plan: &CheckPlan, renderer: &mut Renderer, report: &Report) -> CliResu
         write_stdout(&render::report_table(report, render::stdout_width()))?;
     }
     if let Some(path) = &plan.report_path {
-        let json = serde_json::to_string_pretty(report).map_err(|err| {
-            CliError::infra("Failed to encode the report as JSON")
-                .with_source(err)
-                .with_hint(crate::error::BUG_HINT)
-        })?;
-        std::fs::write(path, json + "\n").map_err(|err| {
-            CliError::usage(format!("Failed to write the report to {}", path.display()))
-                .with_source(err)
-                .with_hint("Check that the directory exists and is writable.")
-        })?;
+        write_report_file(path, report)?;
+    }
+    show_pictures(plan, std::slice::from_ref(report), None)
+}
+
+/// `--timeline` on stderr and `--report-html`, for the reports of one run (one per sandbox;
+/// with the aggregate, for a fan-out).
+fn show_pictures(
+    plan: &CheckPlan,
+    reports: &[Report],
+    fleet: Option<&tailbox_proto::agent::v1::FleetReport>,
+) -> CliResult<()> {
+    if plan.timeline {
+        let term = console::Term::stderr();
+        let width = term
+            .is_term()
+            .then(|| term.size_checked())
+            .flatten()
+            .map(|(_rows, cols)| usize::from(cols));
+        let waterfall = pictures::waterfall(reports);
+        eprint!(
+            "\n{}",
+            pictures::timeline::render(&waterfall, width, console::colors_enabled_stderr())
+        );
+    }
+    if let Some(path) = &plan.report_html {
+        let page = match fleet {
+            Some(fleet) => pictures::html::render_fleet(fleet),
+            None => pictures::html::render(reports),
+        };
+        write_text(path, &page, "the HTML report")?;
     }
     Ok(())
+}
+
+/// Writes `--report`: a run's report (or a fan-out's aggregate) as pretty JSON.
+fn write_report_file(path: &std::path::Path, report: &impl serde::Serialize) -> CliResult<()> {
+    let json = serde_json::to_string_pretty(report).map_err(|err| {
+        CliError::infra("Failed to encode the report as JSON")
+            .with_source(err)
+            .with_hint(crate::error::BUG_HINT)
+    })?;
+    write_text(path, &(json + "\n"), "the report")
+}
+
+/// Writes a file the user named; `what` it holds is in the error.
+fn write_text(path: &std::path::Path, text: &str, what: &str) -> CliResult<()> {
+    std::fs::write(path, text).map_err(|err| {
+        CliError::usage(format!("Failed to write {what} to {}", path.display()))
+            .with_source(err)
+            .with_hint("Check that the directory exists and is writable.")
+    })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

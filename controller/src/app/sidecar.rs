@@ -22,7 +22,7 @@ use crate::error::{CliError, CliResult, ExitStatus};
 use crate::modal::config;
 use crate::output::{write_json_line, write_stdout};
 use crate::plan::{CheckPlan, OutputMode};
-use crate::render::Renderer;
+use crate::render::{Renderer, Shows};
 use crate::session::{Observer, Session, controller_event};
 
 /// `tailbox-agent`'s exit code when no sidecar answers in the state directory.
@@ -246,7 +246,8 @@ async fn up_in(
     renderer: &mut Renderer,
 ) -> CliResult<UpSummary> {
     let deadline = Instant::now() + plan.timeout;
-    let (mut sandbox, installed) = super::open_and_install(backend, plan, renderer).await?;
+    let (mut sandbox, installed, _timings) =
+        super::open_and_install(backend, plan, renderer).await?;
 
     let started = std::time::Instant::now();
     renderer.controller_phase_started(Phase::Daemon)?;
@@ -570,7 +571,11 @@ fn plan_for(
     env: &dyn Env,
 ) -> CliResult<(CheckPlan, Option<config::ModalConfig>)> {
     let modal = super::modal_config_for(sandbox.sandbox, env)?;
-    if sandbox.sandbox_id.is_none()
+    if sandbox.sandbox_id.len() > 1 {
+        return Err(CliError::usage("`--sandbox-id` was given more than once")
+            .with_hint("Name one sandbox here; only `tailbox check` takes several."));
+    }
+    if sandbox.sandbox_id.is_empty()
         && tailnet.is_none()
         && (sandbox.sandbox == crate::cli::SandboxKind::Modal
             || (sandbox.sandbox == crate::cli::SandboxKind::Auto && modal.is_some()))

@@ -108,7 +108,20 @@ impl ModalConfig {
 
 /// Resolves the settings; `Ok(None)` when no credentials are configured anywhere.
 pub fn resolve(env: &dyn Env) -> Result<Option<ModalConfig>, ConfigError> {
-    let file = ConfigFile::load(env)?;
+    resolve_over(env, ConfigFile::load(env)?)
+}
+
+/// Resolves the settings from `env` over the config file's text (as read from `path`).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn resolve_text(
+    env: &dyn Env,
+    path: PathBuf,
+    text: &str,
+) -> Result<Option<ModalConfig>, ConfigError> {
+    resolve_over(env, ConfigFile::parse(path, text)?)
+}
+
+fn resolve_over(env: &dyn Env, file: ConfigFile) -> Result<Option<ModalConfig>, ConfigError> {
     let profile = file.profile(env)?;
     let from_profile = |key: &str| -> Option<String> {
         profile
@@ -233,6 +246,11 @@ impl ConfigFile {
             }
             Err(source) => return Err(ConfigError::Unreadable { path, source }),
         };
+        Self::parse(path, &text)
+    }
+
+    /// The file's text, read from `path`.
+    fn parse(path: PathBuf, text: &str) -> Result<Self, ConfigError> {
         // `toml::Table` sorts its keys, but "the first active profile" means file order.
         let doc: toml::Table = match text.parse() {
             Ok(doc) => doc,
@@ -246,7 +264,7 @@ impl ConfigFile {
                 });
             }
         };
-        let order = table_order(&text);
+        let order = table_order(text);
         let mut tables: Vec<(String, toml::Table)> = doc
             .into_iter()
             .filter_map(|(name, value)| match value {

@@ -162,9 +162,14 @@ impl FileInfo {
             if let Ok(n) = u32::from_str_radix(s.trim_start_matches("0o"), 8) {
                 return Some(n & 0o100 != 0);
             }
-            // rwxr-xr-x, or ls-style -rwxr-xr-x.
-            let perms = if s.len() == 10 { &s[1..] } else { s };
-            (perms.len() == 9).then(|| perms.as_bytes()[2] == b'x' || perms.as_bytes()[2] == b's')
+            // rwxr-xr-x, or ls-style -rwxr-xr-x (as bytes: the text is fs-tools', any UTF-8).
+            let perms = s.as_bytes();
+            let perms = if perms.len() == 10 {
+                &perms[1..]
+            } else {
+                perms
+            };
+            (perms.len() == 9).then(|| perms[2] == b'x' || perms[2] == b's')
         };
         self.mode
             .as_ref()
@@ -225,11 +230,19 @@ pub async fn stat(router: &Router, path: &str) -> Result<Option<FileInfo>, Modal
     )
     .await
     .map_err(exec_failed(&action))?;
+    stat_answer(action, &output)
+}
+
+/// What fs-tools' `Stat` said: the file's description, `None` for nothing there, or its error.
+pub(crate) fn stat_answer(
+    action: String,
+    output: &ExecOutput,
+) -> Result<Option<FileInfo>, ModalError> {
     if !output.exit.success() {
-        if FsToolsError::of(&output).is_some_and(|e| e.error_kind == "NotFound") {
+        if FsToolsError::of(output).is_some_and(|e| e.error_kind == "NotFound") {
             return Ok(None);
         }
-        return Err(fs_failure(action, &output));
+        return Err(fs_failure(action, output));
     }
     serde_json::from_slice(&output.stdout)
         .map(Some)
@@ -361,5 +374,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parsed.executable(), Some(true));
+    }
+
+    #[test]
+    fn a_ten_byte_mode_that_starts_with_a_multibyte_character_is_no_panic() {
+        // Found while writing the fs_tools_json fuzz target (and now a seed of its corpus): the
+        // ls-style shape was cut at byte 1, inside `é`.
+        // Read as bytes: `é` is two, so this is an ls-style shape whose owner bits are `12`.
+        assert_eq!(
+            info(serde_json::json!("é12345678")).executable(),
+            Some(false)
+        );
+        assert_eq!(
+            info(serde_json::json!("éwxr-xr-x")).executable(),
+            Some(true)
+        );
     }
 }

@@ -45,7 +45,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::metadata::MetadataMap;
 
 pub use client::{ExecOutput, FakeClient, piped};
-pub use network::Uplink;
+pub use network::{IsolatedNetwork, Uplink};
 
 use crate::lab::Lab;
 

@@ -259,6 +259,24 @@ impl SandboxNetwork {
     }
 }
 
+/// A network namespace whose only way out is the given services of this machine, reached at
+/// their own `127.0.0.1:P` addresses as a fake sandbox reaches them (see the module docs). For
+/// tests that run a whole `tailbox` in it: without a DERP uplink the sandbox has no relay, and
+/// since the dev host's own UDP endpoints are out of reach, the DERP relay is its only path.
+pub struct IsolatedNetwork(SandboxNetwork);
+
+impl IsolatedNetwork {
+    /// Creates the namespaces, the link and a forwarder pair for each of `uplinks`.
+    pub async fn create(uplinks: &[Uplink]) -> io::Result<Self> {
+        SandboxNetwork::create(uplinks).await.map(Self)
+    }
+
+    /// For a forked child before exec (`Command::pre_exec`): join the namespace.
+    pub fn join_in_child(&self) -> impl Fn() -> io::Result<()> + Send + Sync + 'static {
+        self.0.netns.join_in_child()
+    }
+}
+
 async fn forward_tcp(listener: TcpListener, target: Target) {
     while let Ok((mut inbound, _)) = listener.accept().await {
         let target = target.clone();

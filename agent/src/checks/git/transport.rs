@@ -292,7 +292,7 @@ async fn advertisement(s: &CallSettings, url: &str) -> Result<Incoming, Failure>
 }
 
 /// Describes a 200 answer that is not the smart protocol.
-fn not_smart(content_type: &str, body: &[u8]) -> Failure {
+pub(crate) fn not_smart(content_type: &str, body: &[u8]) -> Failure {
     let start = String::from_utf8_lossy(&body[..body.len().min(DESCRIBE_BYTES)]);
     let trimmed = start.trim_start();
     let looks_like = if trimmed.starts_with('<') {
