@@ -49,8 +49,20 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recorder<R> {
 
 /// A gRPC channel over one byte stream that is already connected to an agent: a child's
 /// stdin/stdout (`serve --stdio`, `attach`), joined with `tokio::io::join`. Single-use, as the
-/// stream is.
+/// stream is. Panics if the connection fails (see [`try_channel_over`]).
 pub async fn channel_over<IO>(io: IO) -> tonic::transport::Channel
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    try_channel_over(io)
+        .await
+        .unwrap_or_else(|err| panic!("connecting over the agent's stream: {err}"))
+}
+
+/// [`channel_over`], with the connection's failure as an error.
+pub async fn try_channel_over<IO>(
+    io: IO,
+) -> Result<tonic::transport::Channel, tonic::transport::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
@@ -64,7 +76,6 @@ where
             }
         }))
         .await
-        .unwrap_or_else(|err| panic!("connecting over the agent's stream: {err}"))
 }
 
 /// Path of a freshly built `tailbox-agent` (debug profile, for this machine). Panics with the

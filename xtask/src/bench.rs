@@ -17,10 +17,12 @@
 //! - B5: the agent's peak RSS in a run, and an idle sidecar's RSS, against containerboot's own
 //!   process (built by `lab/build.sh` from the same pin, userspace mode against the lab);
 //!   tailscaled's beside each for context.
+//! - B4: the agent's upload through the fake Modal's router over a slow link, against
+//!   bytes / bandwidth + one round trip; and what a re-run uploads (`upload.rs`).
+//! - B6: gRPC over stdio: unary p50/p99 against a pipe echo of the same bytes, streamed events
+//!   per second, the static musl agent against a glibc build (`stdio.rs`).
 //! - B7: fan-out, N = 50 sandboxes through the fake Modal with a 100 ms create, against one
 //!   (`bench_fanout.rs`).
-//! - B4 (upload through the fake router) and B6 (gRPC over stdio) are listed as not available
-//!   yet.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +42,8 @@ use crate::static_agent;
 
 #[path = "bench_fanout.rs"]
 mod fanout;
+mod stdio;
+mod upload;
 
 /// What `cargo xtask bench` was asked for.
 #[derive(Debug, clap::Args)]
@@ -108,7 +112,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     write_private(&key_file, lab.auth_key())?;
     let setup = Setup {
         lab: &lab,
-        tailbox,
+        tailbox: tailbox.clone(),
         agent: agent.clone(),
         key_file,
         work: work.path().to_owned(),
@@ -133,6 +137,53 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     );
     let (sidecar, containerboot) =
         tokio::try_join!(setup.idle_sidecar(idle), setup.containerboot(idle))?;
+    eprintln!("bench: B7, fan-out through the fake Modal");
+    let b7 = fanout::measure(&setup.tailbox, &agent, &lab, args.quick, rounds.min(3)).await?;
+    let lab_tailscaled = lab.bins().tailscaled();
+    drop(setup);
+    drop(lab);
+
+    eprintln!(
+        "bench: B4: uploads through the fake Modal's router ({} round trip, {} MiB/s)",
+        humantime::format_duration(UPLOAD_LINK.rtt),
+        UPLOAD_LINK.bandwidth >> 20
+    );
+    let home = work.path().join("home");
+    std::fs::create_dir_all(&home).context("creating the bench's HOME")?;
+    let uploads = upload::measure(&tailbox, &agent, &home, UPLOAD_LINK, rounds).await?;
+    if uploads.again_bytes.iter().any(|&b| b != 0) {
+        bail!(
+            "a re-run uploaded {:?} bytes: the agent's upload is not content-addressed",
+            uploads.again_bytes
+        );
+    }
+    let upload_floor = upload::Upload::floor_ms(UPLOAD_LINK, agent_bytes);
+    if uploads.first.min < upload_floor {
+        bail!(
+            "an upload took {:.1}ms, under its floor of {upload_floor:.1}ms: the fake's link \
+             model is broken",
+            uploads.first.min
+        );
+    }
+
+    eprintln!("bench: B6: gRPC over stdio, the musl agent and a glibc build");
+    let glibc_agent = build_glibc_agent(workspace, &target_dir, !args.quick)?;
+    let sizes = if args.quick {
+        stdio::Sizes {
+            calls: 500,
+            events: 1000,
+            streams: rounds,
+        }
+    } else {
+        stdio::Sizes {
+            calls: 5000,
+            events: 5000,
+            streams: rounds,
+        }
+    };
+    let musl_stdio = stdio::agent(&agent, sizes).await?;
+    let glibc_stdio = stdio::agent(&glibc_agent, sizes).await?;
+    let echo = stdio::pipe_echo(musl_stdio.hello_bytes.0 as usize, sizes.calls).await?;
 
     let b1 = Pair::new(
         tailbox_runs.iter().map(|r| r.checks).collect(),
@@ -181,7 +232,63 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
         );
     }
+    let mut spike_steps: Vec<(&str, Vec<f64>)> = Vec::new();
+    for run in &spike_runs {
+        for (name, took) in &run.steps {
+            match spike_steps.iter_mut().find(|(n, _)| n == name) {
+                Some((_, samples)) => samples.push(ms(*took)),
+                None => spike_steps.push((name, vec![ms(*took)])),
+            }
+        }
+    }
+    let spike_steps: Vec<(&str, Stats)> = spike_steps
+        .into_iter()
+        .map(|(name, samples)| (name, Stats::of(samples)))
+        .collect();
+    for (name, stats) in &spike_steps {
+        table.context(
+            "B1",
+            &format!("  spike: {name}"),
+            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
+        );
+    }
     table.time("B2", "start to Running", "spike: spawn, poll, up", &b2);
+    let b2_parts = Pair::new(
+        tailbox_runs.iter().map(|r| r.daemon).collect(),
+        spike_runs.iter().map(|r| r.to_socket).collect(),
+    );
+    table.time(
+        "B2",
+        "  daemon phase / spike to socket",
+        "spawn to socket accepting",
+        &b2_parts,
+    );
+    let b2_login = Pair::new(
+        tailbox_runs
+            .iter()
+            .map(|r| r.daemon_login - r.daemon)
+            .collect(),
+        spike_runs
+            .iter()
+            .map(|r| r.to_running - r.to_socket)
+            .collect(),
+    );
+    table.time("B2", "  login phase", "`tailscale up`", &b2_login);
+    let ready = Stats::of(tailbox_runs.iter().map(|r| ms(r.daemon_ready)).collect());
+    table.context(
+        "B2",
+        "  of the daemon phase: spawn to LocalAPI",
+        &format!("{:.1}ms ({:.1}–{:.1})", ready.median, ready.min, ready.max),
+    );
+    let version = version_floor(&lab_tailscaled, rounds.max(5)).await?;
+    table.context(
+        "B2",
+        "  of the daemon phase: tailscaled --version",
+        &format!(
+            "{:.1}ms ({:.1}–{:.1})",
+            version.median, version.min, version.max
+        ),
+    );
     table.time("B3", "whole run", "spike: whole sequence", &b3);
     table.memory(
         "B5",
@@ -219,20 +326,105 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.1}ms", ms(containerboot.ready)),
     );
     table.context("size", "static agent", &format!("{agent_bytes} bytes"));
-    eprintln!("bench: B7, fan-out through the fake Modal");
-    let b7 = fanout::measure(&setup.tailbox, &agent, &lab, args.quick, rounds.min(3)).await?;
+    table.versus(
+        "B4",
+        "upload into a new sandbox",
+        &format!("{:.1}ms", uploads.first.median),
+        &format!(
+            "{upload_floor:.1}ms floor: {agent_bytes} B at {} MiB/s + 1 RTT",
+            UPLOAD_LINK.bandwidth >> 20
+        ),
+        uploads.first.median / upload_floor,
+    );
+    table.context(
+        "B4",
+        "  its range; router calls",
+        &format!(
+            "{:.1}–{:.1}ms; {} calls",
+            uploads.first.min, uploads.first.max, uploads.router_calls.0
+        ),
+    );
+    table.context(
+        "B4",
+        "  the same with no link limits",
+        &format!(
+            "{:.1}ms ({:.1}–{:.1})",
+            uploads.unlimited.median, uploads.unlimited.min, uploads.unlimited.max
+        ),
+    );
+    table.context(
+        "B4",
+        "re-run in the same sandbox",
+        &format!(
+            "{:.1}ms ({:.1}–{:.1}), {} calls, {} bytes uploaded",
+            uploads.again.median,
+            uploads.again.min,
+            uploads.again.max,
+            uploads.router_calls.1,
+            uploads.again_bytes.iter().max().copied().unwrap_or(0)
+        ),
+    );
+    let p = |stats: &Stats, p: f64| stdio::percentile(stats, p);
+    table.versus(
+        "B6",
+        "unary Hello p50 / p99 (µs)",
+        &format!(
+            "{:.0} / {:.0}",
+            p(&musl_stdio.hello_us, 50.0),
+            p(&musl_stdio.hello_us, 99.0)
+        ),
+        &format!(
+            "{:.0} / {:.0} pipe echo of {} B (cat)",
+            p(&echo, 50.0),
+            p(&echo, 99.0),
+            musl_stdio.hello_bytes.0
+        ),
+        p(&musl_stdio.hello_us, 50.0) / p(&echo, 50.0),
+    );
+    table.context(
+        "B6",
+        "  bytes per Hello, each way",
+        &format!(
+            "{} B out, {} B back",
+            musl_stdio.hello_bytes.0, musl_stdio.hello_bytes.1
+        ),
+    );
+    table.context(
+        "B6",
+        "streamed events/s",
+        &format!(
+            "{:.0} ({:.0}–{:.0}), {} events a run",
+            musl_stdio.events_per_s.median,
+            musl_stdio.events_per_s.min,
+            musl_stdio.events_per_s.max,
+            musl_stdio.events_per_stream
+        ),
+    );
+    let glibc_kind = if args.quick {
+        "glibc debug"
+    } else {
+        "glibc dist"
+    };
+    table.versus(
+        "B6",
+        "musl static: Hello p50",
+        &format!("{:.0}µs", p(&musl_stdio.hello_us, 50.0)),
+        &format!("{:.0}µs {glibc_kind}", p(&glibc_stdio.hello_us, 50.0)),
+        p(&musl_stdio.hello_us, 50.0) / p(&glibc_stdio.hello_us, 50.0),
+    );
+    table.versus(
+        "B6",
+        "musl static: events/s",
+        &format!("{:.0}", musl_stdio.events_per_s.median),
+        &format!("{:.0} {glibc_kind}", glibc_stdio.events_per_s.median),
+        musl_stdio.events_per_s.median / glibc_stdio.events_per_s.median,
+    );
     table.time(
         "B7",
         &format!("fan-out: {} sandboxes, wall time", b7.n),
         "one sandbox",
         &b7.pair,
     );
-    for (id, what) in [
-        ("B4", "upload through the fake router"),
-        ("B6", "gRPC over stdio"),
-    ] {
-        table.context(id, what, "not available");
-    }
     print!("{}", table.render(rounds));
 
     let figures = json!({
@@ -248,6 +440,10 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         "B2_start_to_running_ms": b2.json(),
         "B2_tailbox_daemon_phase_ms": Stats::of(tailbox_runs.iter().map(|r| ms(r.daemon)).collect()).json(),
         "B2_spike_to_socket_ms": Stats::of(spike_runs.iter().map(|r| ms(r.to_socket)).collect()).json(),
+        "B2_tailbox_spawn_to_localapi_ms": ready.json(),
+        "B2_tailscaled_version_ms": version.json(),
+        "B2_login_ms": b2_login.json(),
+        "B1_spike_step_ms": spike_steps.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
         "B3_whole_run_ms": b3.json(),
         "B5_memory_kib": {
             "agent_peak_in_run": agent_peak.json(),
@@ -259,8 +455,27 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "containerboot_tailscaled_idle": containerboot.tailscaled_rss_kib,
             "containerboot_ready_ms": ms(containerboot.ready),
         },
-        "B4": "not available",
-        "B6": "not available",
+        "B4_upload": {
+            "rtt_ms": ms(UPLOAD_LINK.rtt),
+            "bandwidth_bytes_per_s": UPLOAD_LINK.bandwidth,
+            "agent_bytes": agent_bytes,
+            "floor_ms": upload_floor,
+            "new_sandbox_ms": uploads.first.json(),
+            "new_sandbox_bytes": uploads.first_bytes,
+            "new_sandbox_router_calls": uploads.router_calls.0,
+            "new_sandbox_no_link_limits_ms": uploads.unlimited.json(),
+            "ratio": uploads.first.median / upload_floor,
+            "rerun_ms": uploads.again.json(),
+            "rerun_bytes": uploads.again_bytes,
+            "rerun_router_calls": uploads.router_calls.1,
+        },
+        "B6_stdio": {
+            "calls": sizes.calls,
+            "pipe_echo_us": echo.json(),
+            "musl": stdio_json(&musl_stdio),
+            "glibc": stdio_json(&glibc_stdio),
+            "glibc_build": glibc_kind,
+        },
         "B7_fanout_wall_ms": {
             "n": b7.n,
             "create_latency_ms": 100,
@@ -276,6 +491,60 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     eprintln!("bench: figures written to {}", json_path.display());
     Ok(())
+}
+
+/// The wall time of `tailscaled --version`, which the agent runs before starting tailscaled
+/// (part of B2's daemon phase), `times` times.
+async fn version_floor(tailscaled: &Path, times: usize) -> Result<Stats> {
+    let mut samples = Vec::with_capacity(times);
+    for _ in 0..times {
+        let mut command = Command::new(tailscaled);
+        command.arg("--version");
+        let started = Instant::now();
+        expect_ok(command, "tailscaled --version").await?;
+        samples.push(ms(started.elapsed()));
+    }
+    Ok(Stats::of(samples))
+}
+
+/// The link B4 uploads over: a distant worker's round trip and a modest uplink.
+const UPLOAD_LINK: upload::Link = upload::Link {
+    rtt: Duration::from_millis(50),
+    bandwidth: 20 << 20,
+};
+
+fn stdio_json(figures: &stdio::AgentStdio) -> Value {
+    json!({
+        "hello_us": figures.hello_us.json(),
+        "hello_p50_us": stdio::percentile(&figures.hello_us, 50.0),
+        "hello_p99_us": stdio::percentile(&figures.hello_us, 99.0),
+        "hello_bytes_out": figures.hello_bytes.0,
+        "hello_bytes_back": figures.hello_bytes.1,
+        "events_per_s": figures.events_per_s.json(),
+        "events_per_stream": figures.events_per_stream,
+    })
+}
+
+/// The agent for this machine with glibc, for B6: what `cargo build --release` makes (it shares
+/// its dependencies with the release controller), or a debug build with `--quick`.
+fn build_glibc_agent(workspace: &Path, target_dir: &Path, release: bool) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command
+        .current_dir(workspace)
+        .args(["build", "--locked", "--package", "tailbox-agent"]);
+    if release {
+        command.arg("--release");
+    }
+    let status = command
+        .status()
+        .context("running cargo build for the glibc agent")?;
+    if !status.success() {
+        bail!("building the glibc agent failed ({status})");
+    }
+    Ok(target_dir
+        .join(if release { "release" } else { "debug" })
+        .join("tailbox-agent"))
 }
 
 /// `cargo build -p tailbox` (release for a full run); returns the binary.
@@ -314,6 +583,8 @@ struct TailboxRun {
     check_times: Vec<(String, Duration)>,
     checks: Duration,
     daemon: Duration,
+    /// From spawning tailscaled until its LocalAPI answered (the daemon check's evidence).
+    daemon_ready: Duration,
     daemon_login: Duration,
     agent_peak_kib: u64,
     tailscaled_peak_kib: u64,
@@ -325,6 +596,8 @@ struct SpikeRun {
     to_socket: Duration,
     to_running: Duration,
     checks: Duration,
+    /// Each step of the checks, by name, in order.
+    steps: Vec<(&'static str, Duration)>,
 }
 
 struct IdleSidecar {
@@ -408,6 +681,14 @@ impl Setup<'_> {
                 .with_context(|| format!("the report has no {name} duration: {report:#}"))
         };
         let daemon = phase("PHASE_DAEMON")?;
+        let daemon_ready = report["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == "daemon")
+            .and_then(|c| c["daemon"]["time_to_ready"].as_str())
+            .and_then(parse_proto_duration)
+            .with_context(|| format!("the daemon check has no time to ready: {report:#}"))?;
         let check_times = report["checks"]
             .as_array()
             .into_iter()
@@ -422,6 +703,7 @@ impl Setup<'_> {
             check_times,
             checks: phase("PHASE_CHECKS")?,
             daemon,
+            daemon_ready,
             daemon_login: daemon + phase("PHASE_LOGIN")?,
             agent_peak_kib,
             tailscaled_peak_kib,
@@ -484,9 +766,17 @@ impl Setup<'_> {
         let to_running = started.elapsed();
 
         let checks_started = Instant::now();
+        let mut steps = Vec::new();
+        let mut step_started = Instant::now();
+        let mut step = |name: &'static str| {
+            steps.push((name, step_started.elapsed()));
+            step_started = Instant::now();
+        };
         expect_ok(tailscale(&["status"]), "tailscale status").await?;
+        step("tailscale status");
         let peer = lab.peer_ipv4().to_string();
         let ping = output_of(tailscale(&["ping", "-c", "1", &peer]), "tailscale ping").await?;
+        step("tailscale ping -c 1");
         // `-c 1` exits 1 when the one pong came through DERP; a pong is what the spike wanted.
         if !String::from_utf8_lossy(&ping.stdout).contains("pong") {
             bail!("tailscale ping got no pong: {}", text(&ping));
@@ -497,6 +787,7 @@ impl Setup<'_> {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
         expect_ok(curl, "curl --socks5-hostname").await?;
+        step("curl --socks5-hostname");
         let mut git = Command::new("git");
         git.args(["ls-remote", &lab.git_url()])
             .env_clear()
@@ -506,6 +797,7 @@ impl Setup<'_> {
         tailbox_testkit::isolate_client(git.as_std_mut())
             .env("ALL_PROXY", format!("socks5h://{proxy}"));
         expect_ok(git, "git ls-remote").await?;
+        step("git ls-remote");
         let checks = checks_started.elapsed();
 
         expect_ok(tailscale(&["logout"]), "tailscale logout").await?;
@@ -515,6 +807,7 @@ impl Setup<'_> {
             to_socket,
             to_running,
             checks,
+            steps,
         })
     }
 
@@ -924,6 +1217,17 @@ impl Table {
             ours_text,
             format!("{theirs} KiB {baseline}"),
             format!("{:.2}×", ours.median / theirs as f64),
+        ]);
+    }
+
+    /// A row with tailbox's figure, the baseline's, and their ratio.
+    fn versus(&mut self, id: &str, what: &str, ours: &str, baseline: &str, ratio: f64) {
+        self.rows.push([
+            id.into(),
+            what.into(),
+            ours.into(),
+            baseline.into(),
+            format!("{ratio:.2}×"),
         ]);
     }
 

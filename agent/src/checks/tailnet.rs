@@ -24,6 +24,17 @@ const STATUS_REFRESH: Duration = Duration::from_secs(1);
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a relayed pong, keep pinging this long to see whether a direct path comes up.
 const UNTIL_DIRECT_WINDOW: Duration = Duration::from_secs(3);
+/// A ping unanswered this long is joined by another (the wait doubles for each further one, up
+/// to [`PING_TIMEOUT`]). A fresh node's first disco ping can be dropped by a peer that has not yet
+/// learned of the node, and tailscaled never sends it again: waiting it out cost 5 s.
+const HEDGE_FIRST: Duration = Duration::from_millis(200);
+/// Pings in flight at once, at most.
+const MAX_IN_FLIGHT: usize = 4;
+/// After a relayed pong, the next ping goes out this soon (the wait doubles up to
+/// [`RETRY_INTERVAL`]): a direct path often comes up within milliseconds of the first pong.
+const RELAYED_FIRST: Duration = Duration::from_millis(25);
+/// The longest wait between pings after an answer (a relayed pong, or an error).
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The node's own status after login.
 pub async fn check_status(api: &LocalApi) -> (CheckResult, Option<Status>) {
@@ -430,26 +441,44 @@ pub async fn check_ping(
         },
     };
     let api = daemon.api();
+    let address = ip.to_string();
     let deadline = tokio::time::Instant::now() + limit;
+    let mut pace = PingPace::default();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut next_ping = tokio::time::Instant::now();
     let mut attempts = 0u32;
     let mut best: Option<crate::localapi::PingResult> = None;
     let mut first_pong: Option<tokio::time::Instant> = None;
     let mut last_problem = String::from("no pong");
-    while tokio::time::Instant::now() < deadline {
-        if let Some(at) = first_pong
-            && at.elapsed() >= UNTIL_DIRECT_WINDOW
-        {
+    loop {
+        let now = tokio::time::Instant::now();
+        let mut until = deadline;
+        if let Some(at) = first_pong {
+            until = until.min(at + UNTIL_DIRECT_WINDOW);
+        }
+        if now >= until {
             break;
         }
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        attempts += 1;
-        match api
-            .ping(&ip.to_string(), "disco", remaining.min(PING_TIMEOUT))
-            .await
-        {
+        if now >= next_ping && in_flight.len() < MAX_IN_FLIGHT {
+            attempts += 1;
+            let limit = (deadline - now).min(PING_TIMEOUT);
+            in_flight.push(api.ping(&address, "disco", limit));
+            next_ping = now + pace.sent();
+        }
+        let wake = if in_flight.len() < MAX_IN_FLIGHT {
+            next_ping.min(until)
+        } else {
+            until
+        };
+        let answer = tokio::select! {
+            Some(answer) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => answer,
+            () = tokio::time::sleep_until(wake) => continue,
+        };
+        let now = tokio::time::Instant::now();
+        match answer {
             Ok(pong) if pong.err.is_empty() => {
                 let direct = !pong.endpoint.is_empty();
-                first_pong.get_or_insert_with(tokio::time::Instant::now);
+                first_pong.get_or_insert(now);
                 if best.as_ref().is_none_or(|b| {
                     rank(&pong) > rank(b)
                         || (rank(&pong) == rank(b) && pong.latency_seconds < b.latency_seconds)
@@ -459,6 +488,7 @@ pub async fn check_ping(
                 if direct {
                     break;
                 }
+                next_ping = now + pace.relayed();
             }
             Ok(pong) if pong.is_local_ip => {
                 return (
@@ -472,28 +502,33 @@ pub async fn check_ping(
                     None,
                 );
             }
-            Ok(pong) => last_problem = pong.err,
+            Ok(pong) => {
+                last_problem = pong.err;
+                next_ping = now + pace.answered();
+            }
             Err(LocalApiError::Timeout { .. }) => {
-                last_problem = format!("no pong within {PING_TIMEOUT:?}")
+                last_problem = format!("no pong within {PING_TIMEOUT:?}");
             }
             Err(err @ LocalApiError::Connect { .. }) => {
                 // tailscaled is down; wait for the supervisor to bring it back.
                 last_problem = err.to_string();
+                in_flight.clear();
                 if !matches!(
                     tokio::time::timeout_at(deadline, daemon.wait()).await,
                     Ok(true)
                 ) {
                     break;
                 }
-                continue;
+                pace = PingPace::default();
+                next_ping = tokio::time::Instant::now();
             }
-            Err(err) => last_problem = err.to_string(),
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            () = tokio::time::sleep_until(deadline) => {}
+            Err(err) => {
+                last_problem = err.to_string();
+                next_ping = now + pace.answered();
+            }
         }
     }
+    drop(in_flight);
     match best {
         Some(pong) => pong_result(&outcome, ip, &pong, attempts),
         None => {
@@ -636,6 +671,48 @@ fn unresolved(outcome: &Outcome, name: &str, netmap: Option<&CheckResult>) -> Ch
     }
 }
 
+/// When the ping check sends its next disco ping, relative to now.
+#[derive(Debug, Clone, Copy)]
+struct PingPace {
+    /// Until another joins a ping that is not answered.
+    hedge: Duration,
+    /// Until the next ping after a relayed pong.
+    relayed: Duration,
+}
+
+impl Default for PingPace {
+    fn default() -> Self {
+        Self {
+            hedge: HEDGE_FIRST,
+            relayed: RELAYED_FIRST,
+        }
+    }
+}
+
+impl PingPace {
+    /// A ping went out: the next joins it after the hedge wait, which then doubles.
+    fn sent(&mut self) -> Duration {
+        let wait = self.hedge;
+        self.hedge = (self.hedge * 2).min(PING_TIMEOUT);
+        wait
+    }
+
+    /// A relayed pong came back: ping again soon, then less often, in case a direct path
+    /// comes up. An answer also resets the hedge.
+    fn relayed(&mut self) -> Duration {
+        let wait = self.relayed;
+        self.relayed = (self.relayed * 2).min(RETRY_INTERVAL);
+        self.hedge = HEDGE_FIRST;
+        wait
+    }
+
+    /// tailscaled answered with an error (e.g. the peer is not known yet): try again later.
+    fn answered(&mut self) -> Duration {
+        self.hedge = HEDGE_FIRST;
+        RETRY_INTERVAL
+    }
+}
+
 /// Direct beats a peer relay beats DERP.
 fn rank(pong: &crate::localapi::PingResult) -> u8 {
     if !pong.endpoint.is_empty() {
@@ -730,6 +807,26 @@ mod tests {
         assert!(prefix_contains("10.1.2.3", ip));
         assert!(!prefix_contains("::/0", ip));
         assert!(!prefix_contains("garbage/99", ip));
+    }
+
+    #[test]
+    fn unanswered_pings_are_joined_sooner_than_they_time_out_and_relayed_pongs_repeat_soon() {
+        let mut pace = PingPace::default();
+        let hedges: Vec<Duration> = (0..6).map(|_| pace.sent()).collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            hedges,
+            [ms(200), ms(400), ms(800), ms(1600), ms(3200), ms(5000)]
+        );
+        let relayed: Vec<Duration> = (0..6).map(|_| pace.relayed()).collect();
+        assert_eq!(
+            relayed,
+            [ms(25), ms(50), ms(100), ms(200), ms(400), ms(500)]
+        );
+        // An answer resets the hedge: the next unanswered ping is joined after 200 ms again.
+        assert_eq!(pace.sent(), ms(200));
+        assert_eq!(pace.answered(), RETRY_INTERVAL);
+        assert_eq!(pace.sent(), ms(200));
     }
 
     #[test]

@@ -95,13 +95,17 @@ pub async fn read_prefix(router: &Router, path: &str, len: usize) -> Result<Vec<
     let read = async {
         let argv = command(serde_json::json!({"ReadFile": {"path": path}}));
         router.exec_start(&exec_id, argv, HashMap::new()).await?;
-        close_stdin(router, &exec_id).await?;
-        let mut prefix = Vec::with_capacity(len);
-        ExecReader::new(router.clone(), exec_id.clone(), Fd::Stdout)
-            .take(len as u64)
-            .read_to_end(&mut prefix)
-            .await
-            .map_err(|e| Status::unavailable(format!("reading the output: {e}")))?;
+        // Both at once: each is a round trip to the router, and neither waits for the other.
+        let read = async {
+            let mut prefix = Vec::with_capacity(len);
+            ExecReader::new(router.clone(), exec_id.clone(), Fd::Stdout)
+                .take(len as u64)
+                .read_to_end(&mut prefix)
+                .await
+                .map_err(|e| Status::unavailable(format!("reading the output: {e}")))?;
+            Ok::<_, Status>(prefix)
+        };
+        let ((), prefix) = tokio::try_join!(close_stdin(router, &exec_id), read)?;
         Ok::<_, Status>(prefix)
     };
     let prefix = read.await.map_err(exec_failed(&action))?;

@@ -16,7 +16,8 @@
 //!   rejected.
 //! - **Faults** ([`Faults`]): latency per RPC, UNAVAILABLE for the next N calls, stdio read
 //!   streams cut after N bytes every time, streamed stdin writes cut after N bytes, short-lived
-//!   router JWTs, slow scheduling.
+//!   router JWTs, slow scheduling, and a slow link to the router (a round trip per call and a
+//!   bandwidth cap).
 //! - **Records** ([`Record`]): every call with its (redacted) headers, sandboxes created and
 //!   finished, execs, bytes written, refusals.
 
@@ -120,6 +121,14 @@ pub struct Faults {
     pub router_jwt_ttl: Option<Duration>,
     /// `SandboxGetTaskId` answers "not scheduled yet" this many times per sandbox.
     pub unscheduled_polls: u32,
+    /// A network round trip added to every router call, as a link to a distant worker adds it:
+    /// a unary call answers this much later, a stdio read stream sends its first bytes this much
+    /// later, and a streamed stdin write is acknowledged this much after its last message.
+    pub router_rtt: Option<Duration>,
+    /// The router link's speed in bytes per second, each way: stdin bytes (streamed or not) are
+    /// taken in, and stdout and stderr bytes sent out, no faster than this, one message after the
+    /// other across every exec of every sandbox (a shared link, with no burst allowance).
+    pub router_bandwidth: Option<u64>,
 }
 
 /// One call the fake received.
@@ -260,6 +269,17 @@ pub(crate) struct State {
     pub(crate) world: Mutex<sandbox::World>,
     pub(crate) router_url: Mutex<String>,
     pub(crate) dir: tempfile::TempDir,
+    /// When the router link is next free, each way ([`Faults::router_bandwidth`]).
+    pub(crate) link: [tokio::sync::Mutex<tokio::time::Instant>; 2],
+}
+
+/// A direction on the router link.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Way {
+    /// Toward the sandbox: stdin.
+    Up = 0,
+    /// From the sandbox: stdout and stderr.
+    Down = 1,
 }
 
 impl State {
@@ -331,6 +351,36 @@ impl State {
             tokio::time::sleep(delay).await;
         }
     }
+
+    /// One router call with the link's round trip around it ([`Faults::router_rtt`]): half
+    /// before the server sees the request, half before the client sees the answer.
+    pub(crate) async fn round_trip<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        let half = self.faults().router_rtt.map(|rtt| rtt / 2);
+        if let Some(half) = half {
+            tokio::time::sleep(half).await;
+        }
+        let answer = call.await;
+        if let Some(half) = half {
+            tokio::time::sleep(half).await;
+        }
+        answer
+    }
+
+    /// Waits until `bytes` have crossed the router link `way` ([`Faults::router_bandwidth`]):
+    /// each message takes its turn on the link, for `bytes / bandwidth`.
+    pub(crate) async fn transmit(&self, way: Way, bytes: usize) {
+        let Some(rate) = self.faults().router_bandwidth.filter(|&r| r > 0) else {
+            return;
+        };
+        let takes = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let done = {
+            let mut free_at = self.link[way as usize].lock().await;
+            let start = (*free_at).max(tokio::time::Instant::now());
+            *free_at = start + takes;
+            *free_at
+        };
+        tokio::time::sleep_until(done).await;
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -375,6 +425,7 @@ impl FakeModal {
             world: Mutex::new(sandbox::World::default()),
             router_url: Mutex::new(String::new()),
             dir,
+            link: std::array::from_fn(|_| tokio::sync::Mutex::new(tokio::time::Instant::now())),
         });
         let control_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

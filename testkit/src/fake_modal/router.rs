@@ -15,7 +15,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::sandbox::{self, Exec, ExecSpec, Sandbox, StderrTo};
-use super::{Exit, State, lock, tools};
+use super::{Exit, State, Way, lock, tools};
 
 pub(crate) struct CommandRouter {
     pub(crate) state: Arc<State>,
@@ -156,256 +156,287 @@ impl TaskCommandRouter for CommandRouter {
         &self,
         request: Request<TaskExecStartRequest>,
     ) -> Reply<TaskExecStartResponse> {
-        let (metadata, _, req) = request.into_parts();
-        let sandbox = self.admit("TaskExecStart", &metadata, &req.task_id)?;
-        let spec = self
-            .exec_spec(req.clone())
-            .map_err(|status| self.state.refuse("TaskExecStart", status))?;
-        if !tools::is_tool(&spec.argv) {
-            self.state.latency("TaskExecStart").await;
-        }
-        sandbox::start_exec(&self.state, &sandbox, &req.exec_id, spec)?;
-        Ok(Response::new(TaskExecStartResponse {}))
+        self.state
+            .round_trip(async move {
+                let (metadata, _, req) = request.into_parts();
+                let sandbox = self.admit("TaskExecStart", &metadata, &req.task_id)?;
+                let spec = self
+                    .exec_spec(req.clone())
+                    .map_err(|status| self.state.refuse("TaskExecStart", status))?;
+                if !tools::is_tool(&spec.argv) {
+                    self.state.latency("TaskExecStart").await;
+                }
+                sandbox::start_exec(&self.state, &sandbox, &req.exec_id, spec)?;
+                Ok(Response::new(TaskExecStartResponse {}))
+            })
+            .await
     }
 
     async fn task_exec_stdio_read(
         &self,
         request: Request<TaskExecStdioReadRequest>,
     ) -> Reply<BoxStream<TaskExecStdioReadResponse>> {
-        let (metadata, _, req) = request.into_parts();
-        let sandbox = self.admit("TaskExecStdioRead", &metadata, &req.task_id)?;
-        let exec = Self::exec(&sandbox, &req.exec_id)?;
-        let stderr = req.file_descriptor == TaskExecStdioFileDescriptor::Stderr as i32;
-        let mut progress = if stderr {
-            exec.stderr.watch()
-        } else {
-            exec.stdout.watch()
-        };
-        let produced = progress.borrow().0;
-        let Ok(mut offset) = usize::try_from(req.offset) else {
-            return Err(Status::out_of_range("offset overflows"));
-        };
-        if offset > produced {
-            return Err(self.state.refuse(
-                "TaskExecStdioRead",
-                Status::out_of_range(format!(
-                    "offset {offset} is beyond the {produced} bytes produced"
-                )),
-            ));
-        }
-        if !exec.tool {
-            self.state.latency("TaskExecStdioRead").await;
-        }
-        let cut = self.state.faults().cut_stdio_after;
-        // The next planned cut of the agent's stdout past where this read starts.
-        let cut_at = if stderr || exec.tool {
-            None
-        } else {
-            let faults = self.state.faults();
-            faults
-                .cut_stdout_at
-                .iter()
-                .copied()
-                .filter(|&p| p > offset)
-                .min()
-        };
-        let state = Arc::clone(&self.state);
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let output = if stderr { &exec.stderr } else { &exec.stdout };
-            let mut sent = 0usize;
-            loop {
-                let (len, done) = *progress.borrow_and_update();
-                if offset < len {
-                    if cut_at == Some(offset) {
-                        state.update(|r| r.stdio_cuts += 1);
-                        let _ = tx
-                            .send(Err(Status::unavailable(
-                                "fake: stdout cut at a planned offset",
-                            )))
-                            .await;
-                        return;
-                    }
-                    let mut max = CHUNK;
-                    if let Some(at) = cut_at {
-                        max = max.min(at - offset);
-                    }
-                    if let Some(cut) = cut {
-                        if sent >= cut {
-                            state.update(|r| r.stdio_cuts += 1);
-                            let _ = tx
-                                .send(Err(Status::unavailable("fake: stdio stream cut")))
-                                .await;
+        self.state
+            .round_trip(async move {
+                let (metadata, _, req) = request.into_parts();
+                let sandbox = self.admit("TaskExecStdioRead", &metadata, &req.task_id)?;
+                let exec = Self::exec(&sandbox, &req.exec_id)?;
+                let stderr = req.file_descriptor == TaskExecStdioFileDescriptor::Stderr as i32;
+                let mut progress = if stderr {
+                    exec.stderr.watch()
+                } else {
+                    exec.stdout.watch()
+                };
+                let produced = progress.borrow().0;
+                let Ok(mut offset) = usize::try_from(req.offset) else {
+                    return Err(Status::out_of_range("offset overflows"));
+                };
+                if offset > produced {
+                    return Err(self.state.refuse(
+                        "TaskExecStdioRead",
+                        Status::out_of_range(format!(
+                            "offset {offset} is beyond the {produced} bytes produced"
+                        )),
+                    ));
+                }
+                if !exec.tool {
+                    self.state.latency("TaskExecStdioRead").await;
+                }
+                let cut = self.state.faults().cut_stdio_after;
+                // The next planned cut of the agent's stdout past where this read starts.
+                let cut_at = if stderr || exec.tool {
+                    None
+                } else {
+                    let faults = self.state.faults();
+                    faults
+                        .cut_stdout_at
+                        .iter()
+                        .copied()
+                        .filter(|&p| p > offset)
+                        .min()
+                };
+                let state = Arc::clone(&self.state);
+                let (tx, rx) = mpsc::channel(4);
+                tokio::spawn(async move {
+                    let output = if stderr { &exec.stderr } else { &exec.stdout };
+                    let mut sent = 0usize;
+                    loop {
+                        let (len, done) = *progress.borrow_and_update();
+                        if offset < len {
+                            if cut_at == Some(offset) {
+                                state.update(|r| r.stdio_cuts += 1);
+                                let _ = tx
+                                    .send(Err(Status::unavailable(
+                                        "fake: stdout cut at a planned offset",
+                                    )))
+                                    .await;
+                                return;
+                            }
+                            let mut max = CHUNK;
+                            if let Some(at) = cut_at {
+                                max = max.min(at - offset);
+                            }
+                            if let Some(cut) = cut {
+                                if sent >= cut {
+                                    state.update(|r| r.stdio_cuts += 1);
+                                    let _ = tx
+                                        .send(Err(Status::unavailable("fake: stdio stream cut")))
+                                        .await;
+                                    return;
+                                }
+                                max = max.min(cut - sent);
+                            }
+                            let data = output.slice(offset, max);
+                            state.transmit(Way::Down, data.len()).await;
+                            offset += data.len();
+                            sent += data.len();
+                            if tx
+                                .send(Ok(TaskExecStdioReadResponse { data }))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                            continue;
+                        }
+                        // Everything delivered and the fd closed: a clean end of the stream.
+                        if done || progress.changed().await.is_err() {
                             return;
                         }
-                        max = max.min(cut - sent);
                     }
-                    let data = output.slice(offset, max);
-                    offset += data.len();
-                    sent += data.len();
-                    if tx
-                        .send(Ok(TaskExecStdioReadResponse { data }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    continue;
-                }
-                // Everything delivered and the fd closed: a clean end of the stream.
-                if done || progress.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+                });
+                let stream: BoxStream<TaskExecStdioReadResponse> =
+                    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+                Ok(Response::new(stream))
+            })
+            .await
     }
 
     async fn task_exec_stdin_write(
         &self,
         request: Request<TaskExecStdinWriteRequest>,
     ) -> Reply<TaskExecStdinWriteResponse> {
-        let (metadata, _, req) = request.into_parts();
-        let sandbox = self.admit("TaskExecStdinWrite", &metadata, &req.task_id)?;
-        let exec = Self::exec(&sandbox, &req.exec_id)?;
-        self.state.latency("TaskExecStdinWrite").await;
-        sandbox::write_stdin(
-            &self.state,
-            "TaskExecStdinWrite",
-            &exec,
-            &req.exec_id,
-            req.offset,
-            &req.data,
-            req.eof,
-        )
-        .await?;
-        Ok(Response::new(TaskExecStdinWriteResponse {}))
+        self.state
+            .round_trip(async move {
+                let (metadata, _, req) = request.into_parts();
+                let sandbox = self.admit("TaskExecStdinWrite", &metadata, &req.task_id)?;
+                let exec = Self::exec(&sandbox, &req.exec_id)?;
+                self.state.latency("TaskExecStdinWrite").await;
+                self.state.transmit(Way::Up, req.data.len()).await;
+                sandbox::write_stdin(
+                    &self.state,
+                    "TaskExecStdinWrite",
+                    &exec,
+                    &req.exec_id,
+                    req.offset,
+                    &req.data,
+                    req.eof,
+                )
+                .await?;
+                Ok(Response::new(TaskExecStdinWriteResponse {}))
+            })
+            .await
     }
 
     async fn task_exec_stdin_write_stream(
         &self,
         request: Request<Streaming<TaskExecStdinWriteStreamRequest>>,
     ) -> Reply<TaskExecStdinWriteStreamResponse> {
-        let (metadata, _, mut stream) = request.into_parts();
-        let first = stream.message().await?;
-        let Some(TaskExecStdinWriteStreamRequest {
-            payload: Some(Payload::Start(start)),
-        }) = first
-        else {
-            self.state
-                .call("router", "TaskExecStdinWriteStream", &metadata)?;
-            return Err(self.state.refuse(
-                "TaskExecStdinWriteStream",
-                Status::invalid_argument("the first message must be start"),
-            ));
-        };
-        let sandbox = self.admit("TaskExecStdinWriteStream", &metadata, &start.task_id)?;
-        let exec = Self::exec(&sandbox, &start.exec_id)?;
-        self.state.latency("TaskExecStdinWriteStream").await;
-        let cut = self.state.faults().cut_stdin_stream_after;
-        let mut offset = start.offset;
-        let mut streamed = 0usize;
-        while let Some(message) = stream.message().await? {
-            match message.payload {
-                Some(Payload::Data(data)) => {
-                    let mut data = data.as_slice();
-                    let mut cut_now = false;
-                    if let Some(cut) = cut
-                        && streamed + data.len() > cut
-                    {
-                        data = &data[..cut.saturating_sub(streamed)];
-                        cut_now = true;
-                    }
-                    sandbox::write_stdin(
-                        &self.state,
+        self.state
+            .round_trip(async move {
+                let (metadata, _, mut stream) = request.into_parts();
+                let first = stream.message().await?;
+                let Some(TaskExecStdinWriteStreamRequest {
+                    payload: Some(Payload::Start(start)),
+                }) = first
+                else {
+                    self.state
+                        .call("router", "TaskExecStdinWriteStream", &metadata)?;
+                    return Err(self.state.refuse(
                         "TaskExecStdinWriteStream",
-                        &exec,
-                        &start.exec_id,
-                        offset,
-                        data,
-                        false,
-                    )
-                    .await?;
-                    offset += data.len() as u64;
-                    streamed += data.len();
-                    if cut_now {
-                        return Err(Status::unavailable("fake: stdin stream cut"));
+                        Status::invalid_argument("the first message must be start"),
+                    ));
+                };
+                let sandbox = self.admit("TaskExecStdinWriteStream", &metadata, &start.task_id)?;
+                let exec = Self::exec(&sandbox, &start.exec_id)?;
+                self.state.latency("TaskExecStdinWriteStream").await;
+                let cut = self.state.faults().cut_stdin_stream_after;
+                let mut offset = start.offset;
+                let mut streamed = 0usize;
+                while let Some(message) = stream.message().await? {
+                    match message.payload {
+                        Some(Payload::Data(data)) => {
+                            let mut data = data.as_slice();
+                            let mut cut_now = false;
+                            if let Some(cut) = cut
+                                && streamed + data.len() > cut
+                            {
+                                data = &data[..cut.saturating_sub(streamed)];
+                                cut_now = true;
+                            }
+                            self.state.transmit(Way::Up, data.len()).await;
+                            sandbox::write_stdin(
+                                &self.state,
+                                "TaskExecStdinWriteStream",
+                                &exec,
+                                &start.exec_id,
+                                offset,
+                                data,
+                                false,
+                            )
+                            .await?;
+                            offset += data.len() as u64;
+                            streamed += data.len();
+                            if cut_now {
+                                return Err(Status::unavailable("fake: stdin stream cut"));
+                            }
+                        }
+                        Some(Payload::End(_)) => {
+                            sandbox::write_stdin(
+                                &self.state,
+                                "TaskExecStdinWriteStream",
+                                &exec,
+                                &start.exec_id,
+                                offset,
+                                &[],
+                                true,
+                            )
+                            .await?;
+                            break;
+                        }
+                        Some(Payload::Start(_)) | None => {
+                            return Err(Status::invalid_argument("start may only come first"));
+                        }
                     }
                 }
-                Some(Payload::End(_)) => {
-                    sandbox::write_stdin(
-                        &self.state,
-                        "TaskExecStdinWriteStream",
-                        &exec,
-                        &start.exec_id,
-                        offset,
-                        &[],
-                        true,
-                    )
-                    .await?;
-                    break;
-                }
-                Some(Payload::Start(_)) | None => {
-                    return Err(Status::invalid_argument("start may only come first"));
-                }
-            }
-        }
-        Ok(Response::new(TaskExecStdinWriteStreamResponse {}))
+                Ok(Response::new(TaskExecStdinWriteStreamResponse {}))
+            })
+            .await
     }
 
     async fn task_exec_stdin_status(
         &self,
         request: Request<TaskExecStdinStatusRequest>,
     ) -> Reply<TaskExecStdinStatusResponse> {
-        let (metadata, _, req) = request.into_parts();
-        let sandbox = self.admit("TaskExecStdinStatus", &metadata, &req.task_id)?;
-        let exec = Self::exec(&sandbox, &req.exec_id)?;
-        let stdin = exec.stdin.lock().await;
-        Ok(Response::new(TaskExecStdinStatusResponse {
-            num_bytes_written: stdin.written,
-            closed: stdin.closed,
-        }))
+        self.state
+            .round_trip(async move {
+                let (metadata, _, req) = request.into_parts();
+                let sandbox = self.admit("TaskExecStdinStatus", &metadata, &req.task_id)?;
+                let exec = Self::exec(&sandbox, &req.exec_id)?;
+                let stdin = exec.stdin.lock().await;
+                Ok(Response::new(TaskExecStdinStatusResponse {
+                    num_bytes_written: stdin.written,
+                    closed: stdin.closed,
+                }))
+            })
+            .await
     }
 
     async fn task_exec_wait(
         &self,
         request: Request<TaskExecWaitRequest>,
     ) -> Reply<TaskExecWaitResponse> {
-        let (metadata, _, req) = request.into_parts();
-        let sandbox = self.admit("TaskExecWait", &metadata, &req.task_id)?;
-        let exec = Self::exec(&sandbox, &req.exec_id)?;
-        let mut exit = exec.exit.subscribe();
-        let status = loop {
-            if let Some(status) = *exit.borrow_and_update() {
-                break status;
-            }
-            if exit.changed().await.is_err() {
-                return Err(Status::unavailable("fake: the exec vanished"));
-            }
-        };
-        Ok(Response::new(TaskExecWaitResponse {
-            exit_status: Some(match status {
-                Exit::Code(code) => ExitStatus::Code(code),
-                Exit::Signal(signal) => ExitStatus::Signal(signal),
-            }),
-        }))
+        self.state
+            .round_trip(async move {
+                let (metadata, _, req) = request.into_parts();
+                let sandbox = self.admit("TaskExecWait", &metadata, &req.task_id)?;
+                let exec = Self::exec(&sandbox, &req.exec_id)?;
+                let mut exit = exec.exit.subscribe();
+                let status = loop {
+                    if let Some(status) = *exit.borrow_and_update() {
+                        break status;
+                    }
+                    if exit.changed().await.is_err() {
+                        return Err(Status::unavailable("fake: the exec vanished"));
+                    }
+                };
+                Ok(Response::new(TaskExecWaitResponse {
+                    exit_status: Some(match status {
+                        Exit::Code(code) => ExitStatus::Code(code),
+                        Exit::Signal(signal) => ExitStatus::Signal(signal),
+                    }),
+                }))
+            })
+            .await
     }
 
     async fn task_exec_poll(
         &self,
         request: Request<TaskExecPollRequest>,
     ) -> Reply<TaskExecPollResponse> {
-        let (metadata, _, req) = request.into_parts();
-        let sandbox = self.admit("TaskExecPoll", &metadata, &req.task_id)?;
-        let exec = Self::exec(&sandbox, &req.exec_id)?;
-        let status = *exec.exit.borrow();
-        Ok(Response::new(TaskExecPollResponse {
-            exit_status: status.map(|status| match status {
-                Exit::Code(code) => PollStatus::Code(code),
-                Exit::Signal(signal) => PollStatus::Signal(signal),
-            }),
-        }))
+        self.state
+            .round_trip(async move {
+                let (metadata, _, req) = request.into_parts();
+                let sandbox = self.admit("TaskExecPoll", &metadata, &req.task_id)?;
+                let exec = Self::exec(&sandbox, &req.exec_id)?;
+                let status = *exec.exit.borrow();
+                Ok(Response::new(TaskExecPollResponse {
+                    exit_status: status.map(|status| match status {
+                        Exit::Code(code) => PollStatus::Code(code),
+                        Exit::Signal(signal) => PollStatus::Signal(signal),
+                    }),
+                }))
+            })
+            .await
     }
 }
