@@ -18,28 +18,9 @@ async fn check_local(lab: &Lab, extra: &[&str]) -> (String, String, Option<i32>)
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("authkey");
     std::fs::write(&key, lab.auth_key()).unwrap();
-    let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
-    let mut args: Vec<String> = vec![
-        "check".into(),
-        "--sandbox".into(),
-        "local".into(),
-        "--agent".into(),
-        agent_binary().display().to_string(),
-        "--tailscaled".into(),
-        lab.bins().tailscaled().display().to_string(),
-        "--control-url".into(),
-        lab.control_url().into(),
-        "--auth-key-file".into(),
-        key.display().to_string(),
-        "--ping".into(),
-        lab.peer_ipv4().to_string(),
-        "--http".into(),
-        lab.health_url(),
-        "--git".into(),
-        lab.git_url(),
-        "--expect-ref".into(),
-        format!("main={main_sha}"),
-    ];
+    let mut args: Vec<String> = vec!["check".into(), "--sandbox".into(), "local".into()];
+    args.extend(lab.local_agent_flags(&agent_binary(), &key));
+    args.extend(lab.every_target_flags());
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     let out = tailbox_testkit::tailbox_command(env!("CARGO_BIN_EXE_tailbox"), dir.path())
         .args(&args)

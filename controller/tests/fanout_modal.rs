@@ -12,7 +12,7 @@ use serde_json::Value;
 use tailbox_testkit::agent::static_agent_binary;
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal, Record};
 use tailbox_testkit::lab::{Binaries, Lab};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// The create latency the issue asks the fan-out to be measured with.
 const CREATE_LATENCY: Duration = Duration::from_millis(100);
@@ -193,12 +193,7 @@ async fn ctrl_c_mid_fan_out(
     )
     .spawn()
     .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr_task = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
+    let stderr_task = tailbox_testkit::collect_stderr(&mut child);
     let stdout = child.stdout.take().unwrap();
     let stdout_task = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use tailbox_proto::arch::Arch;
 use tailbox_testkit::agent::{agent_binary, static_agent_binary};
 use tailbox_testkit::fake_modal::{FakeConfig, FakeModal, Faults, Record, TOKEN_SECRET};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// Bound for one whole test, once the static agent is built.
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
@@ -797,12 +797,7 @@ async fn signal_during(signal: i32, rpc: &str, reached: impl Fn(&Record) -> bool
     )
     .spawn()
     .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let stderr_task = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text).await;
-        text
-    });
+    let stderr_task = tailbox_testkit::collect_stderr(&mut child);
     let stdout = child.stdout.take().unwrap();
     let stdout_task = tokio::spawn(async move {
         let mut lines = BufReader::new(stdout).lines();

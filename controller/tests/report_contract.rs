@@ -39,15 +39,8 @@ async fn run(lab: &Lab, extra: &[String]) -> (Option<i32>, Vec<Value>, String) {
     ]
     .map(str::to_owned)
     .to_vec();
+    args.extend(lab.local_agent_flags(&agent_binary(), &key));
     args.extend([
-        "--agent".into(),
-        agent_binary().display().to_string(),
-        "--tailscaled".into(),
-        lab.bins().tailscaled().display().to_string(),
-        "--control-url".into(),
-        lab.control_url().into(),
-        "--auth-key-file".into(),
-        key.display().to_string(),
         "--ping".into(),
         lab.peer_ipv4().to_string(),
         "--http".into(),

@@ -223,17 +223,8 @@ async fn every_check(lab: &Lab, agent: &Path, tailscaled: &Path) -> Run {
         let (_key_dir, mut args) = lab_args(lab);
         set_flag(&mut args, "--agent", agent);
         set_flag(&mut args, "--tailscaled", tailscaled);
+        args.extend(lab.every_target_flags());
         let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
-        args.extend([
-            "--ping".into(),
-            lab.peer_ipv4().to_string(),
-            "--http".into(),
-            lab.health_url(),
-            "--git".into(),
-            lab.git_url(),
-            "--expect-ref".into(),
-            format!("main={main_sha}"),
-        ]);
         let run = run_tailbox(lab, args, |_, _| {}).await;
         assert_eq!(
             run.code,

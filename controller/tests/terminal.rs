@@ -297,22 +297,7 @@ async fn every_line_and_the_results_table_fit_80_columns() {
     let dir = tempfile::tempdir().unwrap();
     let agent = own_agent(dir.path());
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let main_sha = lab.git_ref("refs/heads/main").unwrap().to_owned();
-        let args = check_args(
-            &lab,
-            dir.path(),
-            &agent,
-            &[
-                "--ping".into(),
-                lab.peer_ipv4().to_string(),
-                "--http".into(),
-                lab.health_url(),
-                "--git".into(),
-                lab.git_url(),
-                "--expect-ref".into(),
-                format!("main={main_sha}"),
-            ],
-        );
+        let args = check_args(&lab, dir.path(), &agent, &lab.every_target_flags());
         let terminal = Terminal::run(dir.path(), &env_for(&lab), &args);
         let (code, text) = terminal.finished().await;
         assert_eq!(code, 0, "{text}");

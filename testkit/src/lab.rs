@@ -401,6 +401,37 @@ impl Lab {
         env
     }
 
+    /// The flags that aim a check at every target of this lab: `--ping` the dev host,
+    /// `--http` its health URL, `--git` its repository with `--expect-ref` main's sha.
+    pub fn every_target_flags(&self) -> Vec<String> {
+        let main_sha = self.git_ref("refs/heads/main").unwrap_or_default();
+        vec![
+            "--ping".into(),
+            self.peer_ipv4().to_string(),
+            "--http".into(),
+            self.health_url(),
+            "--git".into(),
+            self.git_url(),
+            "--expect-ref".into(),
+            format!("main={main_sha}"),
+        ]
+    }
+
+    /// The flags that run `agent` locally against this lab: `--agent`, this lab's
+    /// `--tailscaled` and `--control-url`, and `--auth-key-file key_file`.
+    pub fn local_agent_flags(&self, agent: &Path, key_file: &Path) -> Vec<String> {
+        vec![
+            "--agent".into(),
+            agent.display().to_string(),
+            "--tailscaled".into(),
+            self.bins().tailscaled().display().to_string(),
+            "--control-url".into(),
+            self.control_url().into(),
+            "--auth-key-file".into(),
+            key_file.display().to_string(),
+        ]
+    }
+
     /// The tailnet config that joins this lab as `hostname`, as a sidecar's `Up` or a run
     /// sends it: the lab's key and control, the lab's tailscaled with [`Lab::tailscaled_env`],
     /// and a proxy on a port tailscaled picks (tests run side by side).
