@@ -7,8 +7,8 @@ mod checks_support;
 use std::time::{Duration, Instant};
 
 use checks_support::{
-    FixedHttp, ScriptedSocks5, Socks5Script, StandInDaemon, TEST_DEADLINE, class, closed_addr,
-    closed_port, ctx, ctx_at, header, layer, sandbox, status,
+    FixedHttp, ScriptedSocks5, Socks5Script, StandInDaemon, TEST_DEADLINE, assert_deadline_kept,
+    class, closed_addr, closed_port, ctx, ctx_at, header, layer, sandbox, status,
 };
 use tailbox_agent::checks::http::{BODY_CAP, check_http};
 use tailbox_proto::agent::v1::{
@@ -266,13 +266,9 @@ async fn a_slow_response_runs_into_the_deadline_on_time() {
         let r = check_http(&target(url, 0), &ctx(&node, budget)).await;
         let took = started.elapsed();
         assert_eq!(status(&r), CheckStatus::Fail, "{r:#?}");
-        assert_eq!(class(&r), FailureClass::Deadline, "{r:#?}");
         // The connection was open; the server was slow.
-        assert_eq!(layer(&r), Layer::Http, "{r:#?}");
-        assert!(
-            took >= budget && took < budget + Duration::from_millis(1500),
-            "{took:?}"
-        );
+        let slack = Duration::from_millis(1500);
+        assert_deadline_kept(&r, Layer::Http, took, budget, slack, "a slow server");
     })
     .await
     .expect("test timed out");

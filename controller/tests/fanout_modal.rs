@@ -223,20 +223,12 @@ async fn ctrl_c_mid_fan_out(
         "{rpc}: {} sandboxes were created",
         record.sandboxes.len()
     );
-    for sandbox in &record.sandboxes {
-        let terminated = sandbox.terminated_at.unwrap_or_else(|| {
-            panic!(
-                "{rpc}: sandbox {} was not terminated; stderr:\n{stderr}",
-                sandbox.id
-            )
-        });
-        let took = terminated.saturating_duration_since(interrupted_at);
-        assert!(
-            took < Duration::from_secs(3),
-            "{rpc}: sandbox {} terminated {took:?} after SIGINT",
-            sandbox.id
-        );
-    }
+    let late = Record::late_terminations(&record.sandboxes, interrupted_at, Duration::from_secs(3));
+    assert_eq!(
+        late,
+        Vec::<String>::new(),
+        "{rpc}, after SIGINT; stderr:\n{stderr}"
+    );
     let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
     let fleet = &last["fleet_report"];
     assert_eq!(fleet["interrupted"], true, "{last}");

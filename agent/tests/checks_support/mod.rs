@@ -74,6 +74,24 @@ pub fn layer(r: &CheckResult) -> Layer {
     Layer::try_from(r.layer).unwrap()
 }
 
+/// Panics unless `result` failed on its deadline at `layer`, and `took` (the check's wall time)
+/// was its `budget` and at most `slack` more: the deadline is kept, and not by much.
+pub fn assert_deadline_kept(
+    result: &CheckResult,
+    layer_expected: Layer,
+    took: Duration,
+    budget: Duration,
+    slack: Duration,
+    what: &str,
+) {
+    assert_eq!(class(result), FailureClass::Deadline, "{what}: {result:#?}");
+    assert_eq!(layer(result), layer_expected, "{what}: {result:#?}");
+    assert!(
+        took >= budget && took < budget + slack,
+        "{what}: {took:?} for a budget of {budget:?}"
+    );
+}
+
 /// A loopback port nothing listens on (bound, then released).
 pub async fn closed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -229,6 +229,25 @@ impl Record {
         self.sandboxes.iter().find(|s| s.id == id)
     }
 
+    /// The sandboxes among `sandboxes` that were not terminated within `limit` of `since` (a
+    /// Ctrl-C), each said in words; empty when every one was.
+    pub fn late_terminations(
+        sandboxes: &[SandboxRecord],
+        since: std::time::Instant,
+        limit: std::time::Duration,
+    ) -> Vec<String> {
+        sandboxes
+            .iter()
+            .filter_map(|sandbox| match sandbox.terminated_at {
+                None => Some(format!("{} was not terminated", sandbox.id)),
+                Some(at) => {
+                    let took = at.saturating_duration_since(since);
+                    (took >= limit).then(|| format!("{} was terminated after {took:?}", sandbox.id))
+                }
+            })
+            .collect()
+    }
+
     /// Where `secret` showed up in what a client can be seen sending: an exec's argv, a
     /// call's headers, a sandbox's environment. Empty when it travelled only inside a body (an
     /// auth key inside the agent's gRPC stream).
