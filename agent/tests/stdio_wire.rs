@@ -9,9 +9,8 @@ use tailbox_proto::agent::v1::agent_client::AgentClient;
 use tailbox_proto::agent::v1::{
     DaemonConfig, Deadlines, HelloRequest, RunRequest, TailnetConfig, event,
 };
-use tailbox_testkit::agent::{Recorder, channel_over};
+use tailbox_testkit::agent::{Recorder, channel_over, serve_stdio_command};
 use tokio::io::AsyncReadExt as _;
-use tokio::process::Command;
 
 /// Splits `bytes` into HTTP/2 frames; fails if anything is not a well-formed frame of a known type.
 fn parse_http2_frames(bytes: &[u8]) -> Result<Vec<(u8, u32)>, String> {
@@ -75,14 +74,11 @@ async fn only_grpc_reaches_stdout_while_children_and_logs_make_noise() {
         let tailscaled = dir.path().join("tailscaled");
         tailbox_testkit::write_executable(&tailscaled, NOISY_TAILSCALED);
 
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tailbox-agent"))
+        let mut child = serve_stdio_command(env!("CARGO_BIN_EXE_tailbox-agent"))
             // Debug logging relays every line tailscaled writes: heavy logging on stderr.
-            .args(["serve", "--stdio", "--log", "debug"])
+            .args(["--log", "debug"])
             .env("TMPDIR", dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let stderr_task = tailbox_testkit::collect_stderr(&mut child);
@@ -163,12 +159,7 @@ async fn only_grpc_reaches_stdout_while_children_and_logs_make_noise() {
 #[tokio::test]
 async fn the_agent_exits_cleanly_when_stdin_closes() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tailbox-agent"))
-            .args(["serve", "--stdio"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
+        let mut child = serve_stdio_command(env!("CARGO_BIN_EXE_tailbox-agent"))
             .spawn()
             .unwrap();
         drop(child.stdin.take());

@@ -78,6 +78,19 @@ where
         .await
 }
 
+/// `agent serve --stdio` as the controller runs it: stdin and stdout piped (the gRPC wire),
+/// stderr discarded (pipe it with `.stderr(…)` to read it), killed when dropped.
+pub fn serve_stdio_command(agent: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(agent);
+    command
+        .args(["serve", "--stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 /// Path of a freshly built `tailbox-agent` (debug profile, for this machine). Panics with the
 /// build output if the build fails: a missing agent must fail the test, never skip it.
 pub fn agent_binary() -> PathBuf {

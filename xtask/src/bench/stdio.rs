@@ -134,13 +134,9 @@ async fn measure(
 }
 
 async fn spawn(agent: &Path) -> Result<(Child, AgentClient<Channel>, Counters)> {
-    let mut child = Command::new(agent)
-        .args(["serve", "--stdio", "--log", "error"])
+    let mut child = tailbox_testkit::agent::serve_stdio_command(agent)
+        .args(["--log", "error"])
         .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("running {} serve --stdio", agent.display()))?;
     let stdin = child.stdin.take().context("the agent's stdin")?;

@@ -18,7 +18,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -386,12 +385,7 @@ fn lab_run_request(lab: &Lab) -> RunRequest {
 /// The real agent's stdout during `Hello` and a `Run` without an auth key.
 async fn agent_stdout() -> Result<Vec<u8>> {
     let agent = tokio::task::spawn_blocking(tailbox_testkit::agent::agent_binary).await?;
-    let mut child = tokio::process::Command::new(agent)
-        .args(["serve", "--stdio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
+    let mut child = tailbox_testkit::agent::serve_stdio_command(agent)
         .spawn()
         .context("starting the agent")?;
     let (stdout, recorded) = Recorder::new(child.stdout.take().context("the agent's stdout")?);
