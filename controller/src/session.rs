@@ -299,36 +299,54 @@ impl Session {
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
         deadline: Instant,
     ) -> Result<T, SessionError> {
-        let mut call = std::pin::pin!(call);
-        // Set once the agent has exited: its answer may still be on the way (a sidecar that
-        // answers `Down` and exits, taking `attach` with it), so it gets a moment to arrive.
-        let mut drain_deadline: Option<Instant> = None;
-        loop {
-            let effective_deadline = drain_deadline.map_or(deadline, |d| d.min(deadline));
-            tokio::select! {
-                reply = &mut call => return match reply {
-                    Ok(reply) => Ok(reply.into_inner()),
-                    Err(status) => {
-                        let failure = if self.watch.wait_exit(Duration::from_millis(500)).await {
-                            SessionFailure::Died(Some(status.into()))
-                        } else {
-                            SessionFailure::Call { what, status: status.into() }
-                        };
-                        Err(self.watch.failure(failure).await)
+        let mut pending = Pending::new(deadline);
+        let relay = &mut |line: &str| tracing::debug!("agent: {line}");
+        let reply = match self.watching(call, &mut pending, relay).await {
+            Ok(reply) => reply,
+            Err(failure) => return Err(self.watch.failure(failure).await),
+        };
+        match reply {
+            Ok(reply) => Ok(reply.into_inner()),
+            Err(status) => {
+                let failure = if self.watch.wait_exit(Duration::from_millis(500)).await {
+                    SessionFailure::Died(Some(status.into()))
+                } else {
+                    SessionFailure::Call {
+                        what,
+                        status: status.into(),
                     }
-                },
-                Some(line) = self.stderr_lines.recv() => tracing::debug!("agent: {line}"),
+                };
+                Err(self.watch.failure(failure).await)
+            }
+        }
+    }
+
+    /// Awaits `next` (a unary answer, or a stream's next event) while relaying the agent's
+    /// stderr lines to `relay` and watching for its exit and `pending`'s deadline. An agent
+    /// that has exited may still have an answer on the way (a sidecar that answers `Down` and
+    /// exits, taking `attach` with it; events written just before an exit), so `next` then gets
+    /// [`DRAIN_AFTER_EXIT`] more. Time running out is `Timeout`, or `Died(None)` after the exit.
+    async fn watching<T>(
+        &mut self,
+        next: impl Future<Output = T>,
+        pending: &mut Pending,
+        relay: &mut (dyn FnMut(&str) + Send),
+    ) -> Result<T, SessionFailure> {
+        let mut next = std::pin::pin!(next);
+        loop {
+            tokio::select! {
+                value = &mut next => return Ok(value),
+                Some(line) = self.stderr_lines.recv() => relay(&line),
                 status = &mut self.watch.exit, if self.watch.exited.is_none() => {
                     self.watch.exited = Some(status);
-                    drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                    pending.after_exit = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 }
-                () = tokio::time::sleep_until(effective_deadline) => {
-                    let failure = if drain_deadline.is_some() {
+                () = tokio::time::sleep_until(pending.gives_up_at()) => {
+                    return Err(if pending.after_exit.is_some() {
                         SessionFailure::Died(None)
                     } else {
                         SessionFailure::Timeout
-                    };
-                    return Err(self.watch.failure(failure).await);
+                    });
                 }
             }
         }
@@ -364,46 +382,56 @@ impl Session {
         observer: &mut dyn Observer,
         deadline: Instant,
     ) -> Result<Report, SessionError> {
-        let watch = &mut self.watch;
-        let mut drain_deadline: Option<Instant> = None;
+        let mut pending = Pending::new(deadline);
         loop {
-            let effective_deadline = drain_deadline.map_or(deadline, |d| d.min(deadline));
-            tokio::select! {
-                message = stream.message() => match message {
-                    Ok(Some(event)) => {
-                        if let Some(event::Kind::Report(report)) = event.kind {
-                            return Ok(report);
-                        }
-                        if let Err(err) = observer.event(&event) {
-                            return Err(watch.failure(err.into()).await);
-                        }
+            let relay = &mut |line: &str| observer.agent_stderr(line);
+            let message = match self.watching(stream.message(), &mut pending, relay).await {
+                Ok(message) => message,
+                Err(failure) => return Err(self.watch.failure(failure).await),
+            };
+            let failure = match message {
+                Ok(Some(event)) => {
+                    if let Some(event::Kind::Report(report)) = event.kind {
+                        return Ok(report);
                     }
-                    Ok(None) => return Err(watch.failure(SessionFailure::NoReport).await),
-                    Err(status) => {
-                        let failure = if watch.wait_exit(Duration::from_millis(500)).await {
-                            SessionFailure::Died(Some(status.into()))
-                        } else {
-                            SessionFailure::Broke(status.into())
-                        };
-                        return Err(watch.failure(failure).await);
+                    match observer.event(&event) {
+                        Ok(()) => continue,
+                        Err(err) => err.into(),
                     }
-                },
-                Some(line) = self.stderr_lines.recv() => observer.agent_stderr(&line),
-                status = &mut watch.exit, if watch.exited.is_none() => {
-                    // Events written just before the exit may still be in flight: keep reading briefly.
-                    watch.exited = Some(status);
-                    drain_deadline = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 }
-                () = tokio::time::sleep_until(effective_deadline) => {
-                    let failure = if drain_deadline.is_some() {
-                        SessionFailure::Died(None)
+                Ok(None) => SessionFailure::NoReport,
+                Err(status) => {
+                    if self.watch.wait_exit(Duration::from_millis(500)).await {
+                        SessionFailure::Died(Some(status.into()))
                     } else {
-                        SessionFailure::Timeout
-                    };
-                    return Err(watch.failure(failure).await);
+                        SessionFailure::Broke(status.into())
+                    }
                 }
-            }
+            };
+            return Err(self.watch.failure(failure).await);
         }
+    }
+}
+
+/// How long a wait on the agent may last: the caller's deadline, cut short once the agent has
+/// exited (see [`Session::watching`]).
+struct Pending {
+    deadline: Instant,
+    after_exit: Option<Instant>,
+}
+
+impl Pending {
+    fn new(deadline: Instant) -> Self {
+        Self {
+            deadline,
+            after_exit: None,
+        }
+    }
+
+    /// When the wait gives up.
+    fn gives_up_at(&self) -> Instant {
+        self.after_exit
+            .map_or(self.deadline, |after| after.min(self.deadline))
     }
 }
 
