@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use checks_support::{
     FixedHttp, ScriptedSocks5, Socks5Script, StandInDaemon, TEST_DEADLINE, assert_deadline_kept,
-    class, closed_addr, closed_port, ctx, ctx_at, header, layer, sandbox, status,
+    assert_one_request_with_basic_auth, class, closed_addr, closed_port, ctx, ctx_at, header,
+    layer, sandbox, status,
 };
 use tailbox_agent::checks::git::check_git;
 use tailbox_proto::agent::v1::{
@@ -452,16 +453,9 @@ async fn credentials_in_the_url_are_used_and_never_shown() {
             }
         }
         // The credentials went to the server as basic auth, never in the URL; none without them.
-        let heads = forbidden.request_heads();
-        assert_eq!(heads.len(), 1, "{heads:?}");
-        assert!(
-            heads[0].starts_with("GET /git/a/b.git/info/refs?service=git-upload-pack HTTP/1.1\r\n"),
-            "{heads:?}"
-        );
-        assert_eq!(
-            header(&heads[0], "authorization"),
-            Some("Basic Y29va3VzZXI6aHVudGVyMi1TdXAzclNlY3JldA=="),
-            "{heads:?}"
+        assert_one_request_with_basic_auth(
+            &forbidden.request_heads(),
+            "GET /git/a/b.git/info/refs?service=git-upload-pack HTTP/1.1\r\n",
         );
         let heads = unauthorized.request_heads();
         assert_eq!(heads.len(), 1, "{heads:?}");

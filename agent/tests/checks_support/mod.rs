@@ -160,6 +160,19 @@ pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Panics unless exactly one request reached the server, its first line starting with
+/// `request_line`, carrying the tests' credentials (`cookuser`, `hunter2-Sup3rSecret`) as
+/// basic auth and nowhere else.
+pub fn assert_one_request_with_basic_auth(heads: &[String], request_line: &str) {
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(heads[0].starts_with(request_line), "{heads:?}");
+    assert_eq!(
+        header(&heads[0], "authorization"),
+        Some("Basic Y29va3VzZXI6aHVudGVyMi1TdXAzclNlY3JldA=="),
+        "{heads:?}"
+    );
+}
+
 /// A stand-in for tailscaled's proxy port: forwards every connection on `at` to `to` (a real
 /// node's proxy) until killed or dropped, which drops the listener and every live connection
 /// at once, as a dying tailscaled does.
