@@ -108,14 +108,23 @@ pub fn generate_files() -> Result<Vec<(&'static str, String)>, SchemaError> {
         .collect()
 }
 
-// Field numbers in descriptor.proto, which source locations use as paths.
-const FILE_MESSAGE: i32 = 4;
-const FILE_ENUM: i32 = 5;
-const MESSAGE_FIELD: i32 = 2;
-const MESSAGE_NESTED: i32 = 3;
-const MESSAGE_ENUM: i32 = 4;
-const MESSAGE_ONEOF: i32 = 8;
-const ENUM_VALUE: i32 = 2;
+use descriptor_path::{
+    ENUM_VALUE, FILE_ENUM, FILE_MESSAGE, MESSAGE_ENUM, MESSAGE_FIELD, MESSAGE_NESTED, MESSAGE_ONEOF,
+};
+
+/// Field numbers in descriptor.proto, which source locations use as paths (also read by
+/// `proto/tests/comments.rs`).
+pub mod descriptor_path {
+    pub const FILE_MESSAGE: i32 = 4;
+    pub const FILE_ENUM: i32 = 5;
+    pub const FILE_SERVICE: i32 = 6;
+    pub const MESSAGE_FIELD: i32 = 2;
+    pub const MESSAGE_NESTED: i32 = 3;
+    pub const MESSAGE_ENUM: i32 = 4;
+    pub const MESSAGE_ONEOF: i32 = 8;
+    pub const ENUM_VALUE: i32 = 2;
+    pub const SERVICE_METHOD: i32 = 2;
+}
 
 /// A message or an enum, with where its comments are.
 enum Def<'a> {

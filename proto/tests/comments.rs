@@ -8,16 +8,10 @@ use std::collections::BTreeSet;
 use prost::Message as _;
 use prost_types::{DescriptorProto, EnumDescriptorProto, FileDescriptorSet};
 
-// Field numbers in descriptor.proto, which source locations use as paths.
-const FILE_MESSAGE: i32 = 4;
-const FILE_ENUM: i32 = 5;
-const FILE_SERVICE: i32 = 6;
-const MESSAGE_FIELD: i32 = 2;
-const MESSAGE_NESTED: i32 = 3;
-const MESSAGE_ENUM: i32 = 4;
-const MESSAGE_ONEOF: i32 = 8;
-const ENUM_VALUE: i32 = 2;
-const SERVICE_METHOD: i32 = 2;
+use tailbox_proto::schema::descriptor_path::{
+    ENUM_VALUE, FILE_ENUM, FILE_MESSAGE, FILE_SERVICE, MESSAGE_ENUM, MESSAGE_FIELD, MESSAGE_NESTED,
+    MESSAGE_ONEOF, SERVICE_METHOD,
+};
 
 #[test]
 fn every_element_of_the_agent_contract_is_commented() {
