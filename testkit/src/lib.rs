@@ -3,8 +3,9 @@
 //! - [`agent`]: the real `tailbox-agent` binary, built on demand.
 //! - [`lab`]: a real tailnet on loopback (Tailscale's own testcontrol + DERP + STUN, a real
 //!   tailscaled peer, a real HTTP server and a real `git http-backend`).
-//! - [`chromium`]: rendering a page in headless Chromium, and counting what its screenshot shows.
-//! - [`contract`]: validating JSON output against the committed JSON Schemas.
+//! - [`chromium`]: rendering a page in headless Chromium, and counting what its screenshot shows
+//!   (feature `report`).
+//! - [`contract`]: validating JSON output against the committed JSON Schemas (feature `report`).
 //! - [`fake_modal`]: Modal's control plane and Task Command Router on loopback, over real tonic,
 //!   with sandboxes that are local process trees in network namespaces of their own.
 //! - [`modal_descriptors`]: checks our Modal proto subset against Modal's published one.
@@ -15,7 +16,9 @@
 //!   advertisement that is not pkt-lines), reached through the lab's tailnet.
 
 pub mod agent;
+#[cfg(feature = "report")]
 pub mod chromium;
+#[cfg(feature = "report")]
 pub mod contract;
 pub mod fake_modal;
 pub mod fault_server;

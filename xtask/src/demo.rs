@@ -59,10 +59,22 @@ pub async fn run(workspace: &Path) -> Result<ExitCode> {
         );
     }
     say("building what is missing (the first time takes minutes; later runs reuse the builds)");
+    // `xtask` is selected too, though only the `tailbox` binary is built: cargo resolves the
+    // dependencies' features over the selected packages, and with xtask among them they are the
+    // ones `cargo xtask` was just compiled with, so the binary reuses every crate already built.
+    // `--package tailbox` alone resolves fewer features (no tonic server, for one), which changes
+    // serde's and so recompiles nearly everything a second time (docs/benchmarks.md).
     let tailbox = cargo_build(
         workspace,
         "tailbox",
-        &["--package", "tailbox", "--bin", "tailbox"],
+        &[
+            "--package",
+            "xtask",
+            "--package",
+            "tailbox",
+            "--bin",
+            "tailbox",
+        ],
     )
     .await?;
     let agent = cargo_build(
