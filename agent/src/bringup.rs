@@ -22,6 +22,9 @@ use crate::login::{self, LoginParams};
 use crate::preflight;
 use tailbox_proto::redact::redact_url;
 
+/// How long a daemon started from a binary that turned out unusable gets to exit on SIGTERM.
+const UNUSABLE_STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// What bringing a node up needs.
 pub struct Bringup<'a> {
     /// How to join, auth key included.
@@ -164,17 +167,28 @@ impl Bringup<'_> {
                 None,
             ))
         })?;
+        let not_found = |err: ProvisionError| {
+            let hint = match err {
+                ProvisionError::NotFound { .. } => {
+                    "Bake tailscale into the sandbox image, pass `--tailscaled PATH`, or let tailbox push the binaries (`--tailscale-tarball`)."
+                }
+                ProvisionError::Unusable { .. } => {
+                    "Use a static tailscaled (the official tarballs are static) or one built for this sandbox."
+                }
+            };
+            Box::new(outcome.fail(
+                FailureClass::DaemonNotFound,
+                Layer::Daemon,
+                err.to_string(),
+                hint,
+                None,
+            ))
+        };
         let binary = provision::find(config, self.path_var, self.host)
             .await
-            .map_err(|err| {
-                let hint = match err {
-                    ProvisionError::NotFound { .. } => "Bake tailscale into the sandbox image, pass `--tailscaled PATH`, or let tailbox push the binaries (`--tailscale-tarball`).",
-                    ProvisionError::Unusable { .. } => "Use a static tailscaled (the official tarballs are static) or one built for this sandbox.",
-                };
-                Box::new(outcome.fail(FailureClass::DaemonNotFound, Layer::Daemon, err.to_string(), hint, None))
-            })?;
+            .map_err(not_found)?;
         let supervisor_config = SupervisorConfig {
-            binary,
+            binary: binary.clone(),
             socket: settings.socket,
             state: settings.state,
             state_dir: settings.state_dir,
@@ -185,8 +199,28 @@ impl Bringup<'_> {
             ready_timeout: self.remaining(self.daemon_start),
             secrets: vec![self.tailnet.auth_key.clone()],
         };
-        Supervisor::start(supervisor_config, self.daemon_events.clone())
-            .await
+        // `tailscaled --version` runs beside the start rather than before it: it is a Go
+        // program's start-up (about 9 ms) that start to Running would otherwise wait for
+        // (docs/benchmarks.md, B2). Its failure still decides: a binary that cannot say its
+        // version is unusable, and the daemon it may have started is stopped.
+        let (version, started) = tokio::join!(
+            provision::version_of(&binary),
+            Supervisor::start(supervisor_config, self.daemon_events.clone()),
+        );
+        let version = match version {
+            Ok(version) => version,
+            Err(err) => {
+                if let Ok((supervisor, _)) = started {
+                    supervisor.stop(UNUSABLE_STOP_GRACE).await;
+                }
+                return Err(not_found(err));
+            }
+        };
+        started
+            .map(|(supervisor, mut evidence)| {
+                evidence.version = version;
+                (supervisor, evidence)
+            })
             .map_err(|(err, log_tail)| {
                 let hint = daemon_failure_hint(&err, &log_tail);
                 let mut result = outcome.fail(

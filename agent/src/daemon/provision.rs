@@ -21,8 +21,6 @@ pub struct DaemonBinary {
     pub path: PathBuf,
     /// Loader to run it through, when its own interpreter is missing.
     pub loader: Option<PathBuf>,
-    /// First line of `tailscaled --version`.
-    pub version: String,
 }
 
 impl DaemonBinary {
@@ -134,14 +132,11 @@ async fn prepare(
         ),
         _ => None,
     };
-    let mut binary = DaemonBinary {
+    Ok(DaemonBinary {
         source,
-        path: path.clone(),
+        path,
         loader,
-        version: String::new(),
-    };
-    binary.version = version(&binary).await.map_err(unusable)?;
-    Ok(binary)
+    })
 }
 
 /// The PT_INTERP of an ELF file; `None` for a static binary or a `#!` script (a wrapper around
@@ -201,7 +196,17 @@ fn host_path(host: &preflight::Host, absolute: &str) -> PathBuf {
     host.resolve(absolute)
 }
 
-/// Runs `tailscaled --version` and keeps its first line.
+/// Runs `tailscaled --version` and keeps its first line; a binary that cannot say it is
+/// unusable. The caller runs it beside tailscaled's start, not before it (docs/benchmarks.md, B2).
+pub async fn version_of(binary: &DaemonBinary) -> Result<String, ProvisionError> {
+    version(binary)
+        .await
+        .map_err(|why| ProvisionError::Unusable {
+            path: binary.path.clone(),
+            why,
+        })
+}
+
 async fn version(binary: &DaemonBinary) -> Result<String, String> {
     let mut cmd = binary.command();
     cmd.arg("--version")
@@ -297,7 +302,8 @@ mod tests {
             .unwrap();
         assert_eq!(found.source, DaemonSource::RequestPath);
         assert_eq!(found.loader, Some(lib.join("ld-linux-x86-64.so.2")));
-        assert!(found.version.contains("coreutils"), "{}", found.version);
+        let version = version_of(&found).await.unwrap();
+        assert!(version.contains("coreutils"), "{version}");
     }
 
     fn fake_tailscaled(dir: &Path, version: &str) -> PathBuf {
@@ -323,7 +329,7 @@ mod tests {
         };
         let found = find(&all, Some(&path_var), &host).await.unwrap();
         assert_eq!(
-            (found.source, found.version.as_str()),
+            (found.source, version_of(&found).await.unwrap().as_str()),
             (DaemonSource::RequestPath, "1.0.0-requested")
         );
 
@@ -338,7 +344,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            (found.source, found.version.as_str()),
+            (found.source, version_of(&found).await.unwrap().as_str()),
             (DaemonSource::Pushed, "1.0.0-pushed")
         );
         assert_eq!(found.loader, None);

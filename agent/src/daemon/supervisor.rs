@@ -47,6 +47,8 @@ pub const LOG_TAIL_LINES: usize = 40;
 /// Log lines buffered for the event stream before new ones are dropped (tailscaled must never
 /// block on its stderr because the controller reads slowly).
 const LOG_FORWARD_BUFFER: usize = 2048;
+/// How long to wait before trying tailscaled's socket again while it does not accept yet.
+const SOCKET_RETRY: Duration = Duration::from_millis(3);
 
 /// How to run tailscaled.
 #[derive(Debug, Clone)]
@@ -220,7 +222,8 @@ impl Supervisor {
         let evidence = DaemonEvidence {
             source: config.binary.source as i32,
             path: config.binary.path.display().to_string(),
-            version: config.binary.version.clone(),
+            // `tailscaled --version` runs beside this start; its caller fills the version in.
+            version: String::new(),
             loader: config
                 .binary
                 .loader
@@ -599,10 +602,11 @@ async fn wait_ready(api: &LocalApi, child: &mut Child, limit: Duration) -> Resul
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(LocalApiError::Connect { source, .. })) => {
                 last_error = format!("socket not accepting connections: {source}");
-                // The socket appears within milliseconds of start; a short pause between
-                // connect attempts keeps this from spinning.
+                // The socket appears within milliseconds of start, and every millisecond
+                // waited past that is start-up time (B2); a pause of a few between connect
+                // attempts keeps this from spinning.
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(25)) => {}
+                    () = tokio::time::sleep(SOCKET_RETRY) => {}
                     status = child.wait() => {
                         return Err(StartError::Exited { exit: describe_exit(&status) });
                     }
