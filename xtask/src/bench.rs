@@ -11,7 +11,8 @@
 //!   separate processes on the same targets: `tailscale status`, `tailscale ping -c 1`,
 //!   `curl --socks5-hostname`, `ALL_PROXY=socks5h://… git ls-remote`.
 //! - B2: start to Running (the agent's daemon + login phases) against spawning tailscaled,
-//!   polling its socket and `tailscale up`.
+//!   polling its socket and `tailscale up`; and both against the floor, a bare LocalAPI client
+//!   in the bench's own process (`floor.rs`), which shows how much of B2 is tailscaled's own.
 //! - B3: the whole `tailbox check --sandbox local` against the whole spike sequence (the same
 //!   steps, then `tailscale logout` and stopping tailscaled).
 //! - B5: the agent's peak RSS in a run, and an idle sidecar's RSS, against containerboot's own
@@ -42,6 +43,7 @@ use crate::static_agent;
 
 #[path = "bench_fanout.rs"]
 mod fanout;
+mod floor;
 mod stdio;
 mod upload;
 
@@ -66,6 +68,11 @@ pub struct BenchArgs {
     /// that `exec`s one with a setting to compare (docs/benchmarks.md, levers).
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+
+    /// Also measure B6 (gRPC over stdio) on this agent build and print the static agent's
+    /// figures against it: e.g. the agent as it was before a change, built from its commit.
+    #[arg(long, value_name = "PATH")]
+    compare_agent: Option<PathBuf>,
 
     /// Where to write the figures as JSON [default: target/bench/bench.json].
     #[arg(long, value_name = "PATH")]
@@ -120,14 +127,16 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
 
     let mut tailbox_runs = Vec::new();
     let mut spike_runs = Vec::new();
+    let mut floor_runs = Vec::new();
     for round in 0..rounds {
         eprintln!("bench: round {}/{rounds}", round + 1);
-        if round % 2 == 0 {
-            tailbox_runs.push(setup.tailbox_run(round).await?);
-            spike_runs.push(setup.spike_run(round).await?);
-        } else {
-            spike_runs.push(setup.spike_run(round).await?);
-            tailbox_runs.push(setup.tailbox_run(round).await?);
+        // Each of the three goes first, second and third in turn.
+        for turn in 0..3 {
+            match (round + turn) % 3 {
+                0 => tailbox_runs.push(setup.tailbox_run(round).await?),
+                1 => spike_runs.push(setup.spike_run(round).await?),
+                _ => floor_runs.push(setup.floor_run(round).await?),
+            }
         }
     }
 
@@ -184,6 +193,10 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     let musl_stdio = stdio::agent(&agent, sizes).await?;
     let glibc_stdio = stdio::agent(&glibc_agent, sizes).await?;
     let echo = stdio::pipe_echo(musl_stdio.hello_bytes.0 as usize, sizes.calls).await?;
+    let compared_stdio = match &args.compare_agent {
+        Some(path) => Some((path, stdio::agent(path, sizes).await?)),
+        None => None,
+    };
 
     let b1 = Pair::new(
         tailbox_runs.iter().map(|r| r.checks).collect(),
@@ -289,6 +302,52 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             version.median, version.min, version.max
         ),
     );
+    let floor_to_running: Vec<Duration> = floor_runs.iter().map(|r| r.to_running).collect();
+    let b2_floor = Pair::new(
+        tailbox_runs.iter().map(|r| r.daemon_login).collect(),
+        floor_to_running.clone(),
+    );
+    table.time(
+        "B2",
+        "start to Running against the floor",
+        "floor: bare LocalAPI client",
+        &b2_floor,
+    );
+    let spike_floor = Pair::new(
+        spike_runs.iter().map(|r| r.to_running).collect(),
+        floor_to_running,
+    );
+    table.versus(
+        "B2",
+        "  the spike's way against the floor",
+        &format!("{:.1}ms", spike_floor.tailbox.median),
+        &format!("{:.1}ms floor", spike_floor.baseline.median),
+        spike_floor.ratio(),
+    );
+    let floor_socket = Stats::of(floor_runs.iter().map(|r| ms(r.to_socket)).collect());
+    let floor_backend = Stats::of(
+        floor_runs
+            .iter()
+            .map(|r| ms(r.to_backend - r.to_socket))
+            .collect(),
+    );
+    let floor_register = Stats::of(
+        floor_runs
+            .iter()
+            .map(|r| ms(r.to_running - r.to_backend))
+            .collect(),
+    );
+    for (what, stats) in [
+        ("  floor: spawn to socket accepting", &floor_socket),
+        ("  floor: socket to backend up", &floor_backend),
+        ("  floor: backend up to Running", &floor_register),
+    ] {
+        table.context(
+            "B2",
+            what,
+            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
+        );
+    }
     table.time("B3", "whole run", "spike: whole sequence", &b3);
     table.memory(
         "B5",
@@ -419,6 +478,23 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.0} {glibc_kind}", glibc_stdio.events_per_s.median),
         musl_stdio.events_per_s.median / glibc_stdio.events_per_s.median,
     );
+    if let Some((path, compared)) = &compared_stdio {
+        let name = path.display();
+        table.versus(
+            "B6",
+            "static agent against --compare-agent: Hello p50",
+            &format!("{:.0}µs", p(&musl_stdio.hello_us, 50.0)),
+            &format!("{:.0}µs {name}", p(&compared.hello_us, 50.0)),
+            p(&musl_stdio.hello_us, 50.0) / p(&compared.hello_us, 50.0),
+        );
+        table.versus(
+            "B6",
+            "static agent against --compare-agent: events/s",
+            &format!("{:.0}", musl_stdio.events_per_s.median),
+            &format!("{:.0} {name}", compared.events_per_s.median),
+            musl_stdio.events_per_s.median / compared.events_per_s.median,
+        );
+    }
     table.time(
         "B7",
         &format!("fan-out: {} sandboxes, wall time", b7.n),
@@ -443,6 +519,13 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         "B2_tailbox_spawn_to_localapi_ms": ready.json(),
         "B2_tailscaled_version_ms": version.json(),
         "B2_login_ms": b2_login.json(),
+        "B2_floor_ms": {
+            "tailbox_against_floor": b2_floor.json(),
+            "spike_against_floor": spike_floor.json(),
+            "spawn_to_socket": floor_socket.json(),
+            "socket_to_backend": floor_backend.json(),
+            "backend_to_running": floor_register.json(),
+        },
         "B1_spike_step_ms": spike_steps.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
         "B3_whole_run_ms": b3.json(),
         "B5_memory_kib": {
@@ -475,6 +558,10 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "musl": stdio_json(&musl_stdio),
             "glibc": stdio_json(&glibc_stdio),
             "glibc_build": glibc_kind,
+            "compared": compared_stdio.as_ref().map(|(path, figures)| json!({
+                "agent": path.display().to_string(),
+                "figures": stdio_json(figures),
+            })),
         },
         "B7_fanout_wall_ms": {
             "n": b7.n,
@@ -551,11 +638,20 @@ fn build_glibc_agent(workspace: &Path, target_dir: &Path, release: bool) -> Resu
 fn build_tailbox(workspace: &Path, target_dir: &Path, release: bool) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = std::process::Command::new(cargo);
-    command
-        .current_dir(workspace)
-        .args(["build", "--locked", "--package", "tailbox"]);
+    command.current_dir(workspace).args([
+        "build",
+        "--locked",
+        "--package",
+        "tailbox",
+        "--bin",
+        "tailbox",
+    ]);
     if release {
         command.arg("--release");
+    } else {
+        // A debug build with xtask selected resolves the features `cargo xtask` was compiled
+        // with, so it reuses those crates instead of building them again (as the demo does).
+        command.args(["--package", "xtask"]);
     }
     let status = command
         .status()
@@ -717,25 +813,9 @@ impl Setup<'_> {
         let dir = self.work.join(format!("spike-{round}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let socket = dir.join("ts.sock");
-        let socks = free_port()?;
-        let proxy = format!("127.0.0.1:{socks}");
+        let proxy = format!("127.0.0.1:{}", free_port()?);
         let started = Instant::now();
-        let mut tailscaled = Command::new(lab.bins().tailscaled())
-            .arg("--tun=userspace-networking")
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--state={}", dir.join("ts.state").display()))
-            .arg(format!("--statedir={}", dir.display()))
-            .arg(format!("--socks5-server={proxy}"))
-            .args(["--port=0", "--no-logs-no-support"])
-            .env_clear()
-            .envs(lab.tailscaled_env())
-            .env("TS_LOGS_DIR", &dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("tailscaled.log"))?)
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning tailscaled")?;
+        let mut tailscaled = self.spawn_tailscaled(&dir, &proxy)?;
         // The spike's readiness: poll the socket until it accepts a connection (every 10 ms,
         // which flatters the spike's way).
         tokio::time::timeout(STEP_TIMEOUT, async {
@@ -809,6 +889,54 @@ impl Setup<'_> {
             checks,
             steps,
         })
+    }
+
+    /// B2's floor: tailscaled spawned as for the spike's way, brought to Running by a bare
+    /// LocalAPI client in this process, then logged out and stopped.
+    async fn floor_run(&self, round: usize) -> Result<floor::FloorRun> {
+        let dir = self.work.join(format!("floor-{round}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let proxy = format!("127.0.0.1:{}", free_port()?);
+        let started = Instant::now();
+        let mut tailscaled = self.spawn_tailscaled(&dir, &proxy)?;
+        let run = tokio::time::timeout(
+            STEP_TIMEOUT,
+            floor::login(
+                started,
+                &dir.join("ts.sock"),
+                self.lab.control_url(),
+                &format!("bench-floor-{round}"),
+                self.lab.auth_key(),
+            ),
+        )
+        .await
+        .context("the bare LocalAPI client never saw Running")?
+        .context("bringing tailscaled to Running with a bare LocalAPI client")?;
+        floor::logout(&dir.join("ts.sock")).await?;
+        terminate(&mut tailscaled).await?;
+        Ok(run)
+    }
+
+    /// tailscaled as the spike starts it: userspace, its socket, state and logs in `dir`, a
+    /// SOCKS5 proxy on `proxy`, its output in `dir/tailscaled.log`.
+    fn spawn_tailscaled(&self, dir: &Path, proxy: &str) -> Result<Child> {
+        let lab = self.lab;
+        Command::new(lab.bins().tailscaled())
+            .arg("--tun=userspace-networking")
+            .arg(format!("--socket={}", dir.join("ts.sock").display()))
+            .arg(format!("--state={}", dir.join("ts.state").display()))
+            .arg(format!("--statedir={}", dir.display()))
+            .arg(format!("--socks5-server={proxy}"))
+            .args(["--port=0", "--no-logs-no-support"])
+            .env_clear()
+            .envs(lab.tailscaled_env())
+            .env("TS_LOGS_DIR", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("tailscaled.log"))?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning tailscaled")
     }
 
     /// Starts a sidecar, brings its node up, lets it sit idle, reads its RSS, takes it down.
