@@ -727,6 +727,43 @@ async fn fault_tailscaled_is_not_tailscaled() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn fault_tailscaled_version_fails() {
+    let lab = lab().await;
+    // A tailscaled that starts as a daemon but cannot say its version. `--version` runs beside
+    // the daemon's start, so this row holds that its failure still decides the class and that
+    // the daemon started alongside it is stopped (the wrapper execs the row's own link to the
+    // real tailscaled, which the leftover check sees).
+    let mut row = Row::new(
+        "tailscaled_version_fails",
+        &lab,
+        fail("daemon", "DAEMON_NOT_FOUND", "DAEMON"),
+        secs(30) + GRACE,
+    );
+    // A new file: the row's `tailscaled` is a link to the lab's binary, not to be written.
+    let real = row.tailscaled.clone();
+    let wrapper = row.dir.path().join("tailscaled-without-version");
+    tailbox_testkit::write_executable(
+        &wrapper,
+        &format!(
+            "#!/bin/sh\n[ \"$1\" = --version ] && {{ echo 'version: broken build' >&2; exit 3; }}\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    );
+    row.tailscaled = wrapper;
+    row.arg("--ping", lab.peer_ipv4().to_string())
+        .also(|ran| {
+            let daemon = ran.check("daemon");
+            let detail = daemon["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("`tailscaled --version` failed") && detail.contains("broken build"),
+                "{daemon:#}"
+            );
+        })
+        .run(&lab)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn fault_tailscaled_socket_not_writable() {
     let lab = lab().await;
     let row = Row::new(
