@@ -254,8 +254,23 @@ async fn the_live_line_names_the_pending_check_and_ctrl_c_ends_in_an_interrupted
                 })
                 .map(str::to_owned)
         };
+        // Ctrl-C once the live lines have been redrawn since the last check's line (the HTTP
+        // check starts beside the netmap check, whose line lands a millisecond later). The
+        // terminal echoes `^C` where the cursor is, one row under what the progress drew last,
+        // so the row above stays as drawn; had no redraw come since, that row would still be
+        // the printed line's continuation, and the screen joins the two into one too wide.
         let screen = terminal
-            .wait_for("the pending http line", |text| pending_line(text).is_some())
+            .wait_for("the pending http line, redrawn after 200ms", |text| {
+                pending_line(text).is_some_and(|line| {
+                    let waited = line.trim_end().trim_end_matches(" of 1m30s");
+                    let waited = waited.rsplit(' ').next().unwrap_or_default();
+                    !waited.ends_with("ms")
+                        || waited
+                            .trim_end_matches("ms")
+                            .parse::<u32>()
+                            .is_ok_and(|ms| ms >= 200)
+                })
+            })
             .await;
         let line = pending_line(&screen).unwrap();
         let waited = line
