@@ -1,7 +1,7 @@
 //! One run: from the request to the final report.
 //!
-//! Phases: preflight → daemon (find and start tailscaled) → login → checks (status, netmap, then
-//! ping, HTTP and git concurrently) → teardown (logout, stop tailscaled). Every phase is bounded;
+//! Phases: preflight → daemon (find and start tailscaled) → login → checks (netmap then ping,
+//! with HTTP and git beside them) → teardown (logout, stop tailscaled). Every phase is bounded;
 //! a failure skips what depends on it, and the report is always sent. Bring-up and teardown live
 //! in [`crate::bringup`] and the checks runner in [`crate::targets`], which the sidecar shares.
 

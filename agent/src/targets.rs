@@ -112,24 +112,23 @@ impl Targets<'_> {
     async fn check_all(&self, supervisor: &Supervisor, budget: CheckBudget, sink: &EventSink) {
         let daemon = supervisor.daemon();
         let proxy = supervisor.proxy();
-        // Netmap visibility first, once per tailnet host (IP or name) any target names.
+        // Netmap visibility, once per tailnet host (IP or name) any target names, and then the
+        // pings, which read it. HTTP and git go through the proxy and need nothing from it, so
+        // they start at once: the phase is the slowest check, not the netmap plus it (B1).
         let hosts = tailnet::netmap_targets(self.ping, self.http, self.git);
         let netmap_limit = budget.remaining(budget.netmap);
-        let netmap = join_all(hosts.into_iter().map(|host| {
+        let netmap_then_pings = async {
             let daemon = &daemon;
-            async move {
+            let netmap = join_all(hosts.into_iter().map(|host| async move {
                 sink.check_started("netmap", host.to_string(), netmap_limit)
                     .await;
                 let result = tailnet::check_netmap(daemon, &host, netmap_limit).await;
                 sink.check(result.clone()).await;
                 (host, result)
-            }
-        }))
-        .await;
-
-        let pings = self.ping.iter().map(|target| {
-            let (daemon, netmap) = (&daemon, &netmap);
-            async move {
+            }))
+            .await;
+            let netmap = &netmap;
+            join_all(self.ping.iter().map(|target| async move {
                 let limit = budget.remaining(budget.ping);
                 sink.check_started("ping", target.address.trim(), limit)
                     .await;
@@ -139,8 +138,9 @@ impl Targets<'_> {
                     sink.warning(warning).await;
                 }
                 sink.check(result).await;
-            }
-        });
+            }))
+            .await;
+        };
         let https = self.http.iter().map(|target| {
             let limit = budget.remaining(budget.http);
             let ctx = ProxyContext::new(proxy, limit, supervisor.daemon());
@@ -161,7 +161,7 @@ impl Targets<'_> {
                 sink.check(result).await;
             }
         });
-        futures::join!(join_all(pings), join_all(https), join_all(gits));
+        futures::join!(netmap_then_pings, join_all(https), join_all(gits));
     }
 
     /// A skip result for every target, with the reason they could not run.
