@@ -464,35 +464,13 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     } else {
         "glibc dist"
     };
-    table.versus(
-        "B6",
-        "musl static: Hello p50",
-        &format!("{:.0}µs", p(&musl_stdio.hello_us, 50.0)),
-        &format!("{:.0}µs {glibc_kind}", p(&glibc_stdio.hello_us, 50.0)),
-        p(&musl_stdio.hello_us, 50.0) / p(&glibc_stdio.hello_us, 50.0),
-    );
-    table.versus(
-        "B6",
-        "musl static: events/s",
-        &format!("{:.0}", musl_stdio.events_per_s.median),
-        &format!("{:.0} {glibc_kind}", glibc_stdio.events_per_s.median),
-        musl_stdio.events_per_s.median / glibc_stdio.events_per_s.median,
-    );
+    table.stdio_versus("musl static", &musl_stdio, glibc_kind, &glibc_stdio);
     if let Some((path, compared)) = &compared_stdio {
-        let name = path.display();
-        table.versus(
-            "B6",
-            "static agent against --compare-agent: Hello p50",
-            &format!("{:.0}µs", p(&musl_stdio.hello_us, 50.0)),
-            &format!("{:.0}µs {name}", p(&compared.hello_us, 50.0)),
-            p(&musl_stdio.hello_us, 50.0) / p(&compared.hello_us, 50.0),
-        );
-        table.versus(
-            "B6",
-            "static agent against --compare-agent: events/s",
-            &format!("{:.0}", musl_stdio.events_per_s.median),
-            &format!("{:.0} {name}", compared.events_per_s.median),
-            musl_stdio.events_per_s.median / compared.events_per_s.median,
+        table.stdio_versus(
+            "static agent against --compare-agent",
+            &musl_stdio,
+            &path.display().to_string(),
+            compared,
         );
     }
     table.time(
@@ -1359,6 +1337,35 @@ impl Table {
             baseline.into(),
             format!("{ratio:.2}×"),
         ]);
+    }
+
+    /// B6's two rows for the static agent against another build: Hello p50 and events/s.
+    fn stdio_versus(
+        &mut self,
+        what: &str,
+        ours: &stdio::AgentStdio,
+        theirs_name: &str,
+        theirs: &stdio::AgentStdio,
+    ) {
+        let (our_hello, their_hello) = (
+            stdio::percentile(&ours.hello_us, 50.0),
+            stdio::percentile(&theirs.hello_us, 50.0),
+        );
+        self.versus(
+            "B6",
+            &format!("{what}: Hello p50"),
+            &format!("{our_hello:.0}µs"),
+            &format!("{their_hello:.0}µs {theirs_name}"),
+            our_hello / their_hello,
+        );
+        let (our_events, their_events) = (ours.events_per_s.median, theirs.events_per_s.median);
+        self.versus(
+            "B6",
+            &format!("{what}: events/s"),
+            &format!("{our_events:.0}"),
+            &format!("{their_events:.0} {theirs_name}"),
+            our_events / their_events,
+        );
     }
 
     fn context(&mut self, id: &str, what: &str, value: &str) {
