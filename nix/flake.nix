@@ -21,6 +21,7 @@
           workspace.cargoLock
           (workspace.root + "/.cargo")
           (workspace.root + "/proto")
+          (workspace.root + "/localapi")
           (workspace.root + "/agent")
           (workspace.root + "/controller")
           (workspace.root + "/testkit")

@@ -12,7 +12,8 @@
 //! - [`events`]: the ordered event stream and the record the final report is built from.
 //! - [`preflight`]: facts about the sandbox.
 //! - [`daemon`]: finding tailscaled (and a loader if needed), supervising and restarting it.
-//! - [`localapi`]: tailscaled's LocalAPI over its unix socket; [`login`]: the `up` sequence.
+//! - [`localapi`]: tailscaled's LocalAPI over its unix socket (its own crate, `tailbox-localapi`, which
+//!   the bench shares); [`login`]: the `up` sequence.
 //! - [`checks`]: status, netmap and ping (LocalAPI, targets by IP or name); HTTP and git
 //!   (through the SOCKS5 proxy).
 //! - `fuzzing` (feature `fuzzing`): the entry points of the fuzz targets in `fuzz/`.
@@ -27,7 +28,7 @@ pub mod daemon;
 pub mod events;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod localapi;
+pub use tailbox_localapi as localapi;
 pub mod logging;
 pub mod login;
 pub mod output;

@@ -1,9 +1,15 @@
 //! A client for tailscaled's LocalAPI: HTTP/1.1 over its unix socket.
 //!
+//! Its own crate, light (hyper, serde, tokio), so that the agent and `cargo xtask bench`'s floor
+//! speak to tailscaled through the same client without the bench building the agent's libgit2.
+//!
 //! Facts that shape it: the Host header must be `local-tailscaled.sock` and there must be no
 //! Origin or Referer (tailscaled's CSRF guard answers 403 otherwise); permission comes from the
 //! socket peer's uid, so there is no auth header. A fresh connection per request is cheap on a
 //! unix socket and avoids reconnect logic; the IPN bus gets its own long-lived connection.
+
+// It runs inside the agent, whose stdout is the gRPC wire.
+#![deny(clippy::print_stdout, clippy::disallowed_methods)]
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -529,7 +535,7 @@ impl BusWatcher {
 /// The IPN bus's bytes cut into lines as they arrive in chunks of any size, holding at most
 /// [`MAX_MESSAGE_BYTES`] of an unfinished line.
 #[derive(Debug, Default)]
-pub(crate) struct BusLines {
+pub struct BusLines {
     buffer: Vec<u8>,
     /// How much of `buffer` is known to hold no newline: a long message arriving in many
     /// chunks is scanned once, not once per chunk (which was quadratic in its length).
@@ -538,7 +544,7 @@ pub(crate) struct BusLines {
 
 impl BusLines {
     /// The next whole line that is not blank (its newline included), if one has arrived.
-    pub(crate) fn next_line(&mut self) -> Option<Vec<u8>> {
+    pub fn next_line(&mut self) -> Option<Vec<u8>> {
         while let Some(at) = self.buffer[self.scanned..].iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.buffer.drain(..=self.scanned + at).collect();
             self.scanned = 0;
@@ -551,7 +557,7 @@ impl BusLines {
     }
 
     /// Appends a chunk; refuses one that would make the held bytes exceed the limit.
-    pub(crate) fn push(&mut self, data: &[u8]) -> Result<(), LocalApiError> {
+    pub fn push(&mut self, data: &[u8]) -> Result<(), LocalApiError> {
         if self.buffer.len() + data.len() > MAX_MESSAGE_BYTES {
             // One message this large would be held whole; stop reading instead.
             self.buffer = Vec::new();
@@ -566,18 +572,18 @@ impl BusLines {
     }
 }
 
-/// A `status` answer.
-pub(crate) fn decode_status(bytes: &[u8]) -> Result<Status, LocalApiError> {
+/// A `status` answer (public for the agent's fuzz targets, like the two below).
+pub fn decode_status(bytes: &[u8]) -> Result<Status, LocalApiError> {
     LocalApi::decode("GET status", bytes)
 }
 
 /// A `ping` answer.
-pub(crate) fn decode_ping(bytes: &[u8]) -> Result<PingResult, LocalApiError> {
+pub fn decode_ping(bytes: &[u8]) -> Result<PingResult, LocalApiError> {
     LocalApi::decode("POST ping", bytes)
 }
 
 /// One IPN-bus line as a message.
-pub(crate) fn decode_notify(line: &[u8]) -> Result<Notify, LocalApiError> {
+pub fn decode_notify(line: &[u8]) -> Result<Notify, LocalApiError> {
     LocalApi::decode("watch-ipn-bus message", line)
 }
 
