@@ -297,6 +297,11 @@ impl Lab {
         )
     }
 
+    /// The lab repository's path on [`Lab::git_port`] (the path of [`Lab::git_url`]).
+    pub fn git_path(&self) -> &str {
+        &self.devhost_info.git_path
+    }
+
     /// The lab repository from a git server that ignores the `Git-Protocol` header, so it
     /// speaks protocol version 0 only.
     pub fn git_v0_url(&self) -> String {

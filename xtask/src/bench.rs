@@ -9,7 +9,9 @@
 //!
 //! - B1: the checks phase (the agent's own phase duration from the report) against the spike's
 //!   separate processes on the same targets: `tailscale status`, `tailscale ping -c 1`,
-//!   `curl --socks5-hostname`, `ALL_PROXY=socks5h://… git ls-remote`.
+//!   `curl --socks5-hostname`, `ALL_PROXY=socks5h://… git ls-remote`; and both against the
+//!   floor, one request per check from the bench's own process the moment a node is Running
+//!   (`floor.rs`), which shows how much of B1 is the tailnet's and the servers' own.
 //! - B2: start to Running (the agent's daemon + login phases) against spawning tailscaled,
 //!   polling its socket and `tailscale up`; and both against the floor, a bare LocalAPI client
 //!   in the bench's own process (`floor.rs`), which shows how much of B2 is tailscaled's own.
@@ -265,6 +267,48 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
         );
     }
+    let floor_phase: Vec<Duration> = floor_runs.iter().map(|r| r.checks.phase).collect();
+    let b1_floor = Pair::new(
+        tailbox_runs.iter().map(|r| r.checks).collect(),
+        floor_phase.clone(),
+    );
+    table.time(
+        "B1",
+        "checks phase against the floor",
+        "floor: one request per check",
+        &b1_floor,
+    );
+    let b1_spike_floor = Pair::new(spike_runs.iter().map(|r| r.checks).collect(), floor_phase);
+    table.versus(
+        "B1",
+        "  the spike's way against the floor",
+        &format!("{:.1}ms", b1_spike_floor.tailbox.median),
+        &format!("{:.1}ms floor", b1_spike_floor.baseline.median),
+        b1_spike_floor.ratio(),
+    );
+    let floor_part = |part: fn(&floor::ChecksFloor) -> Duration| {
+        Stats::of(floor_runs.iter().map(|r| ms(part(&r.checks))).collect())
+    };
+    let b1_floor_parts = [
+        ("ping", floor_part(|c| c.ping)),
+        ("http", floor_part(|c| c.http)),
+        ("git_connect", floor_part(|c| c.git_connect)),
+        ("git", floor_part(|c| c.git)),
+        ("git_server_on_loopback", floor_part(|c| c.git_server)),
+    ];
+    for ((_, stats), what) in b1_floor_parts.iter().zip([
+        "  floor: disco ping",
+        "  floor: HTTP GET through the tailnet",
+        "  floor: git's SOCKS5 connection open",
+        "  floor: git listing through the tailnet",
+        "  floor: git listing on loopback (server alone)",
+    ]) {
+        table.context(
+            "B1",
+            what,
+            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
+        );
+    }
     table.time("B2", "start to Running", "spike: spawn, poll, up", &b2);
     let b2_parts = Pair::new(
         tailbox_runs.iter().map(|r| r.daemon).collect(),
@@ -302,7 +346,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             version.median, version.min, version.max
         ),
     );
-    let floor_to_running: Vec<Duration> = floor_runs.iter().map(|r| r.to_running).collect();
+    let floor_to_running: Vec<Duration> = floor_runs.iter().map(|r| r.login.to_running).collect();
     let b2_floor = Pair::new(
         tailbox_runs.iter().map(|r| r.daemon_login).collect(),
         floor_to_running.clone(),
@@ -324,17 +368,17 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         &format!("{:.1}ms floor", spike_floor.baseline.median),
         spike_floor.ratio(),
     );
-    let floor_socket = Stats::of(floor_runs.iter().map(|r| ms(r.to_socket)).collect());
+    let floor_socket = Stats::of(floor_runs.iter().map(|r| ms(r.login.to_socket)).collect());
     let floor_backend = Stats::of(
         floor_runs
             .iter()
-            .map(|r| ms(r.to_backend - r.to_socket))
+            .map(|r| ms(r.login.to_backend - r.login.to_socket))
             .collect(),
     );
     let floor_register = Stats::of(
         floor_runs
             .iter()
-            .map(|r| ms(r.to_running - r.to_backend))
+            .map(|r| ms(r.login.to_running - r.login.to_backend))
             .collect(),
     );
     for (what, stats) in [
@@ -504,6 +548,11 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "socket_to_backend": floor_backend.json(),
             "backend_to_running": floor_register.json(),
         },
+        "B1_floor_ms": {
+            "tailbox_against_floor": b1_floor.json(),
+            "spike_against_floor": b1_spike_floor.json(),
+            "parts": b1_floor_parts.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
+        },
         "B1_spike_step_ms": spike_steps.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
         "B3_whole_run_ms": b3.json(),
         "B5_memory_kib": {
@@ -662,6 +711,12 @@ struct TailboxRun {
     daemon_login: Duration,
     agent_peak_kib: u64,
     tailscaled_peak_kib: u64,
+}
+
+/// One pass of the floors (`floor.rs`).
+struct FloorRun {
+    login: floor::LoginFloor,
+    checks: floor::ChecksFloor,
 }
 
 /// One pass of the spike's way.
@@ -871,30 +926,45 @@ impl Setup<'_> {
         })
     }
 
-    /// B2's floor: tailscaled spawned as for the spike's way, brought to Running by a bare
-    /// LocalAPI client in this process, then logged out and stopped.
-    async fn floor_run(&self, round: usize) -> Result<floor::FloorRun> {
+    /// The floors of B2 and B1: tailscaled spawned as for the spike's way, brought to Running
+    /// by a bare LocalAPI client in this process, one request per check at once, then logged
+    /// out and stopped.
+    async fn floor_run(&self, round: usize) -> Result<FloorRun> {
+        let lab = self.lab;
         let dir = self.work.join(format!("floor-{round}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let proxy = format!("127.0.0.1:{}", free_port()?);
+        let socket = dir.join("ts.sock");
+        let proxy = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, free_port()?));
         let started = Instant::now();
-        let mut tailscaled = self.spawn_tailscaled(&dir, &proxy)?;
-        let run = tokio::time::timeout(
+        let mut tailscaled = self.spawn_tailscaled(&dir, &proxy.to_string())?;
+        let login = tokio::time::timeout(
             STEP_TIMEOUT,
             floor::login(
                 started,
-                &dir.join("ts.sock"),
-                self.lab.control_url(),
+                &socket,
+                lab.control_url(),
                 &format!("bench-floor-{round}"),
-                self.lab.auth_key(),
+                lab.auth_key(),
             ),
         )
         .await
         .context("the bare LocalAPI client never saw Running")?
         .context("bringing tailscaled to Running with a bare LocalAPI client")?;
-        floor::logout(&dir.join("ts.sock")).await?;
+        let targets = floor::Targets {
+            peer: lab.peer_ipv4(),
+            http_port: lab.http_port(),
+            http_path: "/health",
+            git_port: lab.git_port(),
+            git_path: lab.git_path(),
+        };
+        let api = tailbox_localapi::LocalApi::new(&socket);
+        let checks = tokio::time::timeout(STEP_TIMEOUT, floor::checks(&api, proxy, &targets))
+            .await
+            .context("the floor's checks did not finish")?
+            .context("B1's floor: one request per check")?;
+        floor::logout(&socket).await?;
         terminate(&mut tailscaled).await?;
-        Ok(run)
+        Ok(FloorRun { login, checks })
     }
 
     /// tailscaled as the spike starts it: userspace, its socket, state and logs in `dir`, a

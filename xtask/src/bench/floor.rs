@@ -1,36 +1,45 @@
-//! B2's floor: the least any client can do to bring a fresh tailscaled to Running, measured in
-//! the bench's own process so that no client's start-up or bookkeeping is in it.
+//! The floors of B2 and B1: the least any client can do, measured in the bench's own process so
+//! that no client's start-up or bookkeeping is in them. Both speak to tailscaled through the
+//! agent's own LocalAPI client (`tailbox-localapi`).
 //!
-//! It spawns tailscaled as the spike does, tries its socket every millisecond, and then makes
-//! only the LocalAPI calls a login needs, on connections opened at once: the IPN bus (to hear
-//! Running), `start` with the auth key and `login-interactive` (what `tailscale up` and the
-//! agent send for a node without a key). What is left is tailscaled's own work: its start, its
-//! backend coming up, and its registration with control. The three parts are timed apart:
-//! spawn to the socket accepting, to the bus's first message (the backend exists), and to
-//! Running.
+//! B2's ([`login`]) spawns tailscaled as the spike does, tries its socket every millisecond,
+//! and then makes only the LocalAPI calls a login needs: the IPN bus (to hear Running), `start`
+//! with the auth key and `login-interactive` (what `tailscale up` and the agent send for a node
+//! without a key). What is left is tailscaled's own work, timed in three parts: spawn to the
+//! socket accepting, to the bus's first message (the backend exists), and to Running.
+//!
+//! B1's ([`checks`]) starts the moment that node is Running and makes one request per check, all
+//! at once, as the agent's checks phase runs them: a disco ping through the LocalAPI, and one GET
+//! each for the HTTP target and for the git listing (`info/refs?service=git-upload-pack`, the one
+//! request of a protocol-v0 `ls-remote`, which is what the agent's libgit2 sends) through
+//! tailscaled's SOCKS5 proxy. What is left is the tailnet's work (the first WireGuard handshake
+//! with the dev host, a TCP handshake through both netstacks) and the servers' own time, which
+//! is measured apart: the same git request straight to the server on loopback.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
-use tokio::net::UnixStream;
+use serde_json::json;
+use tailbox_localapi::{LocalApi, state};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 
-/// The Host header tailscaled's LocalAPI requires.
-const LOCALAPI_HOST: &str = "local-tailscaled.sock";
 /// `ipn.NotifyInitialState`: the bus starts with the current state.
 const BUS_INITIAL_STATE: u64 = 2;
-/// `ipn.Running`.
-const STATE_RUNNING: i64 = 6;
 /// How often the socket is tried: finer than any client would, so the floor stays a floor.
 const SOCKET_POLL: Duration = Duration::from_millis(1);
+/// How long the floor's ping may wait for its pong (tailscaled sets no limit of its own).
+const PING_LIMIT: Duration = Duration::from_secs(10);
+/// How a git smart-HTTP ref advertisement for upload-pack starts (its first pkt-line).
+const UPLOAD_PACK_ADVERTISEMENT: &[u8] = b"001e# service=git-upload-pack\n";
 
 /// When each part of one bare login ended, from tailscaled's spawn.
-pub struct FloorRun {
+pub struct LoginFloor {
     pub to_socket: Duration,
     pub to_backend: Duration,
     pub to_running: Duration,
@@ -44,129 +53,202 @@ pub async fn login(
     control_url: &str,
     hostname: &str,
     auth_key: &str,
-) -> Result<FloorRun> {
-    let bus_stream = loop {
-        match UnixStream::connect(socket).await {
-            Ok(stream) => break stream,
-            Err(_) => tokio::time::sleep(SOCKET_POLL).await,
-        }
-    };
+) -> Result<LoginFloor> {
+    while UnixStream::connect(socket).await.is_err() {
+        tokio::time::sleep(SOCKET_POLL).await;
+    }
     let to_socket = spawned.elapsed();
-    // The bus first, so no state change is missed; `start` and `login-interactive` on their
-    // own connections right behind it. tailscaled holds each until its backend exists.
-    let mut bus = send(
-        bus_stream,
-        "GET",
-        &format!("/localapi/v0/watch-ipn-bus?mask={BUS_INITIAL_STATE}"),
-        Bytes::new(),
-    )
-    .await?
-    .into_body();
+    let api = LocalApi::new(socket);
+    // The bus first, so no state change is missed; `start` and `login-interactive` right behind
+    // it. tailscaled holds each until its backend exists.
+    let mut bus = api
+        .watch_ipn_bus(BUS_INITIAL_STATE)
+        .await
+        .context("opening the IPN bus")?;
     let prefs = json!({
         "ControlURL": control_url,
         "WantRunning": true,
         "Hostname": hostname,
         "CorpDNS": false,
     });
-    let start = json!({ "AuthKey": auth_key, "UpdatePrefs": prefs }).to_string();
-    let started = call(socket, "POST", "/localapi/v0/start", start.into());
     let mut to_backend = None;
-    let mut pending = Vec::new();
     let wait_running = async {
-        while let Some(frame) = bus.frame().await {
-            let frame = frame.context("reading the IPN bus")?;
-            let Some(data) = frame.data_ref() else {
-                continue;
-            };
-            pending.extend_from_slice(data);
-            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let notify: Value =
-                    serde_json::from_slice(&line).context("a bus message that is not JSON")?;
-                to_backend.get_or_insert_with(|| spawned.elapsed());
-                if let Some(message) = notify["ErrMessage"].as_str().filter(|m| !m.is_empty()) {
-                    bail!("tailscaled: {message}");
-                }
-                if notify["BrowseToURL"]
-                    .as_str()
-                    .is_some_and(|u| !u.is_empty())
-                {
-                    bail!("control asked for an interactive login: the auth key was refused");
-                }
-                if notify["State"].as_i64() == Some(STATE_RUNNING) {
-                    return Ok(spawned.elapsed());
-                }
+        while let Some(notify) = bus.next().await.context("reading the IPN bus")? {
+            to_backend.get_or_insert_with(|| spawned.elapsed());
+            if let Some(message) = notify.err_message.filter(|m| !m.is_empty()) {
+                bail!("tailscaled: {message}");
+            }
+            if notify.browse_to_url.is_some_and(|u| !u.is_empty()) {
+                bail!("control asked for an interactive login: the auth key was refused");
+            }
+            if notify.state == Some(state::RUNNING) {
+                return Ok(spawned.elapsed());
             }
         }
         bail!("tailscaled closed the IPN bus before Running")
     };
     let (started, to_running) = tokio::join!(
         async {
-            started.await?;
-            call(
-                socket,
-                "POST",
-                "/localapi/v0/login-interactive",
-                Bytes::new(),
-            )
-            .await
+            api.start(auth_key, &prefs).await?;
+            api.login_interactive().await
         },
         wait_running,
     );
-    started?;
+    started.context("starting the backend")?;
     let to_running = to_running?;
-    Ok(FloorRun {
+    Ok(LoginFloor {
         to_socket,
         to_backend: to_backend.unwrap_or(to_running),
         to_running,
     })
 }
 
-/// One LocalAPI request on a fresh connection; fails unless tailscaled answers 2xx.
-async fn call(socket: &Path, method: &str, path: &str, body: Bytes) -> Result<()> {
-    let stream = UnixStream::connect(socket)
+/// Where B1's checks go on the dev host: its tailnet IPv4, whose port P reaches 127.0.0.1:P.
+pub struct Targets<'a> {
+    pub peer: Ipv4Addr,
+    pub http_port: u16,
+    pub http_path: &'a str,
+    pub git_port: u16,
+    pub git_path: &'a str,
+}
+
+/// When each of B1's floor requests had its answer, from the moment they all started.
+pub struct ChecksFloor {
+    /// Until ping, HTTP and git had all answered.
+    pub phase: Duration,
+    pub ping: Duration,
+    pub http: Duration,
+    pub git: Duration,
+    /// Of git's: until the SOCKS5 proxy said the connection through the tailnet was open.
+    pub git_connect: Duration,
+    /// The same git request on loopback, straight to the server, after the phase.
+    pub git_server: Duration,
+}
+
+/// B1's floor on the node `api` speaks to, which must have just reached Running and serve
+/// SOCKS5 on `proxy`.
+pub async fn checks(
+    api: &LocalApi,
+    proxy: SocketAddr,
+    targets: &Targets<'_>,
+) -> Result<ChecksFloor> {
+    let peer = targets.peer.to_string();
+    let refs_path = format!("{}/info/refs?service=git-upload-pack", targets.git_path);
+    let started = Instant::now();
+    let ping = async {
+        let pong = api
+            .ping(&peer, "disco", PING_LIMIT)
+            .await
+            .context("the floor's ping")?;
+        if !pong.err.is_empty() {
+            bail!("the floor's ping of {peer}: {}", pong.err);
+        }
+        Ok(started.elapsed())
+    };
+    let http = async {
+        let stream = through_tailnet(proxy, targets.peer, targets.http_port).await?;
+        get(stream, &peer, targets.http_port, targets.http_path).await?;
+        Ok(started.elapsed())
+    };
+    let git = async {
+        let stream = through_tailnet(proxy, targets.peer, targets.git_port).await?;
+        let connected = started.elapsed();
+        let body = get(stream, &peer, targets.git_port, &refs_path).await?;
+        expect_advertisement(&body)?;
+        Ok((connected, started.elapsed()))
+    };
+    let (ping, http, (git_connect, git)) = tokio::try_join!(ping, http, git)?;
+    let phase = started.elapsed();
+
+    let server_started = Instant::now();
+    let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, targets.git_port))
         .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
-    let response = send(stream, method, path, body).await?;
+        .context("connecting to the git server on loopback")?;
+    let body = get(stream, "127.0.0.1", targets.git_port, &refs_path).await?;
+    expect_advertisement(&body)?;
+    let git_server = server_started.elapsed();
+    Ok(ChecksFloor {
+        phase,
+        ping,
+        http,
+        git,
+        git_connect,
+        git_server,
+    })
+}
+
+/// A TCP connection to `peer:port` through tailscaled's SOCKS5 proxy.
+async fn through_tailnet(
+    proxy: SocketAddr,
+    peer: Ipv4Addr,
+    port: u16,
+) -> Result<tokio_socks::tcp::Socks5Stream<TcpStream>> {
+    tokio_socks::tcp::Socks5Stream::connect(proxy, SocketAddr::from((peer, port)))
+        .await
+        .with_context(|| format!("connecting to {peer}:{port} through the SOCKS5 proxy {proxy}"))
+}
+
+/// One HTTP/1.1 GET on `stream`; the whole body of a 200 answer.
+async fn get<S>(stream: S, host: &str, port: u16, path: &str) -> Result<Bytes>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("an HTTP connection to {host}:{port}"))?;
+    tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .body(Empty::<Bytes>::new())
+        .context("building a GET")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .with_context(|| format!("GET http://{host}:{port}{path}"))?;
     let status = response.status();
     let body = response
         .into_body()
         .collect()
         .await
-        .with_context(|| format!("reading the answer to {path}"))?
+        .with_context(|| format!("reading the answer of http://{host}:{port}{path}"))?
         .to_bytes();
-    if !status.is_success() {
+    if status != http::StatusCode::OK {
+        bail!("GET http://{host}:{port}{path} answered {status}");
+    }
+    Ok(body)
+}
+
+/// Fails unless `body` is a git upload-pack ref advertisement that lists a branch.
+fn expect_advertisement(body: &[u8]) -> Result<()> {
+    let lists_a_branch = body
+        .windows(b"refs/heads/".len())
+        .any(|w| w == b"refs/heads/");
+    if !body.starts_with(UPLOAD_PACK_ADVERTISEMENT) || !lists_a_branch {
         bail!(
-            "{path}: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
+            "the git server's answer is not a ref advertisement: {:?}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
         );
     }
     Ok(())
 }
 
-async fn send(
-    stream: UnixStream,
-    method: &str,
-    path: &str,
-    body: Bytes,
-) -> Result<http::Response<Incoming>> {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("an HTTP connection to the LocalAPI")?;
-    tokio::spawn(connection);
-    let request = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, LOCALAPI_HOST)
-        .body(Full::new(body))
-        .context("building a LocalAPI request")?;
-    sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("{method} {path}"))
-}
-
 /// Logs the node out (so control forgets it, as the spike's `tailscale logout` does).
 pub async fn logout(socket: &Path) -> Result<()> {
-    call(socket, "POST", "/localapi/v0/logout", Bytes::new()).await
+    LocalApi::new(socket)
+        .logout()
+        .await
+        .context("logging the floor's node out")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_upload_pack_advertisement_with_a_branch_passes() {
+        let good = b"001e# service=git-upload-pack\n0000003f1234 refs/heads/main\n0000";
+        assert!(expect_advertisement(good).is_ok());
+        assert!(expect_advertisement(b"001e# service=git-upload-pack\n0000").is_err());
+        assert!(expect_advertisement(b"<html>refs/heads/main</html>").is_err());
+    }
 }
