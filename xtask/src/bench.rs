@@ -149,7 +149,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     let (sidecar, containerboot) =
         tokio::try_join!(setup.idle_sidecar(idle), setup.containerboot(idle))?;
     eprintln!("bench: B7, fan-out through the fake Modal");
-    let b7 = fanout::measure(&setup.tailbox, &agent, &lab, args.quick, rounds.min(3)).await?;
+    let b7 = fanout::measure(&setup.tailbox, &agent, &lab, args.quick, rounds).await?;
     let lab_tailscaled = lab.bins().tailscaled();
     drop(setup);
     drop(lab);
