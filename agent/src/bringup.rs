@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checks::Outcome;
 use crate::checks::tailnet;
-use crate::daemon::provision::{self, ProvisionError};
+use crate::daemon::provision::{self, ProvisionError, Unusable};
 use crate::daemon::supervisor::{LOG_TAIL_LINES, StartError, Supervisor, SupervisorConfig};
 use crate::daemon::{DEFAULT_HEALTHY_PERIOD, DaemonSettings};
 use crate::events::{EventSink, run_phase, to_std_duration};
@@ -172,9 +172,20 @@ impl Bringup<'_> {
                 ProvisionError::NotFound { .. } => {
                     "Bake tailscale into the sandbox image, pass `--tailscaled PATH`, or let tailbox push the binaries (`--tailscale-tarball`)."
                 }
-                ProvisionError::Unusable { .. } => {
-                    "Use a static tailscaled (the official tarballs are static) or one built for this sandbox."
-                }
+                ProvisionError::Unusable { because, .. } => match because {
+                    Unusable::Missing => {
+                        "`--tailscaled` is a path inside the sandbox, not on the dev host: check it there, or let tailbox push the binaries (`--tailscale-tarball`)."
+                    }
+                    Unusable::NotExecutable => {
+                        "Make it executable in the sandbox image (`chmod 0755`), or let tailbox push the binaries (`--tailscale-tarball`)."
+                    }
+                    Unusable::NotRunnable => {
+                        "Use a static tailscaled (the official tarballs are static) or one built for this sandbox."
+                    }
+                    Unusable::VersionFailed => {
+                        "Run `tailscaled --version` in the sandbox to see why it fails (a truncated or damaged binary does this); replace it, or let tailbox push the binaries (`--tailscale-tarball`)."
+                    }
+                },
             };
             Box::new(outcome.fail(
                 FailureClass::DaemonNotFound,

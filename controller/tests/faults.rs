@@ -758,6 +758,9 @@ async fn fault_tailscaled_version_fails() {
                 detail.contains("`tailscaled --version` failed") && detail.contains("broken build"),
                 "{daemon:#}"
             );
+            // The hint is about the failing `--version`, not about static builds.
+            let hint = daemon["hint"].as_str().unwrap();
+            assert!(hint.contains("`tailscaled --version`"), "{daemon:#}");
         })
         .run(&lab)
         .await;

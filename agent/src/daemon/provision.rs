@@ -54,9 +54,24 @@ pub enum ProvisionError {
     Unusable {
         /// The candidate.
         path: PathBuf,
-        /// Why.
+        /// Why, in words.
         why: String,
+        /// Why, for choosing the hint.
+        because: Unusable,
     },
+}
+
+/// What makes a tailscaled unusable; each asks for a different fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    /// The path the request named is not there.
+    Missing,
+    /// It lacks the execute bit.
+    NotExecutable,
+    /// It cannot be read, is not a program, or needs a loader the sandbox lacks.
+    NotRunnable,
+    /// It ran, but `tailscaled --version` failed.
+    VersionFailed,
 }
 
 /// Finds tailscaled. `path_var` is the sandbox's PATH; `host` roots the loader search.
@@ -94,6 +109,7 @@ pub async fn find(
                 return Err(ProvisionError::Unusable {
                     path,
                     why: "it does not exist".into(),
+                    because: Unusable::Missing,
                 });
             }
             continue;
@@ -113,13 +129,18 @@ async fn prepare(
     let unusable = |why: String| ProvisionError::Unusable {
         path: path.clone(),
         why,
+        because: Unusable::NotRunnable,
     };
     let mode = std::fs::metadata(&path)
         .map_err(|e| unusable(e.to_string()))?
         .permissions()
         .mode();
     if mode & 0o111 == 0 {
-        return Err(unusable("it is not executable (chmod 0755 it)".into()));
+        return Err(ProvisionError::Unusable {
+            path: path.clone(),
+            why: "it is not executable".into(),
+            because: Unusable::NotExecutable,
+        });
     }
     let interpreter = elf_interpreter(&path).map_err(unusable)?;
     let loader = match interpreter {
@@ -204,6 +225,7 @@ pub async fn version_of(binary: &DaemonBinary) -> Result<String, ProvisionError>
         .map_err(|why| ProvisionError::Unusable {
             path: binary.path.clone(),
             why,
+            because: Unusable::VersionFailed,
         })
 }
 
@@ -360,6 +382,50 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(
+            matches!(
+                err,
+                ProvisionError::Unusable {
+                    because: Unusable::Missing,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_unusable_binary_says_which_fix_it_needs() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let because = |err: ProvisionError| match err {
+            ProvisionError::Unusable { because, .. } => because,
+            other => panic!("not an unusable binary: {other:?}"),
+        };
+        let at = |name: &str, body: &str, mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            DaemonConfig {
+                tailscaled_path: path.display().to_string(),
+                ..Default::default()
+            }
+        };
+        let host = preflight::Host::default();
+
+        let config = at("plain-file", "#!/bin/sh\nexit 0\n", 0o644);
+        let err = find(&config, None, &host).await.unwrap_err();
+        assert_eq!(because(err), Unusable::NotExecutable);
+
+        let config = at("not-a-program", "neither ELF nor script", 0o755);
+        let err = find(&config, None, &host).await.unwrap_err();
+        assert_eq!(because(err), Unusable::NotRunnable);
+
+        let config = at("no-version", "#!/bin/sh\necho broken >&2\nexit 3\n", 0o755);
+        let found = find(&config, None, &host).await.unwrap();
+        let err = version_of(&found).await.unwrap_err();
+        assert!(err.to_string().contains("broken"), "{err}");
+        assert_eq!(because(err), Unusable::VersionFailed);
     }
 
     #[tokio::test]
