@@ -343,6 +343,20 @@ impl CheckPlan {
     /// Refuses what N sandboxes cannot share: on this machine, one proxy port or one
     /// tailscaled socket, state file or state directory.
     fn check_fleet_inputs(&self) -> CliResult<()> {
+        if let Some(name) = &self.hostname {
+            // Each sandbox is `<hostname>-<slot>` (`for_slot`); the longest must still be a label.
+            let longest = format!("{name}-{}", self.count);
+            if longest.len() > MAX_HOSTNAME {
+                let room = MAX_HOSTNAME - (longest.len() - name.len());
+                return Err(CliError::usage(format!(
+                    "With `--count {}`, the hostname {name:?} makes names up to {longest:?}, longer than a DNS label's {MAX_HOSTNAME} characters",
+                    self.count
+                ))
+                .with_hint(format!(
+                    "Use a hostname of at most {room} characters: each sandbox is named `<hostname>-<n>`."
+                )));
+            }
+        }
         if self.backend.kind != SandboxKind::Local {
             return Ok(());
         }
@@ -682,10 +696,13 @@ fn read_auth_key(args: &TailnetArgs, env: &dyn Env) -> CliResult<Option<Secret>>
     }
 }
 
+/// The longest DNS label, so the longest hostname.
+const MAX_HOSTNAME: usize = 63;
+
 /// Hostnames must be DNS labels (what tailscaled's `dnsname.ValidHostname` accepts).
 fn validate_hostname(name: &str) -> CliResult<()> {
     let valid = !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= MAX_HOSTNAME
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
@@ -797,6 +814,31 @@ mod tests {
         }
         let err = plan(&["--ping", "not a host!"], &[]).unwrap_err();
         assert!(err.hint.is_some());
+    }
+
+    #[test]
+    fn a_fan_out_keeps_every_numbered_hostname_a_dns_label() {
+        let name = "b".repeat(61);
+        let hostname = format!("--hostname={name}");
+        // `<61>-9` is 63 characters: every slot fits.
+        let p = plan(&[&hostname, "--count", "9"], &[]).unwrap();
+        assert_eq!(p.for_slot(9).hostname.map(|h| h.len()), Some(63));
+        // `<61>-10` is 64: refused before any sandbox exists, with the room there is.
+        let err = plan(&[&hostname, "--count", "10"], &[]).unwrap_err();
+        assert_eq!(err.exit_status().code(), 2, "{}", err.render());
+        assert!(
+            err.render().contains(&format!("{name}-10")),
+            "{}",
+            err.render()
+        );
+        assert!(
+            err.hint
+                .as_deref()
+                .unwrap_or_default()
+                .contains("at most 60 characters"),
+            "{}",
+            err.render()
+        );
     }
 
     #[test]
