@@ -494,12 +494,19 @@ pub fn report_table(report: &Report, width: Option<usize>) -> String {
 
 /// What a run with no tailnet targets did not check, and the variables and flags that would
 /// make it check them. `joined`: the sandbox's node is on the tailnet (an auth key was given, or
-/// a sidecar's node was checked), so login and status were checked.
-pub fn unchecked_guidance(joined: bool) -> String {
-    let mut out = String::from(if joined {
-        "not checked: no targets were given, so nothing on the dev host was pinged, fetched or cloned\n"
-    } else {
-        "not checked: with no auth key the sandbox joined no tailnet; nothing was pinged, fetched or cloned\n"
+/// a sidecar's node was checked), so login and status were checked. `fan_out`: said once for
+/// several sandboxes.
+pub fn unchecked_guidance(joined: bool, fan_out: bool) -> String {
+    let mut out = String::from(match (joined, fan_out) {
+        (true, _) => {
+            "not checked: no targets were given, so nothing on the dev host was pinged, fetched or cloned\n"
+        }
+        (false, false) => {
+            "not checked: with no auth key the sandbox joined no tailnet; nothing was pinged, fetched or cloned\n"
+        }
+        (false, true) => {
+            "not checked: with no auth key no sandbox joined a tailnet; nothing was pinged, fetched or cloned\n"
+        }
     });
     if !joined {
         out.push_str("  to join the tailnet, set `TS_AUTHKEY` (ephemeral, pre-authorized) or pass `--auth-key-file PATH`\n");
@@ -661,9 +668,10 @@ mod tests {
     #[test]
     fn the_guidance_for_a_run_without_targets_is_pinned() {
         insta::assert_snapshot!(format!(
-            "{}\n---\n\n{}",
-            unchecked_guidance(false),
-            unchecked_guidance(true)
+            "{}\n---\n\n{}\n---\n\n{}",
+            unchecked_guidance(false, false),
+            unchecked_guidance(true, false),
+            unchecked_guidance(false, true)
         ));
     }
 

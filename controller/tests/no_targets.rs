@@ -107,6 +107,25 @@ async fn no_key_and_no_targets_runs_the_preflight_then_says_what_would_check_the
             .collect();
         assert_eq!(checks, ["preflight"], "{report:#}");
         assert!(!stderr.contains("not checked"), "{stderr}");
+
+        // A fan-out says it once, after the summary, for all its sandboxes.
+        let fanout = ["check", "--agent", &agent, "--no-sidecar", "--count", "2"];
+        let (output, stdout, stderr) = tailbox(&fanout, &[]).await;
+        assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+        assert_eq!(stderr.matches("not checked: ").count(), 1, "{stderr}");
+        let fanout_block = self::block(&stderr);
+        assert!(
+            fanout_block.starts_with("not checked: with no auth key no sandbox joined a tailnet;"),
+            "{fanout_block}"
+        );
+        for help in TARGET_HELP {
+            assert!(fanout_block.contains(help), "{help} is not in\n{fanout_block}");
+        }
+        let mut json = fanout.to_vec();
+        json.push("--json");
+        let (output, stdout, stderr) = tailbox(&json, &[]).await;
+        assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+        assert!(!stderr.contains("not checked"), "{stderr}");
     })
     .await
     .expect("test timed out");
@@ -182,6 +201,17 @@ async fn an_auth_key_and_no_targets_checks_login_and_status_then_says_what_would
         }
         assert_eq!(block.lines().count(), 5, "{block}");
         assert!(!stdout.contains(lab.auth_key()) && !stderr.contains(lab.auth_key()));
+
+        // A fan-out whose sandboxes joined says the same, once.
+        let mut fanout = args.to_vec();
+        fanout.extend(["--count", "2"]);
+        let (output, stdout, stderr) = tailbox(&fanout, &env).await;
+        assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+        assert_eq!(stderr.matches("not checked: ").count(), 1, "{stderr}");
+        assert!(
+            self::block(&stderr).starts_with("not checked: no targets were given,"),
+            "{stderr}"
+        );
     })
     .await
     .expect("test timed out");

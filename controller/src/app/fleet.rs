@@ -130,6 +130,15 @@ pub(super) async fn check_fleet(
     };
     let report = fleet::aggregate(&facts, &records);
     finish(plan, &report)?;
+    if stopped.is_none() && !plan.has_targets() && fleet::exit_status(&report) == ExitStatus::Passed
+    {
+        // As after one sandbox: nothing failed, but say what went unchecked, once for all.
+        let joined = report
+            .sandboxes
+            .iter()
+            .any(|s| s.report.as_ref().is_some_and(|r| r.tailnet.is_some()));
+        notes.block(&render::unchecked_guidance(joined, true));
+    }
     match stopped {
         Some(Stop::ClosedStdout) => Ok(ExitStatus::ClosedStdout),
         Some(Stop::Signal) => Err(CliError::interrupted().with_detail(format!(

@@ -155,7 +155,7 @@ async fn check(args: &CheckArgs, env: &dyn Env) -> CliResult<ExitStatus> {
             // Not a failure (exit 0), but not a bare success either: say what went unchecked.
             // The node is on the tailnet if the agent logged in, or a sidecar's node was checked.
             if !plan.has_targets() {
-                renderer.block(&render::unchecked_guidance(report.tailnet.is_some()));
+                renderer.block(&render::unchecked_guidance(report.tailnet.is_some(), false));
             }
             Ok(ExitStatus::Passed)
         }
