@@ -241,11 +241,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     let mut table = Table::default();
     table.time("B1", "checks phase", "spike: 4 processes", &b1);
     for (name, stats) in &per_check {
-        table.context(
-            "B1",
-            &format!("  {name} check"),
-            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
-        );
+        table.stats("B1", &format!("  {name} check"), stats);
     }
     let mut spike_steps: Vec<(&str, Vec<f64>)> = Vec::new();
     for run in &spike_runs {
@@ -261,54 +257,49 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         .map(|(name, samples)| (name, Stats::of(samples)))
         .collect();
     for (name, stats) in &spike_steps {
-        table.context(
-            "B1",
-            &format!("  spike: {name}"),
-            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
-        );
+        table.stats("B1", &format!("  spike: {name}"), stats);
     }
-    let floor_phase: Vec<Duration> = floor_runs.iter().map(|r| r.checks.phase).collect();
-    let b1_floor = Pair::new(
-        tailbox_runs.iter().map(|r| r.checks).collect(),
-        floor_phase.clone(),
-    );
-    table.time(
-        "B1",
-        "checks phase against the floor",
-        "floor: one request per check",
-        &b1_floor,
-    );
-    let b1_spike_floor = Pair::new(spike_runs.iter().map(|r| r.checks).collect(), floor_phase);
-    table.versus(
-        "B1",
-        "  the spike's way against the floor",
-        &format!("{:.1}ms", b1_spike_floor.tailbox.median),
-        &format!("{:.1}ms floor", b1_spike_floor.baseline.median),
-        b1_spike_floor.ratio(),
-    );
     let floor_part = |part: fn(&floor::ChecksFloor) -> Duration| {
         Stats::of(floor_runs.iter().map(|r| ms(part(&r.checks))).collect())
     };
+    // (JSON key, row, figures)
     let b1_floor_parts = [
-        ("ping", floor_part(|c| c.ping)),
-        ("http", floor_part(|c| c.http)),
-        ("git_connect", floor_part(|c| c.git_connect)),
-        ("git", floor_part(|c| c.git)),
-        ("git_server_on_loopback", floor_part(|c| c.git_server)),
+        ("ping", "disco ping", floor_part(|c| c.ping)),
+        (
+            "http",
+            "HTTP GET through the tailnet",
+            floor_part(|c| c.http),
+        ),
+        (
+            "git_connect",
+            "git's SOCKS5 connection open",
+            floor_part(|c| c.git_connect),
+        ),
+        (
+            "git",
+            "git listing through the tailnet",
+            floor_part(|c| c.git),
+        ),
+        (
+            "git_server_on_loopback",
+            "git listing on loopback (server alone)",
+            floor_part(|c| c.git_server),
+        ),
     ];
-    for ((_, stats), what) in b1_floor_parts.iter().zip([
-        "  floor: disco ping",
-        "  floor: HTTP GET through the tailnet",
-        "  floor: git's SOCKS5 connection open",
-        "  floor: git listing through the tailnet",
-        "  floor: git listing on loopback (server alone)",
-    ]) {
-        table.context(
-            "B1",
-            what,
-            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
-        );
-    }
+    let (b1_floor, b1_spike_floor) = table.floor(
+        "B1",
+        "checks phase against the floor",
+        "floor: one request per check",
+        Sides {
+            tailbox: tailbox_runs.iter().map(|r| r.checks).collect(),
+            spike: spike_runs.iter().map(|r| r.checks).collect(),
+            floor: floor_runs.iter().map(|r| r.checks.phase).collect(),
+        },
+        &b1_floor_parts
+            .iter()
+            .map(|(_, row, stats)| (*row, stats))
+            .collect::<Vec<_>>(),
+    );
     table.time("B2", "start to Running", "spike: spawn, poll, up", &b2);
     let b2_parts = Pair::new(
         tailbox_runs.iter().map(|r| r.daemon).collect(),
@@ -332,41 +323,12 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
     );
     table.time("B2", "  login phase", "`tailscale up`", &b2_login);
     let ready = Stats::of(tailbox_runs.iter().map(|r| ms(r.daemon_ready)).collect());
-    table.context(
-        "B2",
-        "  of the daemon phase: spawn to LocalAPI",
-        &format!("{:.1}ms ({:.1}–{:.1})", ready.median, ready.min, ready.max),
-    );
+    table.stats("B2", "  of the daemon phase: spawn to LocalAPI", &ready);
     let version = version_floor(&lab_tailscaled, rounds.max(5)).await?;
-    table.context(
+    table.stats(
         "B2",
         "  of the daemon phase: tailscaled --version",
-        &format!(
-            "{:.1}ms ({:.1}–{:.1})",
-            version.median, version.min, version.max
-        ),
-    );
-    let floor_to_running: Vec<Duration> = floor_runs.iter().map(|r| r.login.to_running).collect();
-    let b2_floor = Pair::new(
-        tailbox_runs.iter().map(|r| r.daemon_login).collect(),
-        floor_to_running.clone(),
-    );
-    table.time(
-        "B2",
-        "start to Running against the floor",
-        "floor: bare LocalAPI client",
-        &b2_floor,
-    );
-    let spike_floor = Pair::new(
-        spike_runs.iter().map(|r| r.to_running).collect(),
-        floor_to_running,
-    );
-    table.versus(
-        "B2",
-        "  the spike's way against the floor",
-        &format!("{:.1}ms", spike_floor.tailbox.median),
-        &format!("{:.1}ms floor", spike_floor.baseline.median),
-        spike_floor.ratio(),
+        &version,
     );
     let floor_socket = Stats::of(floor_runs.iter().map(|r| ms(r.login.to_socket)).collect());
     let floor_backend = Stats::of(
@@ -381,17 +343,21 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             .map(|r| ms(r.login.to_running - r.login.to_backend))
             .collect(),
     );
-    for (what, stats) in [
-        ("  floor: spawn to socket accepting", &floor_socket),
-        ("  floor: socket to backend up", &floor_backend),
-        ("  floor: backend up to Running", &floor_register),
-    ] {
-        table.context(
-            "B2",
-            what,
-            &format!("{:.1}ms ({:.1}–{:.1})", stats.median, stats.min, stats.max),
-        );
-    }
+    let (b2_floor, spike_floor) = table.floor(
+        "B2",
+        "start to Running against the floor",
+        "floor: bare LocalAPI client",
+        Sides {
+            tailbox: tailbox_runs.iter().map(|r| r.daemon_login).collect(),
+            spike: spike_runs.iter().map(|r| r.to_running).collect(),
+            floor: floor_runs.iter().map(|r| r.login.to_running).collect(),
+        },
+        &[
+            ("spawn to socket accepting", &floor_socket),
+            ("socket to backend up", &floor_backend),
+            ("backend up to Running", &floor_register),
+        ],
+    );
     table.time("B3", "whole run", "spike: whole sequence", &b3);
     table.memory(
         "B5",
@@ -447,14 +413,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             uploads.first.min, uploads.first.max, uploads.router_calls.0
         ),
     );
-    table.context(
-        "B4",
-        "  the same with no link limits",
-        &format!(
-            "{:.1}ms ({:.1}–{:.1})",
-            uploads.unlimited.median, uploads.unlimited.min, uploads.unlimited.max
-        ),
-    );
+    table.stats("B4", "  the same with no link limits", &uploads.unlimited);
     table.context(
         "B4",
         "re-run in the same sandbox",
@@ -551,7 +510,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
         "B1_floor_ms": {
             "tailbox_against_floor": b1_floor.json(),
             "spike_against_floor": b1_spike_floor.json(),
-            "parts": b1_floor_parts.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
+            "parts": b1_floor_parts.iter().map(|(key, _, stats)| ((*key).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
         },
         "B1_spike_step_ms": spike_steps.iter().map(|(name, stats)| ((*name).to_owned(), stats.json())).collect::<serde_json::Map<_, _>>(),
         "B3_whole_run_ms": b3.json(),
@@ -1329,6 +1288,11 @@ impl Stats {
         }
     }
 
+    /// `12.3ms (10.1–15.0)`: the median and the range, of samples in milliseconds.
+    fn ms_text(&self) -> String {
+        format!("{:.1}ms ({:.1}–{:.1})", self.median, self.min, self.max)
+    }
+
     fn json(&self) -> Value {
         json!({
             "median": self.median,
@@ -1337,6 +1301,13 @@ impl Stats {
             "samples": self.samples,
         })
     }
+}
+
+/// The three sides of a benchmark with a floor, one sample per round each.
+struct Sides {
+    tailbox: Vec<Duration>,
+    spike: Vec<Duration>,
+    floor: Vec<Duration>,
 }
 
 /// tailbox's samples against a baseline's, in milliseconds.
@@ -1373,12 +1344,11 @@ struct Table {
 
 impl Table {
     fn time(&mut self, id: &str, what: &str, baseline: &str, pair: &Pair) {
-        let fmt = |s: &Stats| format!("{:.1}ms ({:.1}–{:.1})", s.median, s.min, s.max);
         self.rows.push([
             id.into(),
             what.into(),
-            fmt(&pair.tailbox),
-            format!("{} {}", fmt(&pair.baseline), baseline),
+            pair.tailbox.ms_text(),
+            format!("{} {}", pair.baseline.ms_text(), baseline),
             format!("{:.2}×", pair.ratio()),
         ]);
     }
@@ -1399,6 +1369,37 @@ impl Table {
     }
 
     /// A row with tailbox's figure, the baseline's, and their ratio.
+    /// A context row of milliseconds: the median and the range.
+    fn stats(&mut self, id: &str, what: &str, stats: &Stats) {
+        self.context(id, what, &stats.ms_text());
+    }
+
+    /// A benchmark against its floor: tailbox against it, the spike's way against it, and the
+    /// floor's parts. Returns the two pairs (tailbox, spike) against the floor.
+    fn floor(
+        &mut self,
+        id: &str,
+        what: &str,
+        floor_name: &str,
+        sides: Sides,
+        parts: &[(&str, &Stats)],
+    ) -> (Pair, Pair) {
+        let ours = Pair::new(sides.tailbox, sides.floor.clone());
+        self.time(id, what, floor_name, &ours);
+        let spike = Pair::new(sides.spike, sides.floor);
+        self.versus(
+            id,
+            "  the spike's way against the floor",
+            &format!("{:.1}ms", spike.tailbox.median),
+            &format!("{:.1}ms floor", spike.baseline.median),
+            spike.ratio(),
+        );
+        for (part, stats) in parts {
+            self.stats(id, &format!("  floor: {part}"), stats);
+        }
+        (ours, spike)
+    }
+
     fn versus(&mut self, id: &str, what: &str, ours: &str, baseline: &str, ratio: f64) {
         self.rows.push([
             id.into(),
