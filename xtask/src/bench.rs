@@ -286,6 +286,35 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             floor_part(|c| c.git_server),
         ),
     ];
+    // A round over a second waited out a lost first WireGuard handshake (5 s; `floor.rs`).
+    let over_a_second = |phases: Vec<Duration>| {
+        phases
+            .into_iter()
+            .filter(|d| *d > Duration::from_secs(1))
+            .count()
+    };
+    let b1_stalls = [
+        (
+            "tailbox",
+            over_a_second(tailbox_runs.iter().map(|r| r.checks).collect()),
+        ),
+        (
+            "spike",
+            over_a_second(spike_runs.iter().map(|r| r.checks).collect()),
+        ),
+        (
+            "floor",
+            over_a_second(floor_runs.iter().map(|r| r.checks.phase).collect()),
+        ),
+    ];
+    table.context(
+        "B1",
+        "  rounds over 1 s (a lost first handshake)",
+        &format!(
+            "tailbox {}, spike {}, floor {} (of {rounds} each)",
+            b1_stalls[0].1, b1_stalls[1].1, b1_stalls[2].1
+        ),
+    );
     let (b1_floor, b1_spike_floor) = table.floor(
         "B1",
         "checks phase against the floor",
@@ -507,6 +536,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "socket_to_backend": floor_backend.json(),
             "backend_to_running": floor_register.json(),
         },
+        "B1_rounds_over_1s": b1_stalls.iter().map(|(side, n)| ((*side).to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "B1_floor_ms": {
             "tailbox_against_floor": b1_floor.json(),
             "spike_against_floor": b1_spike_floor.json(),
@@ -670,6 +700,17 @@ struct TailboxRun {
     daemon_login: Duration,
     agent_peak_kib: u64,
     tailscaled_peak_kib: u64,
+}
+
+/// The last `lines` lines of a log file, for an error (or why it cannot be read).
+fn log_tail(path: &Path, lines: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("({} cannot be read: {e})", path.display()),
+    }
 }
 
 /// One pass of the floors (`floor.rs`).
@@ -919,8 +960,15 @@ impl Setup<'_> {
         let api = tailbox_localapi::LocalApi::new(&socket);
         let checks = tokio::time::timeout(STEP_TIMEOUT, floor::checks(&api, proxy, &targets))
             .await
-            .context("the floor's checks did not finish")?
-            .context("B1's floor: one request per check")?;
+            .context("the floor's checks did not finish")
+            .and_then(|checks| checks)
+            .with_context(|| {
+                format!(
+                    "B1's floor: one request per check; tailscaled's log ends:\n{}\nthe lab's:\n{}",
+                    log_tail(&dir.join("tailscaled.log"), 40),
+                    lab.log_tails()
+                )
+            })?;
         floor::logout(&socket).await?;
         terminate(&mut tailscaled).await?;
         Ok(FloorRun { login, checks })

@@ -35,6 +35,9 @@ const BUS_INITIAL_STATE: u64 = 2;
 const SOCKET_POLL: Duration = Duration::from_millis(1);
 /// How long the floor's ping may wait for its pong (tailscaled sets no limit of its own).
 const PING_LIMIT: Duration = Duration::from_secs(10);
+/// A dial failure after this long means nothing answered (tailscaled gives up after 5 s); the
+/// agent's threshold.
+const NOTHING_ANSWERED_AFTER: Duration = Duration::from_millis(1500);
 /// How a git smart-HTTP ref advertisement for upload-pack starts (its first pkt-line).
 const UPLOAD_PACK_ADVERTISEMENT: &[u8] = b"001e# service=git-upload-pack\n";
 
@@ -146,12 +149,12 @@ pub async fn checks(
         Ok(started.elapsed())
     };
     let http = async {
-        let stream = through_tailnet(proxy, targets.peer, targets.http_port).await?;
+        let stream = through_tailnet(proxy, targets.peer, targets.http_port, started).await?;
         get(stream, &peer, targets.http_port, targets.http_path).await?;
         Ok(started.elapsed())
     };
     let git = async {
-        let stream = through_tailnet(proxy, targets.peer, targets.git_port).await?;
+        let stream = through_tailnet(proxy, targets.peer, targets.git_port, started).await?;
         let connected = started.elapsed();
         let body = get(stream, &peer, targets.git_port, &refs_path).await?;
         expect_advertisement(&body)?;
@@ -177,15 +180,40 @@ pub async fn checks(
     })
 }
 
-/// A TCP connection to `peer:port` through tailscaled's SOCKS5 proxy.
+/// A TCP connection to `peer:port` through tailscaled's SOCKS5 proxy. A failure says how long
+/// after Running (`running`) it came.
+///
+/// Like the agent (`agent/src/checks/proxy.rs`), a dial that nothing answered is made once
+/// more: a fresh node's first WireGuard handshake can reach the dev host before the dev host
+/// has an address for it, and is then lost; WireGuard repeats it after 5 s, when tailscaled
+/// has given up the first dial. Every client pays that when it happens, so the floor does too.
 async fn through_tailnet(
     proxy: SocketAddr,
     peer: Ipv4Addr,
     port: u16,
+    running: Instant,
 ) -> Result<tokio_socks::tcp::Socks5Stream<TcpStream>> {
-    tokio_socks::tcp::Socks5Stream::connect(proxy, SocketAddr::from((peer, port)))
-        .await
-        .with_context(|| format!("connecting to {peer}:{port} through the SOCKS5 proxy {proxy}"))
+    let to = SocketAddr::from((peer, port));
+    let since_running = || running.elapsed().as_secs_f64() * 1e3;
+    let mut asked = since_running();
+    let mut result = tokio_socks::tcp::Socks5Stream::connect(proxy, to).await;
+    if matches!(result, Err(tokio_socks::Error::GeneralSocksServerFailure))
+        && since_running() - asked >= ms(NOTHING_ANSWERED_AFTER)
+    {
+        asked = since_running();
+        result = tokio_socks::tcp::Socks5Stream::connect(proxy, to).await;
+    }
+    result.with_context(|| {
+        format!(
+            "connecting to {to} through the SOCKS5 proxy {proxy} (asked {asked:.1} ms after \
+             Running, answered {:.1} ms after)",
+            since_running()
+        )
+    })
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
 }
 
 /// One HTTP/1.1 GET on `stream`; the whole body of a 200 answer.
