@@ -279,6 +279,17 @@ impl Bringup<'_> {
             match attempt {
                 Ok(evidence) => {
                     self_ips.clone_from(&evidence.self_ips);
+                    if evidence.home_derp_region == 0 {
+                        sink.warning(Warning {
+                            code: "no-home-derp".into(),
+                            message: "control has not yet given this node's home DERP region to \
+                                      its peers; a peer may not answer the node's first \
+                                      connection for about 5 s"
+                                .into(),
+                            layer: Layer::Control as i32,
+                        })
+                        .await;
+                    }
                     let detail = format!(
                         "Running as {} ({}) after {}",
                         evidence.hostname,

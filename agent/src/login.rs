@@ -3,7 +3,14 @@
 //!
 //! Sequence (tailscale.md §3): status → prefs → open the IPN bus *before* changing anything →
 //! check-prefs → start {AuthKey, UpdatePrefs} → login-interactive when the node has no key yet →
-//! read the bus until Running, an ErrMessage, or a BrowseToURL, under a deadline.
+//! read the bus until Running, an ErrMessage, or a BrowseToURL, under a deadline → then, briefly,
+//! until control knows the node's home DERP region.
+//!
+//! Why the last step: a node is Running before control has its home DERP region, and until the
+//! peers' netmaps carry it, a peer has no way to answer this node except a direct path it has
+//! confirmed itself. A disco ping can give this node a direct path first; its first WireGuard
+//! handshake then goes direct, the peer cannot send the response ("no UDP or DERP addr"), and
+//! WireGuard tries again only after 5 s (docs/benchmarks.md, "A lost first handshake").
 
 use std::time::{Duration, Instant};
 
@@ -11,10 +18,13 @@ use tailbox_proto::agent::v1::{FailureClass, Layer, LoginEvidence};
 
 use crate::error_chain;
 use crate::events::duration;
-use crate::localapi::{LocalApi, LocalApiError, Notify, state};
+use crate::localapi::{BusWatcher, LocalApi, LocalApiError, Notify, state};
 
 /// IPN bus mask: NotifyInitialState, so the current state arrives first.
 const BUS_MASK_INITIAL_STATE: u64 = 2;
+/// How long a Running node waits for control to know its home DERP region (on the lab: 2–30 ms
+/// after Running). Past it, login goes on: the region is a safeguard, not a condition.
+const HOME_DERP_WAIT: Duration = Duration::from_secs(2);
 /// How often to probe the control server while waiting.
 const CONTROL_PROBE_EVERY: Duration = Duration::from_secs(4);
 
@@ -97,10 +107,12 @@ pub async fn login(
         CONTROL_PROBE_EVERY,
     );
     let mut control_failures = 0;
+    let mut home_derp = None;
     loop {
         tokio::select! {
             message = bus.next() => match message {
                 Ok(Some(notify)) => {
+                    home_derp = home_derp.or_else(|| home_derp_of(&notify));
                     if let Some(outcome) = judge(&notify) {
                         outcome?;
                         break;
@@ -135,14 +147,69 @@ pub async fn login(
         }
     }
 
+    let time_to_running = started.elapsed();
+    let home_derp = match home_derp {
+        Some(region) => Some(region),
+        None => await_home_derp(&mut bus, deadline).await,
+    };
+
     let status = api.status(false).await.map_err(daemon_failure)?;
     Ok(LoginEvidence {
         backend_state: status.backend_state,
         self_ips: status.tailscale_ips.unwrap_or_default(),
         hostname: params.hostname.clone(),
         control_url: tailbox_proto::redact::redact_url(&control_url),
-        time_to_running: Some(duration(started.elapsed())),
+        time_to_running: Some(duration(time_to_running)),
+        home_derp_region: home_derp.unwrap_or_default(),
     })
+}
+
+/// The home DERP region control gives this node in a bus message, if it carries one.
+fn home_derp_of(notify: &Notify) -> Option<i32> {
+    notify.self_change.as_ref()?.home_derp_region()
+}
+
+/// Reads the bus of a node that just reached Running until control's netmap gives the node a home
+/// DERP region, for at most [`HOME_DERP_WAIT`] and not past login's `deadline`. `None` when it
+/// did not: login goes on regardless.
+async fn await_home_derp(bus: &mut BusWatcher, deadline: tokio::time::Instant) -> Option<i32> {
+    let started = Instant::now();
+    let limit = HOME_DERP_WAIT.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+    let wait = async {
+        loop {
+            match bus.next().await {
+                Ok(Some(notify)) => {
+                    if let Some(region) = home_derp_of(&notify) {
+                        return Ok(region);
+                    }
+                }
+                Ok(None) => return Err("tailscaled closed the IPN bus".to_owned()),
+                Err(err) => return Err(error_chain(&err)),
+            }
+        }
+    };
+    let outcome = tokio::time::timeout(limit, wait)
+        .await
+        .unwrap_or_else(|_| Err(format!("no netmap gave one within {limit:?}")));
+    let waited = started.elapsed();
+    match outcome {
+        Ok(region) => {
+            tracing::info!(
+                region,
+                ?waited,
+                "control knows this node's home DERP region"
+            );
+            Some(region)
+        }
+        Err(why) => {
+            tracing::warn!(
+                ?waited,
+                "control has no home DERP region for this node yet ({why}); a peer may not \
+                 answer this node's first WireGuard handshake until it has"
+            );
+            None
+        }
+    }
 }
 
 /// Sets what `up --reset --accept-dns=false` would set, on top of the daemon's current prefs.
@@ -337,6 +404,117 @@ pub fn sanitize_label(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tailscaled LocalAPI that logs any node in at once and whose IPN bus sends `bus` (one
+    /// JSON message per line) and then stays open, as tailscaled's does. Only what login asks.
+    fn fake_localapi(dir: &std::path::Path, bus: &'static [&'static str]) -> LocalApi {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = dir.join("ts.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let answer = |status: &str, body: &str| {
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        )
+                    };
+                    let reply = if head.contains("/status") {
+                        answer(
+                            "200 OK",
+                            r#"{"BackendState":"NeedsLogin","HaveNodeKey":true}"#,
+                        )
+                    } else if head.contains("prefs") {
+                        // GET prefs and POST check-prefs: no prefs, no complaint.
+                        answer("200 OK", "{}")
+                    } else if head.contains("/start") {
+                        answer("204 No Content", "")
+                    } else if head.contains("/watch-ipn-bus") {
+                        let mut stream =
+                            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned();
+                        for message in bus {
+                            let line = format!("{message}\n");
+                            stream += &format!("{:x}\r\n{line}\r\n", line.len());
+                        }
+                        let _ = conn.write_all(stream.as_bytes()).await;
+                        // The bus stays open, as tailscaled's does while nothing happens.
+                        let _ = conn.read(&mut byte).await;
+                        return;
+                    } else {
+                        answer("404 Not Found", "")
+                    };
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                });
+            }
+        });
+        LocalApi::new(&socket)
+    }
+
+    fn params() -> LoginParams {
+        LoginParams {
+            auth_key: "tskey-auth-test".into(),
+            hostname: "node".into(),
+            control_url: Some("http://127.0.0.1:9".into()),
+            advertise_tags: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn login_waits_past_running_until_control_gives_the_home_derp_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = fake_localapi(
+            dir.path(),
+            &[
+                r#"{"State":5}"#,
+                r#"{"State":6}"#,
+                r#"{"SelfChange":{"Name":"node."}}"#,
+                r#"{"SelfChange":{"Name":"node.","HomeDERP":4}}"#,
+            ],
+        );
+        let evidence = login(&api, &params(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(evidence.home_derp_region, 4);
+    }
+
+    #[tokio::test]
+    async fn a_home_derp_region_given_before_running_ends_the_wait_at_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = fake_localapi(
+            dir.path(),
+            &[
+                r#"{"SelfChange":{"DERP":"127.3.3.40:2"}}"#,
+                r#"{"State":6}"#,
+                r#"{"SelfChange":{"HomeDERP":9}}"#,
+            ],
+        );
+        let evidence = login(&api, &params(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Region 9 came after Running: login did not read on for it.
+        assert_eq!(evidence.home_derp_region, 2);
+    }
+
+    #[tokio::test]
+    async fn login_goes_on_without_a_home_derp_region_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = fake_localapi(dir.path(), &[r#"{"State":6}"#]);
+        let evidence = login(&api, &params(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(evidence.home_derp_region, 0, "0: control gave none");
+    }
 
     #[test]
     fn hostnames_are_dns_labels() {

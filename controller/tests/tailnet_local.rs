@@ -247,6 +247,14 @@ async fn every_check(lab: &Lab, agent: &Path, tailscaled: &Path) -> Run {
         assert_eq!(self_v4.octets()[1] & 0xc0, 64);
         assert_ne!(self_v4, lab.peer_ipv4());
         assert_eq!(report["tailnet"]["self_ips"], login["login"]["self_ips"]);
+        // Login waits until control has the node's home DERP region, the lab's only one, so
+        // the dev host can answer the node's first handshake (agent/src/login.rs).
+        assert_eq!(login["login"]["home_derp_region"], 1, "{login:#}");
+        let warnings = report["warnings"].as_array().unwrap();
+        assert!(
+            !warnings.iter().any(|w| w["code"] == "no-home-derp"),
+            "{warnings:#?}"
+        );
 
         let ping = run.check("ping");
         assert!(

@@ -190,6 +190,36 @@ pub struct Notify {
     /// Control wants an interactive login.
     #[serde(rename = "BrowseToURL")]
     pub browse_to_url: Option<String>,
+    /// This node as control last described it (sent with every new netmap).
+    pub self_change: Option<SelfNode>,
+}
+
+/// This node as control describes it in the netmap (the fields the agent uses).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct SelfNode {
+    /// The DERP region control tells peers to reach this node through; 0 while control does not
+    /// know it yet.
+    #[serde(rename = "HomeDERP")]
+    pub home_derp: i32,
+    /// The same from control servers older than `HomeDERP`: `127.3.3.40:<region>`.
+    #[serde(rename = "DERP")]
+    pub legacy_derp: String,
+}
+
+impl SelfNode {
+    /// The home DERP region control has for this node, if it has one.
+    pub fn home_derp_region(&self) -> Option<i32> {
+        let legacy = || {
+            self.legacy_derp
+                .strip_prefix("127.3.3.40:")
+                .and_then(|region| region.parse().ok())
+        };
+        Some(self.home_derp)
+            .filter(|&region| region != 0)
+            .or_else(legacy)
+            .filter(|&region| region > 0)
+    }
 }
 
 /// What `POST /localapi/v0/dial` said about a destination.
@@ -590,6 +620,25 @@ pub fn decode_notify(line: &[u8]) -> Result<Notify, LocalApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_home_derp_region_is_read_from_either_field_and_zero_means_unknown() {
+        let region = |line: &str| {
+            decode_notify(line.as_bytes())
+                .unwrap()
+                .self_change
+                .and_then(|node| node.home_derp_region())
+        };
+        assert_eq!(
+            region(r#"{"SelfChange":{"HomeDERP":7,"Name":"a."}}"#),
+            Some(7)
+        );
+        assert_eq!(region(r#"{"SelfChange":{"DERP":"127.3.3.40:3"}}"#), Some(3));
+        assert_eq!(region(r#"{"SelfChange":{"Name":"a."}}"#), None);
+        assert_eq!(region(r#"{"SelfChange":{"HomeDERP":0,"DERP":""}}"#), None);
+        assert_eq!(region(r#"{"SelfChange":{"DERP":"127.3.3.40:x"}}"#), None);
+        assert_eq!(region(r#"{"State":6}"#), None);
+    }
 
     #[test]
     fn bus_lines_come_whole_whatever_the_chunks_and_blank_ones_are_skipped() {

@@ -207,7 +207,8 @@ impl Failure {
 ///
 /// A dial nothing answered is made once more while time remains: tailscaled gives up a dial
 /// after 5 s, and a fresh node's first WireGuard handshake with a peer can be lost, which
-/// WireGuard repeats after those same 5 s. The failure reported is then the second one.
+/// WireGuard repeats after those same 5 s (login's wait for the home DERP region prevents the
+/// known cause; this is the backstop). The failure reported is then the second one.
 pub(crate) async fn open_tunnel(ctx: &ProxyContext, to: &Endpoint) -> Result<TcpStream, Failure> {
     let opening = async {
         match dial(ctx, to).await {
