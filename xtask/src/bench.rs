@@ -372,6 +372,12 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             .map(|r| ms(r.login.to_running - r.login.to_backend))
             .collect(),
     );
+    let floor_home_derp = Stats::of(
+        floor_runs
+            .iter()
+            .map(|r| ms(r.login.to_home_derp - r.login.to_running))
+            .collect(),
+    );
     let (b2_floor, spike_floor) = table.floor(
         "B2",
         "start to Running against the floor",
@@ -385,6 +391,10 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             ("spawn to socket accepting", &floor_socket),
             ("socket to backend up", &floor_backend),
             ("backend up to Running", &floor_register),
+            (
+                "Running to a home DERP region (in tailbox's login)",
+                &floor_home_derp,
+            ),
         ],
     );
     table.time("B3", "whole run", "spike: whole sequence", &b3);
@@ -535,6 +545,7 @@ pub async fn run(workspace: &Path, args: BenchArgs) -> Result<()> {
             "spawn_to_socket": floor_socket.json(),
             "socket_to_backend": floor_backend.json(),
             "backend_to_running": floor_register.json(),
+            "running_to_home_derp": floor_home_derp.json(),
         },
         "B1_rounds_over_1s": b1_stalls.iter().map(|(side, n)| ((*side).to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "B1_floor_ms": {

@@ -6,9 +6,11 @@
 //! and then makes only the LocalAPI calls a login needs: the IPN bus (to hear Running), `start`
 //! with the auth key and `login-interactive` (what `tailscale up` and the agent send for a node
 //! without a key). What is left is tailscaled's own work, timed in three parts: spawn to the
-//! socket accepting, to the bus's first message (the backend exists), and to Running.
+//! socket accepting, to the bus's first message (the backend exists), and to Running. It then
+//! reads on until control gives the node its home DERP region, as the agent's login does
+//! (`agent/src/login.rs`), and times that apart.
 //!
-//! B1's ([`checks`]) starts the moment that node is Running and makes one request per check, all
+//! B1's ([`checks`]) starts the moment control has given that region and makes one request per check, all
 //! at once, as the agent's checks phase runs them: a disco ping through the LocalAPI, and one GET
 //! each for the HTTP target and for the git listing (`info/refs?service=git-upload-pack`, the one
 //! request of a protocol-v0 `ls-remote`, which is what the agent's libgit2 sends) through
@@ -46,6 +48,8 @@ pub struct LoginFloor {
     pub to_socket: Duration,
     pub to_backend: Duration,
     pub to_running: Duration,
+    /// Until control gave the node its home DERP region, which a peer needs to answer it.
+    pub to_home_derp: Duration,
 }
 
 /// Brings the tailscaled just spawned (at `spawned`, listening on `socket`) to Running with
@@ -75,9 +79,13 @@ pub async fn login(
         "CorpDNS": false,
     });
     let mut to_backend = None;
+    let mut to_home_derp = None;
     let wait_running = async {
         while let Some(notify) = bus.next().await.context("reading the IPN bus")? {
             to_backend.get_or_insert_with(|| spawned.elapsed());
+            if gives_home_derp(&notify) {
+                to_home_derp.get_or_insert_with(|| spawned.elapsed());
+            }
             if let Some(message) = notify.err_message.filter(|m| !m.is_empty()) {
                 bail!("tailscaled: {message}");
             }
@@ -99,11 +107,30 @@ pub async fn login(
     );
     started.context("starting the backend")?;
     let to_running = to_running?;
+    while to_home_derp.is_none() {
+        let notify = bus
+            .next()
+            .await
+            .context("reading the IPN bus")?
+            .context("tailscaled closed the IPN bus before control gave a home DERP region")?;
+        if gives_home_derp(&notify) {
+            to_home_derp = Some(spawned.elapsed());
+        }
+    }
     Ok(LoginFloor {
         to_socket,
         to_backend: to_backend.unwrap_or(to_running),
         to_running,
+        to_home_derp: to_home_derp.unwrap_or(to_running).max(to_running),
     })
+}
+
+/// Whether a bus message carries the node's home DERP region as control gives it.
+fn gives_home_derp(notify: &tailbox_localapi::Notify) -> bool {
+    notify
+        .self_change
+        .as_ref()
+        .is_some_and(|node| node.home_derp_region().is_some())
 }
 
 /// Where B1's checks go on the dev host: its tailnet IPv4, whose port P reaches 127.0.0.1:P.
@@ -128,8 +155,8 @@ pub struct ChecksFloor {
     pub git_server: Duration,
 }
 
-/// B1's floor on the node `api` speaks to, which must have just reached Running and serve
-/// SOCKS5 on `proxy`.
+/// B1's floor on the node `api` speaks to, which must have just reached Running, with its home
+/// DERP region known to control, and serve SOCKS5 on `proxy`.
 pub async fn checks(
     api: &LocalApi,
     proxy: SocketAddr,
